@@ -1,0 +1,124 @@
+"""The mindiesd_compile op set: the target-neutral vocabulary the fusion passes rewrite into.
+
+Each op is a ``torch.library`` custom op under the ``mindiesd_compile`` namespace (Huawei's MindIE SD
+registers ``mindiesd``; we never touch it). The reference implementations below are plain torch
+code: they are the CPU kernels, the fake (meta) kernels (run on fake tensors they give the exact
+output strides), the numerical oracle in tests, and the decompositions handed back to Inductor
+where its own fusion beats a hand kernel (see ``lowering/decompose.py``).
+
+Numerics: norms always reduce in fp32 and round once to ``out_dtype``; models that normalise in
+bf16 therefore get a slightly *more* accurate result than eager, within bf16 tolerance.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+NAMESPACE = "mindiesd_compile"
+LAYOUTS = ("BHSD", "BSHD")
+
+
+def _norm_fp32(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, kind: str) -> Tensor:
+    xf = x.float()
+    if kind == "rms":
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    else:
+        var, mean = torch.var_mean(xf, dim=-1, correction=0, keepdim=True)
+        y = (xf - mean) * torch.rsqrt(var + eps)
+    if weight is not None:
+        y = y * weight.float()
+    if bias is not None:
+        y = y + bias.float()
+    return y
+
+
+def _rotate(x: Tensor, interleaved: bool) -> Tensor:
+    """The 90-degree rotation RoPE pairs with sin: interleaved pairs (x0,x1) -> (-x1,x0), or halves."""
+    if interleaved:
+        pairs = x.unflatten(-1, (-1, 2))
+        return torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat((-second, first), dim=-1)
+
+
+def _full_width(t: Tensor, width: int, interleaved: bool) -> Tensor:
+    """cos/sin may come per element (width D) or per rotated pair (width D/2)."""
+    if t.shape[-1] == width or t.shape[-1] == 1:
+        return t
+    return t.repeat_interleave(2, dim=-1) if interleaved else torch.cat((t, t), dim=-1)
+
+
+# --- reference implementations (pure torch: CPU kernel, fake kernel, decomposition) ------------
+
+def attention_ref(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: float, layout: str) -> Tensor:
+    if layout == "BSHD":
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    if out.dim() != 4:
+        return out.contiguous()
+    # Memory is [B,S,H,D] in both layouts, as the flash/cuDNN kernels write it: the projection after
+    # attention reads it without a copy. Deterministic strides keep fake and real kernels in step.
+    out = out.transpose(1, 2).contiguous()
+    return out if layout == "BSHD" else out.transpose(1, 2)
+
+
+def rms_norm_ref(x: Tensor, weight: Optional[Tensor], eps: float, out_dtype: torch.dtype) -> Tensor:
+    return _norm_fp32(x, weight, None, eps, "rms").to(out_dtype)
+
+
+def layer_norm_ref(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+                   out_dtype: torch.dtype) -> Tensor:
+    return _norm_fp32(x, weight, bias, eps, "layer").to(out_dtype)
+
+
+def adaln_ref(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], scale: Tensor, shift: Tensor,
+              eps: float, norm: str, out_dtype: torch.dtype) -> Tensor:
+    y = _norm_fp32(x, weight, bias, eps, norm)
+    return (y * (1 + scale.float()) + shift.float()).to(out_dtype)
+
+
+def rope_ref(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool) -> Tensor:
+    width = x.shape[-1]
+    cos, sin = _full_width(cos, width, interleaved), _full_width(sin, width, interleaved)
+    return x * cos + _rotate(x, interleaved) * sin
+
+
+def gated_residual_ref(x: Tensor, y: Tensor, gate: Tensor) -> Tensor:
+    return x + y * gate
+
+
+# --- registration ---------------------------------------------------------------------------------
+
+_lib = torch.library.Library(NAMESPACE, "DEF")
+_lib.define("attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale, str layout) -> Tensor")
+_lib.define("rms_norm(Tensor x, Tensor? weight, float eps, ScalarType out_dtype) -> Tensor")
+_lib.define("layer_norm(Tensor x, Tensor? weight, Tensor? bias, float eps, ScalarType out_dtype) -> Tensor")
+_lib.define("adaln(Tensor x, Tensor? weight, Tensor? bias, Tensor scale, Tensor shift, float eps, str norm, "
+            "ScalarType out_dtype) -> Tensor")
+_lib.define("rope(Tensor x, Tensor cos, Tensor sin, bool interleaved) -> Tensor")
+_lib.define("gated_residual(Tensor x, Tensor y, Tensor gate) -> Tensor")
+
+REFERENCE = {
+    "attention": attention_ref,
+    "rms_norm": rms_norm_ref,
+    "layer_norm": layer_norm_ref,
+    "adaln": adaln_ref,
+    "rope": rope_ref,
+    "gated_residual": gated_residual_ref,
+}
+
+for _name, _fn in REFERENCE.items():
+    # CompositeExplicitAutograd: one kernel for every device until a target registers a faster one.
+    _lib.impl(_name, _fn, "CompositeExplicitAutograd")
+    torch.library.register_fake(f"{NAMESPACE}::{_name}", _fn, lib=_lib)
+
+ops = getattr(torch.ops, NAMESPACE)
+
+
+def op_name(target) -> Optional[str]:
+    """'rms_norm' for torch.ops.mindiesd_compile.rms_norm.default, else None."""
+    if isinstance(target, torch._ops.OpOverload) and target.namespace == NAMESPACE:
+        return target._opname
+    return None

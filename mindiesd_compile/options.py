@@ -1,0 +1,68 @@
+"""``options={...}`` of ``torch.compile(..., backend="mindiesd")``, validated before any work starts."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, Optional, Tuple
+
+TARGETS = ("cuda", "cpu", "eager", "npu")
+# Patterns in the order the PassManager runs them (later patterns build on earlier rewrites).
+PATTERNS = ("cleanup", "attention", "rope", "rms_norm", "layer_norm", "adaln", "gated_residual")
+
+
+class OptionsError(ValueError):
+    """A bad ``options`` key or value; the message names the valid ones."""
+
+
+@dataclasses.dataclass(frozen=True)
+class CompileOptions:
+    """Typed compile options.
+
+    target:    "cuda" | "cpu" (Inductor), "eager" (passes only, graph run op by op), "npu" (later).
+               None: the device of the graph's tensors.
+    patterns:  which rewrites run (default: all of PATTERNS).
+    strict:    raise when a pass fails instead of falling back to the unrewritten graph.
+    dump_graphs: directory to write the graph before/after each pass (None: no dumps).
+    inductor_config: extra Inductor config patches (target cuda/cpu only).
+    """
+
+    target: Optional[str] = None
+    patterns: Tuple[str, ...] = PATTERNS
+    strict: bool = False
+    dump_graphs: Optional[str] = None
+    inductor_config: Tuple[Tuple[str, Any], ...] = ()
+
+    def __post_init__(self):
+        if self.target is not None and self.target not in TARGETS:
+            raise OptionsError(f"options['target']={self.target!r} is not a target; valid targets: {TARGETS}")
+        if self.target == "npu":
+            raise OptionsError(
+                "options['target']='npu' is not available yet in this version of mindiesd_compile: the torchair/GE "
+                "lowering has not landed. Use target 'cuda', 'cpu' or 'eager'.")
+        patterns = (self.patterns,) if isinstance(self.patterns, str) else tuple(self.patterns)
+        unknown = [p for p in patterns if p not in PATTERNS]
+        if unknown:
+            raise OptionsError(f"options['patterns'] has unknown pattern(s) {unknown}; valid patterns: {PATTERNS}")
+        object.__setattr__(self, "patterns", tuple(p for p in PATTERNS if p in patterns))
+        if not isinstance(self.strict, bool):
+            raise OptionsError(f"options['strict'] must be True or False, got {self.strict!r}")
+        if self.dump_graphs is not None and not isinstance(self.dump_graphs, str):
+            raise OptionsError(f"options['dump_graphs'] must be a directory path (str) or None, got {self.dump_graphs!r}")
+        cfg = self.inductor_config
+        object.__setattr__(self, "inductor_config", tuple(sorted(dict(cfg).items())))
+
+    @classmethod
+    def from_dict(cls, options: Optional[Mapping[str, Any]]) -> "CompileOptions":
+        if options is None:
+            return cls()
+        if isinstance(options, CompileOptions):
+            return options
+        if not isinstance(options, Mapping):
+            raise OptionsError(f"options must be a dict or CompileOptions, got {type(options).__name__}")
+        valid = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(options) - set(valid))
+        if unknown:
+            raise OptionsError(f"unknown option(s) {unknown}; valid options: {valid}")
+        return cls(**options)
+
+    def with_target(self, target: str) -> "CompileOptions":
+        return dataclasses.replace(self, target=target)

@@ -1,0 +1,172 @@
+"""Attention: every SDPA flavour Inductor's decompositions produce, and hand-written softmax attention.
+
+Anchors: the ATen SDPA ops (flash / efficient / cuDNN / CPU flash, picked by device at trace
+time) and ``amax`` (the head of the decomposed softmax in ``softmax(q @ k^T * s [+ mask]) @ v``).
+The op takes q/k/v in the layout the model already has: when all three are ``[B,S,H,D]`` tensors
+permuted to ``[B,H,S,D]`` (diffusers' processors) the permutes are dropped and the op runs ``BSHD``,
+so the kernel sees the projections' memory directly and no transpose copies are made.
+Near-misses: dropout, causal masks, grouped-query heads, non-constant scale, softmax not over keys.
+"""
+from __future__ import annotations
+
+import math
+
+from ..ops import ops
+from .base import (FusionPass, aten, cast_dtype, getitem, prims, insert_call, is_call, is_number, is_tensor, last_dim_only,
+                   other_operand, require, replace, strip_upcasts, val)
+
+SDPA_OPS = {
+    # op: (index of attn mask/bias among positional args or None, index of dropout_p, index of is_causal)
+    aten._scaled_dot_product_flash_attention_for_cpu.default: (None, 3, 4),
+    aten._scaled_dot_product_flash_attention.default: (None, 3, 4),
+    aten._scaled_dot_product_efficient_attention.default: (3, 5, 6),
+    aten._scaled_dot_product_cudnn_attention.default: (3, 5, 6),
+    aten.scaled_dot_product_attention.default: (3, 4, 5),
+}
+BHSD_FROM_BSHD = [0, 2, 1, 3]
+
+
+def _arg(node, index, name, default=None):
+    if index is not None and len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+def _from_bshd(node):
+    """The [B,S,H,D] tensor a [B,H,S,D] view was permuted from, else None."""
+    if is_call(node, aten.permute.default) and list(node.args[1]) == BHSD_FROM_BSHD:
+        return node.args[0]
+    return None
+
+
+def _matmul_operands(node):
+    """(a, b) 4-D (or 3-D) operands of ``a @ b`` as Inductor decomposes it (expand/view/bmm/view)."""
+    if is_call(node, aten.view.default):
+        node = node.args[0]
+    require(is_call(node, aten.bmm.default), "scores are not a batched matmul")
+    operands = []
+    for x in node.args[:2]:
+        if is_call(x, aten.view.default) and is_call(x.args[0], aten.expand.default):
+            expand = x.args[0]
+            require(list(val(expand).shape) == list(val(expand.args[0]).shape),
+                    "matmul broadcasts its operands (grouped-query heads)")
+            x = expand.args[0]
+        operands.append(x)
+    return operands
+
+
+def _peel_scale(node, scale):
+    """Multiply out constant ``* c`` / ``/ c`` wrappers; a tensor factor is a near-miss."""
+    while is_call(node, aten.mul.Tensor, aten.div.Tensor):
+        a, b = node.args[:2]
+        tensor, factor = (a, b) if is_tensor(a) else (b, a)
+        require(is_number(factor), "attention scale is a tensor, not a constant")
+        scale = scale * factor if is_call(node, aten.mul.Tensor) else scale / factor
+        node = tensor
+    return node, scale
+
+
+class AttentionPass(FusionPass):
+    name = "attention"
+
+    def anchors(self, graph):
+        return [n for n in graph.nodes if n.target in SDPA_OPS or is_call(n, aten.amax.default)]
+
+    def rewrite(self, graph, anchor):
+        if anchor.target in SDPA_OPS:
+            self._rewrite_sdpa(graph, anchor)
+        else:
+            self._rewrite_softmax(graph, anchor)
+
+    # --- SDPA ops ---------------------------------------------------------------------------------
+    def _rewrite_sdpa(self, graph, sdpa):
+        mask_index, dropout_index, causal_index = SDPA_OPS[sdpa.target]
+        q, k, v = sdpa.args[:3]
+        mask = _arg(sdpa, mask_index, "attn_bias" if mask_index is not None and sdpa.target !=
+                    aten.scaled_dot_product_attention.default else "attn_mask")
+        if mask_index is None:
+            mask = sdpa.kwargs.get("attn_mask")
+        require(not _arg(sdpa, dropout_index, "dropout_p", 0.0), "attention with dropout")
+        require(not _arg(sdpa, causal_index, "is_causal", False), "causal attention is left to the SDPA kernel")
+        require(not sdpa.kwargs.get("enable_gqa", False) and val(q).shape[-3] == val(k).shape[-3],
+                "grouped-query attention (q heads != kv heads)")
+        outs = [u for u in sdpa.users if u.target is getitem]
+        require(all(u.args[1] == 0 for u in outs) and outs or sdpa.target == aten.scaled_dot_product_attention.default,
+                "attention's logsumexp is used downstream")
+        out = sdpa if sdpa.target == aten.scaled_dot_product_attention.default else outs[0]
+        scale = sdpa.kwargs.get("scale")
+        scale = 1.0 / math.sqrt(val(q).shape[-1]) if scale is None else float(scale)
+        self._emit(graph, out, q, k, v, mask, scale)
+
+    def _emit(self, graph, out, q, k, v, mask, scale):
+        """Replace ``out`` ([B,H,S,D]) by the op, in BSHD when the model's tensors already are."""
+        bshd = [_from_bshd(t) for t in (q, k, v)]
+        if all(t is not None for t in bshd) and val(q).dim() == 4:
+            fused = insert_call(graph, out, ops.attention.default, (*bshd, mask, scale, "BSHD"), like=out)
+            for back in [u for u in out.users if _from_bshd(u) is out]:
+                _replace_keeping_strides(graph, back, fused)
+            if out.users:  # someone wants [B,H,S,D]: give it a free view
+                as_bhsd = insert_call(graph, out, aten.permute.default, (fused, BHSD_FROM_BSHD), like=out)
+                _replace_keeping_strides(graph, out, as_bhsd)
+        else:
+            fused = insert_call(graph, out, ops.attention.default, (q, k, v, mask, scale, "BHSD"), like=out)
+            _replace_keeping_strides(graph, out, fused)
+
+    # --- softmax(q @ k^T * s [+ mask]) @ v ---------------------------------------------------------
+    def _rewrite_softmax(self, graph, amax):
+        scores = amax.args[0]
+        dims = amax.args[1]
+        sub = [u for u in amax.users if is_call(u, aten.sub.Tensor) and u.args == (scores, amax)]
+        require(len(sub) == 1 and len(sub[0].users) == 1, "amax is not the max-subtraction of a softmax")
+        exp = next(iter(sub[0].users))
+        require(is_call(exp, aten.exp.default), "amax is not the max-subtraction of a softmax")
+        div = [u for u in exp.users if is_call(u, aten.div.Tensor) and u.args[0] is exp
+               and is_call(u.args[1], aten.sum) and u.args[1].args[0] is exp]
+        require(len(div) == 1, "exp is not normalised by its sum (not a softmax)")
+        require(last_dim_only(dims, val(scores).dim()), f"softmax over dims {list(dims)}, not the key dim")
+        probs = div[0]
+        # softmax output (maybe cast back) @ v
+        pv = probs
+        while len(pv.users) == 1 and not is_call(pv, aten.bmm.default):
+            pv = next(iter(pv.users))
+            if is_call(pv, aten.view.default) and is_call(pv.args[0], aten.bmm.default):
+                break
+        require(is_call(pv, aten.view.default, aten.bmm.default), "softmax output does not feed a matmul")
+        p_operand, v = _matmul_operands(pv)
+        require(p_operand is probs or cast_dtype(p_operand) is not None and p_operand.args[0] is probs,
+                "softmax is not the left operand of @ v")
+        out = pv
+        # scores = (q @ k^T) * scale [+ mask]
+        mask = None
+        if is_call(scores, aten.add.Tensor) and scores.kwargs.get("alpha", 1) == 1:
+            a, b = scores.args[:2]
+            require(is_tensor(a) and is_tensor(b), "scores plus a constant")
+            base, mask = (a, b) if _is_matmul_chain(a) else (b, a)
+            scores = base
+        qk, scale = _peel_scale(scores, 1.0)
+        q, kt = _matmul_operands(qk)
+        q, scale = _peel_scale(q, scale)
+        require(is_call(kt, aten.permute.default) and list(kt.args[1])[-2:] == [val(kt).dim() - 1, val(kt).dim() - 2]
+                and list(kt.args[1])[:-2] == list(range(val(kt).dim() - 2)), "key is not transposed on its last two dims")
+        k, scale = _peel_scale(kt.args[0], scale)
+        q, k, v = (strip_upcasts(t) for t in (q, k, v))
+        require(val(q).dtype == val(k).dtype == val(v).dtype, "q, k, v have different dtypes")
+        fused = insert_call(graph, out, ops.attention.default, (q, k, v, mask, float(scale), "BHSD"), like=out)
+        require(tuple(val(fused).shape) == tuple(val(out).shape), "attention output shape differs")
+        if val(fused).dtype != val(out).dtype:
+            fused = insert_call(graph, out, prims.convert_element_type.default, (fused, val(out).dtype), like=out)
+        _replace_keeping_strides(graph, out, fused)
+
+
+def _replace_keeping_strides(graph, old, new):
+    """Later views were traced against ``old``'s strides: hand them a tensor with the same strides."""
+    if val(new).stride() != val(old).stride():
+        require(val(old).is_contiguous(), "attention output has unusual strides")
+        new = insert_call(graph, old, aten.clone.default, (new,), like=old)
+    replace(old, new)
+
+
+def _is_matmul_chain(node):
+    while is_call(node, aten.mul.Tensor, aten.div.Tensor):
+        node = node.args[0] if is_tensor(node.args[0]) else node.args[1]
+    return is_call(node, aten.bmm.default) or is_call(node, aten.view.default) and is_call(node.args[0], aten.bmm.default)
