@@ -22,7 +22,7 @@ _CACHE = tempfile.mkdtemp(prefix="bench_wan_inductor_")  # must be set before to
 os.environ["TORCHINDUCTOR_CACHE_DIR"] = _CACHE
 os.environ["TRITON_CACHE_DIR"] = os.path.join(_CACHE, "triton")
 
-import argparse, atexit, contextlib, datetime, gc, json, re, statistics, time, traceback  # noqa: E402
+import argparse, atexit, contextlib, datetime, gc, json, logging, re, statistics, time, traceback  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
@@ -183,6 +183,8 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-profile", dest="profile", action="store_false", help="skip the torch.profiler run")
     args = ap.parse_args()
+    log = logging.getLogger("mindiesd_compile")  # the backend's rewrite table, logged at compile time
+    log.addHandler(logging.StreamHandler(sys.stdout)); log.setLevel(logging.INFO)
     cname = "tiny" if args.tiny else args.config
     dev, dtype = torch.device(args.device), getattr(torch, args.dtype)
     cfg, lat_shape, txt_shape = CONFIGS[cname]

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from torch._dynamo.backends.common import aot_autograd
 from torch._inductor.decomposition import select_decomp_table
+from torch._inductor.fx_passes.post_grad import view_to_reshape
 
 
 def compile_eager(gm, example_inputs, manager):
     def inference(graph_module, _inputs):
+        view_to_reshape(graph_module)  # as compile_fx does right before its post-grad passes
         manager(graph_module.graph, is_inference=True)
         graph_module.recompile()
         return graph_module

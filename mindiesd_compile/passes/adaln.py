@@ -9,12 +9,12 @@ than ``1 + scale`` (another modulation), a scale without a shift.
 from __future__ import annotations
 
 from ..ops import op_name, ops
-from .base import (FusionPass, aten, broadcasts_to, follow_cast, insert_call, is_call, is_tensor, only_user,
+from .base import (RESHAPES, FusionPass, aten, broadcasts_to, follow_cast, insert_call, is_call, is_tensor, only_user,
                    other_operand, require, replace, val)
 
 
 # Views models put between ``1 + scale`` and the product (``(1 + scale)[:, None, :]``).
-VIEWS = (aten.unsqueeze.default, aten.view.default, aten.reshape.default, aten.expand.default,
+VIEWS = (*RESHAPES, aten.unsqueeze.default, aten.expand.default,
          aten.slice.Tensor, aten.select.int, aten.squeeze.dim, aten.permute.default)
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 
 from ..ops import ops
-from .base import (FusionPass, aten, cast_dtype, getitem, prims, insert_call, is_call, is_number, is_tensor, last_dim_only,
+from .base import (RESHAPES, FusionPass, aten, cast_dtype, getitem, prims, insert_call, is_call, is_number, is_tensor, last_dim_only,
                    other_operand, require, replace, strip_upcasts, val)
 
 SDPA_OPS = {
@@ -41,12 +41,12 @@ def _from_bshd(node):
 
 def _matmul_operands(node):
     """(a, b) 4-D (or 3-D) operands of ``a @ b`` as Inductor decomposes it (expand/view/bmm/view)."""
-    if is_call(node, aten.view.default):
+    if is_call(node, *RESHAPES):
         node = node.args[0]
     require(is_call(node, aten.bmm.default), "scores are not a batched matmul")
     operands = []
     for x in node.args[:2]:
-        if is_call(x, aten.view.default) and is_call(x.args[0], aten.expand.default):
+        if is_call(x, *RESHAPES) and is_call(x.args[0], aten.expand.default):
             expand = x.args[0]
             require(list(val(expand).shape) == list(val(expand.args[0]).shape),
                     "matmul broadcasts its operands (grouped-query heads)")
@@ -129,9 +129,9 @@ class AttentionPass(FusionPass):
         pv = probs
         while len(pv.users) == 1 and not is_call(pv, aten.bmm.default):
             pv = next(iter(pv.users))
-            if is_call(pv, aten.view.default) and is_call(pv.args[0], aten.bmm.default):
+            if is_call(pv, *RESHAPES) and is_call(pv.args[0], aten.bmm.default):
                 break
-        require(is_call(pv, aten.view.default, aten.bmm.default), "softmax output does not feed a matmul")
+        require(is_call(pv, *RESHAPES, aten.bmm.default), "softmax output does not feed a matmul")
         p_operand, v = _matmul_operands(pv)
         require(p_operand is probs or cast_dtype(p_operand) is not None and p_operand.args[0] is probs,
                 "softmax is not the left operand of @ v")
@@ -169,4 +169,4 @@ def _replace_keeping_strides(graph, old, new):
 def _is_matmul_chain(node):
     while is_call(node, aten.mul.Tensor, aten.div.Tensor):
         node = node.args[0] if is_tensor(node.args[0]) else node.args[1]
-    return is_call(node, aten.bmm.default) or is_call(node, aten.view.default) and is_call(node.args[0], aten.bmm.default)
+    return is_call(node, aten.bmm.default) or is_call(node, *RESHAPES) and is_call(node.args[0], aten.bmm.default)

@@ -22,7 +22,8 @@ from ..report import Report
 
 aten = torch.ops.aten
 prims = torch.ops.prims
-CASTS = (prims.convert_element_type.default, aten._to_copy.default)
+# Inductor turns views into reshapes before its post-grad passes; a matcher must accept all three.
+RESHAPES = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
 FLOAT_WIDTH = {torch.float16: 16, torch.bfloat16: 16, torch.float32: 32, torch.float64: 64}
 
 

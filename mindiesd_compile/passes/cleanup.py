@@ -6,9 +6,9 @@ graph output are kept: removing them could make an output alias an input, which 
 """
 from __future__ import annotations
 
-from .base import GraphPass, aten, cast_dtype, is_call, val
+from .base import RESHAPES, GraphPass, aten, cast_dtype, is_call, val
 
-NOOP_CANDIDATES = (aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.clone.default,
+NOOP_CANDIDATES = (*RESHAPES, aten.clone.default,
                    aten.alias.default, aten.expand.default)
 
 

@@ -16,7 +16,10 @@ import time
 import warnings
 from typing import Sequence
 
-from torch._inductor.custom_graph_pass import CustomInferenceAwareGraphPass
+try:
+    from torch._inductor.custom_graph_pass import CustomInferenceAwareGraphPass as _PassBase
+except ImportError:  # torch < 2.12: every post-grad graph we are given is treated as inference
+    from torch._inductor.custom_graph_pass import CustomGraphPass as _PassBase
 from torch.fx import Graph
 
 from ..report import Report
@@ -29,7 +32,7 @@ class PassFailedError(RuntimeError):
     """A pass raised under ``strict=True``."""
 
 
-class PassManager(CustomInferenceAwareGraphPass):
+class PassManager(_PassBase):
     def __init__(self, passes: Sequence[GraphPass], report: Report, *, strict: bool = False,
                  dump_graphs: str | None = None, config_key: str = ""):
         self.passes = list(passes)
@@ -79,7 +82,6 @@ class PassManager(CustomInferenceAwareGraphPass):
 def _restore(graph: Graph, snapshot: Graph) -> None:
     """Make ``graph`` (in place: its owner holds it) a copy of ``snapshot``."""
     for node in reversed(list(graph.nodes)):
-        node.users.clear()
         graph.erase_node(node)
     output = graph.graph_copy(snapshot, {})
     graph.output(output)

@@ -18,15 +18,14 @@ import torch
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from ..ops import _rotate, ops
-from .base import (FusionPass, NoMatch, aten, broadcasts_to, getitem, insert_call, is_call, is_tensor, prims,
+from .base import (RESHAPES, FusionPass, NoMatch, aten, broadcasts_to, getitem, insert_call, is_call, is_tensor, prims,
                    require, replace, strip_upcasts, val)
 
 # Ops a rotation may be spelled with; anything else on the path means "not a rotation of x".
-ROTATION_OPS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.unsqueeze.default,
+ROTATION_OPS = {*RESHAPES, aten.unsqueeze.default,
                 aten.squeeze.dim, aten.unbind.int, aten.neg.default, aten.cat.default, aten.stack.default,
                 aten.slice.Tensor, aten.select.int, aten.clone.default, aten.permute.default,
                 prims.convert_element_type.default, operator.getitem}
-SHAPE_ARGS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
 INF = 2 ** 62
 
 
@@ -77,7 +76,7 @@ def _probe_rotation(order, src, dst, lead, width, shape):
 def _replay(order, env, shrink):
     for n in order:
         args = torch.fx.map_arg(n.args, lambda a: env[a])
-        if n.target in SHAPE_ARGS:
+        if n.target in RESHAPES:
             args = (args[0], shrink(args[1]))
         if n.target is prims.convert_element_type.default:
             args = (args[0], torch.float32)
@@ -171,12 +170,12 @@ class RoPEPass(FusionPass):
         xc, freqs = (a, b) if is_call(a, aten.view_as_complex.default) else (b, a)
         require(is_call(xc, aten.view_as_complex.default) and is_tensor(freqs), "complex product is not x * freqs")
         pairs = xc.args[0]
-        require(is_call(pairs, aten.view.default, aten.reshape.default), "x is not reshaped into pairs")
+        require(is_call(pairs, *RESHAPES), "x is not reshaped into pairs")
         x = pairs.args[0]
         shape = tuple(val(x).shape)
         require(tuple(val(pairs).shape) == shape[:-1] + (shape[-1] // 2, 2), "x is not reshaped into (D/2, 2) pairs")
         views = list(as_real.users)
-        require(len(views) == 1 and is_call(views[0], aten.view.default, aten.reshape.default)
+        require(len(views) == 1 and is_call(views[0], *RESHAPES)
                 and tuple(val(views[0]).shape) == shape, "rotated pairs are not flattened back to x's shape")
         require(tuple(torch.broadcast_shapes(tuple(val(xc).shape), tuple(val(freqs).shape))) == tuple(val(xc).shape),
                 "freqs do not broadcast to x")
@@ -201,7 +200,7 @@ def _pair_halves(product):
             unbind = t.args[0]
             pairs = unbind.args[0]
             dim = unbind.args[1] if len(unbind.args) > 1 else 0
-            if is_call(pairs, aten.view.default) and dim % val(pairs).dim() == val(pairs).dim() - 1 \
+            if is_call(pairs, *RESHAPES) and dim % val(pairs).dim() == val(pairs).dim() - 1 \
                     and val(pairs).shape[-1] == 2:
                 second = [u for u in unbind.users if u.target is getitem and u.args[1] == 1]
                 if len(second) == 1:
