@@ -46,11 +46,12 @@ def _matmul_operands(node):
     require(is_call(node, aten.bmm.default), "scores are not a batched matmul")
     operands = []
     for x in node.args[:2]:
-        if is_call(x, *RESHAPES) and is_call(x.args[0], aten.expand.default):
-            expand = x.args[0]
-            require(list(val(expand).shape) == list(val(expand.args[0]).shape),
+        if is_call(x, *RESHAPES) and val(x.args[0]).shape[-2:] == val(x).shape[-2:]:
+            x = x.args[0]  # batch dims folded for bmm
+        if is_call(x, aten.expand.default):
+            require(list(val(x).shape) == list(val(x.args[0]).shape),
                     "matmul broadcasts its operands (grouped-query heads)")
-            x = expand.args[0]
+            x = x.args[0]
         operands.append(x)
     return operands
 
@@ -129,14 +130,15 @@ class AttentionPass(FusionPass):
         pv = probs
         while len(pv.users) == 1 and not is_call(pv, aten.bmm.default):
             pv = next(iter(pv.users))
-            if is_call(pv, *RESHAPES) and is_call(pv.args[0], aten.bmm.default):
-                break
-        require(is_call(pv, *RESHAPES, aten.bmm.default), "softmax output does not feed a matmul")
+        require(is_call(pv, aten.bmm.default), "softmax output does not feed a matmul")
         p_operand, v = _matmul_operands(pv)
         require(p_operand is probs or cast_dtype(p_operand) is not None and p_operand.args[0] is probs,
                 "softmax is not the left operand of @ v")
         out = pv
-        # scores = (q @ k^T) * scale [+ mask]
+        if len(pv.users) == 1 and is_call(next(iter(pv.users)), *RESHAPES):
+            out = next(iter(pv.users))  # batch dims unfolded again
+        # scores = (q @ k^T) * scale [+ mask]   (low-precision softmax decomposes with an upcast first)
+        scores = strip_upcasts(scores)
         mask = None
         if is_call(scores, aten.add.Tensor) and scores.kwargs.get("alpha", 1) == 1:
             a, b = scores.args[:2]

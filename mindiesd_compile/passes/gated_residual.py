@@ -1,4 +1,4 @@
-"""Gated residual: ``x + y * gate`` where the gate broadcasts (per sample, or per token).
+"""Gated residual: ``x + y * gate``, the gate per sample (``[B, 1, C]``) or per token (``[B, S, C]``).
 
 Runs last among the fusions so RoPE and adaLN, which contain the same shape of arithmetic, are
 already claimed. Near-misses: a broadcast residual (that is a bias add, not a residual stream).
@@ -10,12 +10,10 @@ from .base import FusionPass, aten, insert_call, is_call, is_tensor, require, re
 
 
 def _gated_product(add):
-    """(x, mul) if one operand of ``add`` is a tensor product with a broadcast factor, else None."""
+    """(x, mul) if one operand of ``add`` is a product of two tensors, else None."""
     for x, mul in (add.args[:2], add.args[1::-1]):
         if is_call(mul, aten.mul.Tensor) and all(is_tensor(a) for a in mul.args[:2]) and is_tensor(x):
-            a, b = (val(t) for t in mul.args[:2])
-            if a.numel() != b.numel():
-                return x, mul
+            return x, mul
     return None
 
 
@@ -31,7 +29,7 @@ class GatedResidualPass(FusionPass):
         out_shape = tuple(val(add).shape)
         require(tuple(val(x).shape) == out_shape, "residual is broadcast (a bias add, not a residual stream)")
         a, b = mul.args[:2]
-        y, gate = (a, b) if val(a).numel() > val(b).numel() else (b, a)
+        y, gate = (a, b) if val(a).numel() >= val(b).numel() else (b, a)
         require(tuple(val(y).shape) == out_shape, "update y is broadcast over the residual")
         fused = insert_call(graph, add, ops.gated_residual.default, (x, y, gate), like=add)
         require(val(fused).dtype == val(add).dtype, "type promotion differs from the unfused add")
