@@ -1,0 +1,100 @@
+"""Options are validated up front; a failing pass never makes results wrong; the backend resolves by name."""
+import subprocess
+import sys
+import textwrap
+from importlib.metadata import entry_points
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mindiesd_compile import CompileOptions, OptionsError, PassFailedError
+from mindiesd_compile.passes.rms_norm import RMSNormPass
+from conftest import Compiled, rel_err
+
+
+def fn(x, w):
+    return F.rms_norm(x, (x.shape[-1],), w, eps=1e-6) * 2 + 1
+
+
+def break_after_mutating(self, graph, anchor):
+    """A pass that corrupts the graph half-way and then raises: the worst case to recover from."""
+    for node in list(graph.nodes):
+        if node.op == "call_function":
+            node.args = tuple(reversed(node.args))
+    raise RuntimeError("planted failure")
+
+
+def test_failing_pass_falls_back_with_warning(monkeypatch):
+    monkeypatch.setattr(RMSNormPass, "rewrite", break_after_mutating)
+    x, w = torch.randn(2, 5, 16), torch.randn(16)
+    with pytest.warns(RuntimeWarning, match="pass 'rms_norm' failed"):
+        got = Compiled(fn, (x, w), strict=False)
+    assert rel_err(got.out, fn(x, w)) <= 1e-6
+    assert got.ops["rms_norm"] == 0
+    assert got.report.errors == [{"pass": "rms_norm", "error": "RuntimeError: planted failure"}]
+
+
+def test_failing_pass_raises_under_strict(monkeypatch):
+    monkeypatch.setattr(RMSNormPass, "rewrite", break_after_mutating)
+    with pytest.raises(Exception, match="pass 'rms_norm' failed") as info:
+        Compiled(fn, (torch.randn(2, 5, 16), torch.randn(16)), strict=True)
+    assert isinstance(info.value, PassFailedError) or isinstance(info.value.__cause__, PassFailedError) \
+        or "PassFailedError" in str(info.value)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"targte": "cuda"}, r"unknown option\(s\) \['targte'\]; valid options: \['target'"),
+    ({"target": "tpu"}, r"'tpu' is not a target; valid targets: \('cuda', 'cpu', 'eager', 'npu'\)"),
+    ({"target": "npu"}, r"'npu' is not available yet"),
+    ({"patterns": ["attention", "flash"]}, r"unknown pattern\(s\) \['flash'\]; valid patterns"),
+    ({"strict": "yes"}, r"must be True or False"),
+])
+def test_bad_options_name_the_valid_ones(options, message):
+    with pytest.raises(OptionsError, match=message):
+        CompileOptions.from_dict(options)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x: x + 1, backend="mindiesd", options=options)
+    with pytest.raises(Exception, match=message):
+        compiled(torch.randn(3))
+
+
+def test_patterns_option_limits_the_rewrites():
+    x, w = torch.randn(2, 5, 16), torch.randn(16)
+    got = Compiled(fn, (x, w), patterns=["attention"])
+    assert got.ops["rms_norm"] == 0 and rel_err(got.out, fn(x, w)) <= 1e-6
+
+
+def test_decomposition_for_inductor_keeps_only_attention():
+    """On cuda/cpu the norm-like ops go back to ATen for Inductor to fuse; attention stays our op."""
+    def block(x, w, q, k, v):
+        return fn(x, w), F.scaled_dot_product_attention(q, k, v)
+    args = (torch.randn(2, 5, 16), torch.randn(16), *(torch.randn(1, 2, 6, 8) for _ in range(3)))
+    got = Compiled(block, args, target="cpu")
+    assert got.report.stats("rms_norm").rewritten == 1 and got.ops["rms_norm"] == 0
+    assert got.ops["attention"] == 1
+    for o, r in zip(got.out, block(*args)):
+        assert rel_err(o, r) <= 1e-5
+
+
+def test_backend_resolves_by_name_without_import():
+    assert "mindiesd" in entry_points(group="torch_dynamo_backends").names
+    code = textwrap.dedent("""
+        import sys, torch
+        assert "mindiesd_compile" not in sys.modules
+        f = torch.compile(lambda x: torch.nn.functional.rms_norm(x, (8,)), backend="mindiesd",
+                          options={"target": "eager"})
+        with torch.no_grad():
+            out = f(torch.randn(2, 8))
+        assert "mindiesd_compile" in sys.modules
+        print("ok", tuple(out.shape))
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "ok (2, 8)" in result.stdout
+
+
+def test_default_target_follows_the_tensors():
+    from mindiesd_compile.backend import infer_target
+    assert infer_target([torch.randn(2)]) == "cpu"
+    assert infer_target([torch.randn(2, device="meta"), 3]) == "cpu"
