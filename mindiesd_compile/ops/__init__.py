@@ -53,6 +53,8 @@ def _full_width(t: Tensor, width: int, interleaved: bool) -> Tensor:
 # --- reference implementations (pure torch: CPU kernel, fake kernel, decomposition) ------------
 
 def attention_ref(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: float, layout: str) -> Tensor:
+    if mask is not None and mask.is_floating_point() and mask.dtype != q.dtype:
+        mask = mask.to(q.dtype)  # fused kernels take an additive mask in the query's dtype only
     if layout == "BSHD":
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)

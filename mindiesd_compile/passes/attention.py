@@ -12,21 +12,22 @@ from __future__ import annotations
 import math
 
 from ..ops import ops
-from .base import (RESHAPES, FusionPass, aten, cast_dtype, getitem, prims, insert_call, is_call, is_number, is_tensor, last_dim_only,
-                   other_operand, require, replace, strip_upcasts, val)
+from .base import (RESHAPES, FusionPass, aten, cast_dtype, getitem, insert_call, is_call, is_number, is_tensor,
+                   last_dim_only, prims, replace, require, strip_upcasts, val)
 
+# The ATen SDPA ops and where each keeps its (mask, dropout_p, is_causal) arguments: (position, name).
 SDPA_OPS = {
-    # op: (index of attn mask/bias among positional args or None, index of dropout_p, index of is_causal)
-    aten._scaled_dot_product_flash_attention_for_cpu.default: (None, 3, 4),
-    aten._scaled_dot_product_flash_attention.default: (None, 3, 4),
-    aten._scaled_dot_product_efficient_attention.default: (3, 5, 6),
-    aten._scaled_dot_product_cudnn_attention.default: (3, 5, 6),
-    aten.scaled_dot_product_attention.default: (3, 4, 5),
+    aten._scaled_dot_product_flash_attention_for_cpu.default: ((None, "attn_mask"), (3, "dropout_p"), (4, "is_causal")),
+    aten._scaled_dot_product_flash_attention.default: ((None, "attn_mask"), (3, "dropout_p"), (4, "is_causal")),
+    aten._scaled_dot_product_efficient_attention.default: ((3, "attn_bias"), (5, "dropout_p"), (6, "is_causal")),
+    aten._scaled_dot_product_cudnn_attention.default: ((3, "attn_bias"), (5, "dropout_p"), (6, "is_causal")),
+    aten.scaled_dot_product_attention.default: ((3, "attn_mask"), (4, "dropout_p"), (5, "is_causal")),
 }
 BHSD_FROM_BSHD = [0, 2, 1, 3]
 
 
-def _arg(node, index, name, default=None):
+def _arg(node, where, default=None):
+    index, name = where
     if index is not None and len(node.args) > index:
         return node.args[index]
     return node.kwargs.get(name, default)
@@ -81,20 +82,19 @@ class AttentionPass(FusionPass):
 
     # --- SDPA ops ---------------------------------------------------------------------------------
     def _rewrite_sdpa(self, graph, sdpa):
-        mask_index, dropout_index, causal_index = SDPA_OPS[sdpa.target]
+        mask_at, dropout_at, causal_at = SDPA_OPS[sdpa.target]
         q, k, v = sdpa.args[:3]
-        mask = _arg(sdpa, mask_index, "attn_bias" if mask_index is not None and sdpa.target !=
-                    aten.scaled_dot_product_attention.default else "attn_mask")
-        if mask_index is None:
-            mask = sdpa.kwargs.get("attn_mask")
-        require(not _arg(sdpa, dropout_index, "dropout_p", 0.0), "attention with dropout")
-        require(not _arg(sdpa, causal_index, "is_causal", False), "causal attention is left to the SDPA kernel")
+        mask = _arg(sdpa, mask_at)
+        require(not _arg(sdpa, dropout_at, 0.0), "attention with dropout")
+        require(not _arg(sdpa, causal_at, False), "causal attention is left to the SDPA kernel")
         require(not sdpa.kwargs.get("enable_gqa", False) and val(q).shape[-3] == val(k).shape[-3],
                 "grouped-query attention (q heads != kv heads)")
-        outs = [u for u in sdpa.users if u.target is getitem]
-        require(all(u.args[1] == 0 for u in outs) and outs or sdpa.target == aten.scaled_dot_product_attention.default,
-                "attention's logsumexp is used downstream")
-        out = sdpa if sdpa.target == aten.scaled_dot_product_attention.default else outs[0]
+        if sdpa.target == aten.scaled_dot_product_attention.default:
+            out = sdpa
+        else:  # the fused kernels return (out, logsumexp, ...): only out may be used
+            outs = [u for u in sdpa.users if u.target is getitem]
+            require(len(outs) == 1 and outs[0].args[1] == 0, "attention's logsumexp is used downstream")
+            out = outs[0]
         scale = sdpa.kwargs.get("scale")
         scale = 1.0 / math.sqrt(val(q).shape[-1]) if scale is None else float(scale)
         self._emit(graph, out, q, k, v, mask, scale)

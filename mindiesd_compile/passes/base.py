@@ -9,13 +9,15 @@ the models' cast/view variants are easier to accept structurally than to enumera
 """
 from __future__ import annotations
 
+import functools
 import hashlib
-import inspect
 import operator
+import pathlib
+import re
 from typing import Any, Iterable, Optional, Sequence
 
 import torch
-from torch._inductor.custom_graph_pass import CustomGraphPass
+from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 from torch.fx import Graph, Node
 
 from ..report import Report
@@ -25,6 +27,13 @@ prims = torch.ops.prims
 # Inductor turns views into reshapes before its post-grad passes; a matcher must accept all three.
 RESHAPES = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
 FLOAT_WIDTH = {torch.float16: 16, torch.bfloat16: 16, torch.float32: 32, torch.float64: 64}
+
+
+@functools.lru_cache(1)
+def _package_source_hash() -> bytes:
+    """Passes, ops and lowering all shape the compiled code: any source change must miss the FX graph cache."""
+    root = pathlib.Path(__file__).resolve().parents[1]
+    return get_hash_for_files(tuple(str(p) for p in sorted(root.rglob("*.py"))))
 
 
 class NoMatch(Exception):
@@ -48,8 +57,7 @@ class GraphPass(CustomGraphPass):
         raise NotImplementedError
 
     def uuid(self) -> bytes:
-        src = inspect.getsource(inspect.getmodule(type(self))) + inspect.getsource(inspect.getmodule(GraphPass))
-        return hashlib.sha256(f"{type(self).__qualname__}:{src}".encode()).digest()
+        return hashlib.sha256(type(self).__qualname__.encode() + _package_source_hash()).digest()
 
 
 class FusionPass(GraphPass):
@@ -64,7 +72,7 @@ class FusionPass(GraphPass):
 
     def __call__(self, graph: Graph) -> None:
         for anchor in list(self.anchors(graph)):
-            if anchor.graph is not graph or not anchor.users and anchor.op != "output":
+            if not anchor.users:
                 continue  # consumed by an earlier rewrite
             self.report.found(self.name)
             try:
@@ -130,12 +138,8 @@ def follow_cast(node: Node) -> Node:
     return user if user is not None and cast_dtype(user) is not None else node
 
 
-def binary_operands(node: Node) -> Sequence[Any]:
-    return list(node.args[:2])
-
-
 def other_operand(node: Node, this: Any) -> Any:
-    a, b = binary_operands(node)
+    a, b = node.args[:2]
     return b if a is this else a
 
 
@@ -156,11 +160,13 @@ def broadcasts_to(node: Any, shape: Sequence[int]) -> bool:
 def where(node: Node) -> str:
     """Where a node came from, in the user's terms: the innermost module path, else the node name."""
     stack = node.meta.get("nn_module_stack")
-    if stack:
-        path = list(stack.values())[-1][0]
-        path = path.replace("L['self'].", "").replace("L['self']", "model")
-        return f"{path} ({node.name})"
-    return node.name
+    if not stack:
+        return node.name
+    path = list(stack.values())[-1][0]  # e.g. "L['self'].__dict__['_modules']['blocks'][0].attn1"
+    path = re.sub(r"^L\['self'\]\.?", "", path)
+    path = re.sub(r"(?:__dict__\[')?_modules'?\]?\['([^']+)'\]", r".\1", path)
+    path = re.sub(r"\[(\d+)\]", r".\1", path).replace("..", ".").strip(".")
+    return f"{path or 'model'} ({node.name})"
 
 
 # --- inserting ops --------------------------------------------------------------------------------
@@ -172,14 +178,9 @@ def insert_call(graph: Graph, before: Node, target, args: tuple, like: Optional[
     fake_args = torch.fx.map_arg(args, val)
     mode = torch._guards.detect_fake_mode([a for a in torch.utils._pytree.tree_leaves(fake_args)
                                           if isinstance(a, torch.Tensor)])
-    if mode is not None:
-        with mode:
-            new.meta["val"] = target(*fake_args)
-    else:
-        from torch._subclasses.fake_tensor import FakeTensorMode
-        with FakeTensorMode(allow_non_fake_inputs=True) as fresh:
-            fake = torch.utils._pytree.tree_map_only(torch.Tensor, fresh.from_tensor, fake_args)
-            new.meta["val"] = target(*fake)
+    require(mode is not None, "graph carries no fake tensors to check the rewrite against")
+    with mode:
+        new.meta["val"] = target(*fake_args)
     for key in ("nn_module_stack", "stack_trace", "source_fn_stack"):
         if like is not None and key in like.meta:
             new.meta[key] = like.meta[key]
