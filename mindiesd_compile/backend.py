@@ -10,8 +10,11 @@ from typing import Optional
 import torch
 
 from .options import CompileOptions, OptionsError
+from .partition import partition_at_blocks
 from .passes import PASSES, PassManager
 from .report import Report
+from .runtime.cache import StepCache
+from .runtime.runner import PartitionRunner, PieceCompiler
 
 log = logging.getLogger("mindiesd_compile")
 
@@ -29,8 +32,19 @@ def build_manager(options: CompileOptions, target: str, report: Report) -> PassM
     if target in ("cuda", "cpu"):
         from .lowering.decompose import DecomposeForInductor
         passes.append(DecomposeForInductor(report))
-    key = repr((target, options.patterns, options.strict))
+    key = repr((target, options.patterns, options.strict))  # what changes the compiled code
     return PassManager(passes, report, strict=options.strict, dump_graphs=options.dump_graphs, config_key=key)
+
+
+def lower(gm: torch.fx.GraphModule, example_inputs, options: CompileOptions, target: str, report: Report,
+          mode: Optional[str] = None):
+    """One graph through the passes and the target's lowering."""
+    manager = build_manager(options, target, report)
+    if target == "eager":
+        from .lowering.eager import compile_eager
+        return compile_eager(gm, example_inputs, manager)
+    from .lowering.inductor import compile_inductor
+    return compile_inductor(gm, example_inputs, manager, dict(options.inductor_config), mode)
 
 
 def mindiesd_backend(gm: torch.fx.GraphModule, example_inputs, options=None, mode: Optional[str] = None,
@@ -38,10 +52,14 @@ def mindiesd_backend(gm: torch.fx.GraphModule, example_inputs, options=None, mod
     opts = CompileOptions.from_dict(options)  # bad options fail here, before any tracing work
     target = opts.target or infer_target(example_inputs)
     report = report if report is not None else Report(opts.patterns)
-    manager = build_manager(opts, target, report)
-    log.debug("mindiesd_compile: target=%s patterns=%s", target, opts.patterns)
-    if target == "eager":
-        from .lowering.eager import compile_eager
-        return compile_eager(gm, example_inputs, manager)
-    from .lowering.inductor import compile_inductor
-    return compile_inductor(gm, example_inputs, manager, dict(opts.inductor_config), mode)
+    step_cache = opts.cache if isinstance(opts.cache, StepCache) else StepCache(opts.cache)
+    log.debug("mindiesd_compile: target=%s patterns=%s cache=%s", target, opts.patterns, step_cache.config)
+    partition = partition_at_blocks(gm) if opts.partition else None
+    if partition is None:
+        if step_cache.config.enabled:
+            raise OptionsError("options['cache'] needs repeated transformer blocks (an nn.ModuleList of blocks "
+                               "on the model), and this graph has none")
+        return lower(gm, example_inputs, opts, target, report, mode)
+    compiler = PieceCompiler(lambda piece, inputs, piece_report: lower(piece, inputs, opts, target, piece_report, mode),
+                             report)
+    return PartitionRunner(partition, compiler, step_cache)

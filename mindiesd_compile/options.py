@@ -23,6 +23,9 @@ class CompileOptions:
     strict:    raise when a pass fails instead of falling back to the unrewritten graph.
     dump_graphs: directory to write the graph before/after each pass (None: no dumps).
     inductor_config: extra Inductor config patches (target cuda/cpu only).
+    partition: split the graph at its repeated blocks and compile identical blocks once.
+    cache:     cross-step caching: a dict of ``CacheConfig`` fields, a ``CacheConfig``, or a ``StepCache``
+               (keep the latter to reset it or read its statistics). Needs ``partition``.
     """
 
     target: Optional[str] = None
@@ -30,6 +33,8 @@ class CompileOptions:
     strict: bool = False
     dump_graphs: Optional[str] = None
     inductor_config: Tuple[Tuple[str, Any], ...] = ()
+    partition: bool = True
+    cache: Any = None
 
     def __post_init__(self):
         if self.target is not None and self.target not in TARGETS:
@@ -49,6 +54,14 @@ class CompileOptions:
             raise OptionsError(f"options['dump_graphs'] must be a directory path (str) or None, got {self.dump_graphs!r}")
         cfg = self.inductor_config
         object.__setattr__(self, "inductor_config", tuple(sorted(dict(cfg).items())))
+        if not isinstance(self.partition, bool):
+            raise OptionsError(f"options['partition'] must be True or False, got {self.partition!r}")
+        from .runtime.cache import CacheConfig, StepCache
+        if not isinstance(self.cache, StepCache):
+            object.__setattr__(self, "cache", CacheConfig.from_value(self.cache))
+        if self.cache.config.enabled if isinstance(self.cache, StepCache) else self.cache.enabled:
+            if not self.partition:
+                raise OptionsError("options['cache'] needs options['partition']=True: caching skips whole blocks")
 
     @classmethod
     def from_dict(cls, options: Optional[Mapping[str, Any]]) -> "CompileOptions":

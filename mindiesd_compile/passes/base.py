@@ -13,13 +13,13 @@ import functools
 import hashlib
 import operator
 import pathlib
-import re
 from typing import Any, Iterable, Optional, Sequence
 
 import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 from torch.fx import Graph, Node
 
+from ..partition import module_path
 from ..report import Report
 
 aten = torch.ops.aten
@@ -162,11 +162,7 @@ def where(node: Node) -> str:
     stack = node.meta.get("nn_module_stack")
     if not stack:
         return node.name
-    path = list(stack.values())[-1][0]  # e.g. "L['self'].__dict__['_modules']['blocks'][0].attn1"
-    path = re.sub(r"^L\['self'\]\.?", "", path)
-    path = re.sub(r"(?:__dict__\[')?_modules'?\]?\['([^']+)'\]", r".\1", path)
-    path = re.sub(r"\[(\d+)\]", r".\1", path).replace("..", ".").strip(".")
-    return f"{path or 'model'} ({node.name})"
+    return f"{module_path(list(stack.values())[-1][0]) or 'model'} ({node.name})"
 
 
 # --- inserting ops --------------------------------------------------------------------------------

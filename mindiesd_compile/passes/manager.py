@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import itertools
 import logging
 import os
 import time
@@ -26,6 +27,7 @@ from ..report import Report
 from .base import GraphPass
 
 log = logging.getLogger("mindiesd_compile")
+_graph_ids = itertools.count(1)  # one numbering for every graph compiled in this process (dump file names)
 
 
 class PassFailedError(RuntimeError):
@@ -40,7 +42,7 @@ class PassManager(_PassBase):
         self.strict = strict
         self.dump_graphs = dump_graphs
         self.config_key = config_key
-        self.graphs_seen = 0
+        self.graph_id = 0
 
     def uuid(self) -> bytes:
         h = hashlib.sha256(self.config_key.encode())
@@ -52,7 +54,7 @@ class PassManager(_PassBase):
         if not is_inference:
             log.warning("mindiesd_compile: training graph compiled without rewrites (run under torch.no_grad())")
             return
-        self.graphs_seen += 1
+        self.graph_id = next(_graph_ids)
         self._dump(graph, "00_input")
         for i, p in enumerate(self.passes, 1):
             snapshot = copy.deepcopy(graph)
@@ -69,12 +71,12 @@ class PassManager(_PassBase):
                               "the graph is kept as it was before this pass", RuntimeWarning, stacklevel=2)
             self.report.timings[p.name] = self.report.timings.get(p.name, 0.0) + time.perf_counter() - start
             self._dump(graph, f"{i:02d}_{p.name}")
-        log.info("mindiesd_compile rewrites (graph %d):\n%s", self.graphs_seen, self.report.table())
+        log.info("mindiesd_compile rewrites (graph %d):\n%s", self.graph_id, self.report.table())
 
     def _dump(self, graph: Graph, label: str) -> None:
         if self.dump_graphs:
             os.makedirs(self.dump_graphs, exist_ok=True)
-            path = os.path.join(self.dump_graphs, f"graph{self.graphs_seen:03d}_{label}.txt")
+            path = os.path.join(self.dump_graphs, f"graph{self.graph_id:03d}_{label}.txt")
             with open(path, "w") as f:
                 f.write(str(graph))
 

@@ -1,0 +1,125 @@
+"""Plan and split a Dynamo graph at its repeated transformer blocks.
+
+A DiT's forward is ``prologue -> blocks[0..N-1] (one or more ModuleLists) -> epilogue``. Dynamo
+records, for every node, the stack of modules it was traced in (``node.meta["nn_module_stack"]``);
+a node inside ``self.blocks[3]`` carries the path ``blocks.3``. We cut the graph wherever that
+top-level list entry changes, which gives pieces that compile independently and, for identical
+blocks, once (``runtime/runner.py``). Nodes outside every block before the first block form the
+prologue, after the last the epilogue, and in between (rare) a glue piece.
+"""
+from __future__ import annotations
+
+import dataclasses
+import operator
+import re
+from typing import List, Optional, Tuple
+
+import torch
+from torch.fx import GraphModule, Node
+from torch.fx.passes.split_module import split_module
+
+_BLOCK = re.compile(r"^([A-Za-z_]\w*)\.(\d+)$")
+
+
+def module_path(raw: str) -> str:
+    """``L['self'].__dict__['_modules']['blocks'][0]`` (any Dynamo spelling) -> ``blocks.0``."""
+    path = re.sub(r"^L\['self'\]\.?", "", raw)
+    path = re.sub(r"(?:__dict__\[')?_modules'?\]?\['([^']+)'\]", r".\1", path)
+    path = re.sub(r"\[(\d+)\]", r".\1", path).replace("..", ".")
+    return path.strip(".")
+
+
+def block_of(node: Node) -> Optional[Tuple[str, int]]:
+    """(list name, index) of the top-level block list entry a node was traced in, else None."""
+    for raw, _ in (node.meta.get("nn_module_stack") or {}).values():
+        m = _BLOCK.match(module_path(raw))
+        if m:
+            return m.group(1), int(m.group(2))
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Piece:
+    name: str                  # submodule name in the split graph ("submod_3")
+    kind: str                  # "prologue" | "block" | "glue" | "epilogue"
+    block: Optional[int]       # global block index (blocks of every list, in execution order)
+    label: str                 # "blocks.3", "prologue", ...
+
+
+@dataclasses.dataclass
+class Partition:
+    graph_module: GraphModule  # top level: calls each piece in order
+    pieces: List[Piece]
+
+    @property
+    def blocks(self) -> List[Piece]:
+        return [p for p in self.pieces if p.kind == "block"]
+
+
+def partition_at_blocks(gm: GraphModule) -> Optional[Partition]:
+    """Split ``gm`` into prologue | block 0 | ... | block N-1 | epilogue; None if it has no blocks."""
+    compute = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
+    owners = [block_of(n) for n in compute]
+    if not any(owners):
+        return None
+    ids, labels, kinds, blocks = {}, [], [], []
+    current, seen_block = None, False
+    for node, owner in zip(compute, owners):
+        key = owner if owner is not None else ("glue" if seen_block else "prologue")
+        if key != current:
+            labels.append(key)
+            current = key
+        seen_block |= owner is not None
+        ids[node] = len(labels) - 1
+    last_block = max(i for i, k in enumerate(labels) if k not in ("glue", "prologue"))
+    n_blocks = 0
+    for i, key in enumerate(labels):
+        if key == "prologue":
+            kinds.append(("prologue", None, "prologue"))
+        elif key == "glue":
+            kinds.append(("epilogue" if i > last_block else "glue", None, "epilogue" if i > last_block else f"glue{i}"))
+        else:
+            kinds.append(("block", n_blocks, f"{key[0]}.{key[1]}"))
+            n_blocks += 1
+    split = split_module(gm, gm, lambda n: ids[n], keep_original_order=True)
+    pieces = []
+    for node in list(split.graph.nodes):
+        if node.op == "call_module":
+            kind, block, label = kinds[int(node.target.rsplit("_", 1)[1])]
+            pieces.append(Piece(node.target, kind, block, label))
+            _return_tuple(split, node)
+    split.recompile()
+    return Partition(split, pieces)
+
+
+def _return_tuple(split: GraphModule, call: Node) -> None:
+    """Every piece returns a tuple (AOT wants one; the runner can then treat all pieces alike)."""
+    sub = split.get_submodule(call.target)
+    out = next(n for n in sub.graph.nodes if n.op == "output")
+    if isinstance(out.args[0], (tuple, list)):
+        return
+    out.args = ((out.args[0],),)
+    sub.recompile()
+    with split.graph.inserting_after(call):
+        first = split.graph.call_function(operator.getitem, (call, 0))
+    call.replace_all_uses_with(first, delete_user_cb=lambda user: user is not first)
+
+
+def structural_key(gm: GraphModule, inputs) -> tuple:
+    """Two pieces with equal keys compute the same function of their inputs: one compile serves both."""
+    index = {}
+    ops = []
+
+    def norm(a):
+        return ("node", index[a]) if isinstance(a, Node) else a
+
+    for i, n in enumerate(gm.graph.nodes):
+        index[n] = i
+        if n.op == "placeholder":
+            ops.append(("placeholder",))
+            continue
+        target = n.target if n.op != "call_module" else type(gm.get_submodule(n.target)).__name__
+        ops.append((n.op, str(target), repr(torch.fx.map_arg(n.args, norm)), repr(torch.fx.map_arg(n.kwargs, norm))))
+    metas = tuple((tuple(t.shape), t.dtype, tuple(t.stride()), t.device.type) if isinstance(t, torch.Tensor) else repr(t)
+                  for t in inputs)
+    return tuple(ops), metas

@@ -1,0 +1,48 @@
+"""Graph surgery for the attention cache: two variants of a block piece.
+
+``record``: the block as it is, also returning every attention output.
+``reuse``: the block taking those attention outputs as extra inputs instead of computing them; dead
+code elimination then removes what only fed attention (q/k/v projections, qk-norms, RoPE).
+Operates on the Dynamo-level piece, where attention is one ``scaled_dot_product_attention`` call.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Tuple
+
+import torch
+from torch.fx import GraphModule
+
+SDPA = torch._C._nn.scaled_dot_product_attention
+
+
+def attention_nodes(gm: GraphModule):
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is SDPA]
+
+
+def _outputs(gm: GraphModule):
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    value = out.args[0]
+    return out, (list(value) if isinstance(value, (tuple, list)) else [value])
+
+
+def attention_variants(gm: GraphModule) -> Tuple[GraphModule, GraphModule, int]:
+    """(record, reuse, number of attention calls); both variants return a flat tuple."""
+    record = copy.deepcopy(gm)
+    out, values = _outputs(record)
+    attn = attention_nodes(record)
+    out.args = (tuple(values + attn),)
+    record.recompile()
+
+    reuse = copy.deepcopy(gm)
+    out, values = _outputs(reuse)
+    last_input = [n for n in reuse.graph.nodes if n.op == "placeholder"][-1]
+    for i, node in enumerate(reversed(attention_nodes(reuse))):
+        with reuse.graph.inserting_after(last_input):
+            cached = reuse.graph.placeholder(f"cached_attention_{len(attn) - 1 - i}")
+        cached.meta.update(node.meta)
+        node.replace_all_uses_with(cached)
+    out.args = (tuple(values),)
+    reuse.graph.eliminate_dead_code()
+    reuse.recompile()
+    return record, reuse, len(attn)

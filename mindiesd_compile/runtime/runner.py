@@ -1,0 +1,252 @@
+"""Run a partitioned model: compile each piece once per distinct structure, execute the pieces in
+order, and let the cache policy replace block ranges (or their attention) on the steps it chooses.
+
+The skip-or-run decision is taken here, between pieces, on the host: Dynamo sees one graph and
+never recompiles, whatever the policy decides.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import operator
+from typing import Callable, Dict, List, Optional
+
+import torch
+from torch.fx import GraphModule, Node
+
+from ..partition import Partition, Piece, structural_key
+from ..report import Report
+from .attention_reuse import attention_variants
+from .cache import BranchState, StepCache
+
+log = logging.getLogger("mindiesd_compile")
+Lower = Callable[[GraphModule, list, Report], Callable]
+
+
+class PieceCompiler:
+    """Lowers pieces; structurally identical pieces (the repeated blocks) share one artifact."""
+
+    def __init__(self, lower: Lower, report: Report):
+        self.lower = lower
+        self.report = report
+        self.artifacts: Dict[tuple, tuple] = {}
+        self.compiles = 0
+
+    def __call__(self, gm: GraphModule, inputs: list) -> Callable:
+        key = structural_key(gm, inputs)
+        if key not in self.artifacts:
+            piece_report = Report(self.report.patterns)
+            self.artifacts[key] = (self.lower(gm, inputs, piece_report), piece_report)
+            self.compiles += 1
+        fn, piece_report = self.artifacts[key]
+        self.report.merge(piece_report)  # sites are counted per use: the report describes the model
+        return fn
+
+
+class PartitionRunner:
+    def __init__(self, partition: Partition, compiler: PieceCompiler, step_cache: Optional[StepCache]):
+        self.partition = partition
+        self.compiler = compiler
+        self.step_cache = step_cache if step_cache is not None and step_cache.config.enabled else None
+        gm = partition.graph_module
+        self.nodes = list(gm.graph.nodes)
+        self.piece: Dict[Node, Piece] = {}
+        for node in self.nodes:
+            if node.op == "call_module":
+                self.piece[node] = next(p for p in partition.pieces if p.name == node.target)
+        self.block_nodes = [n for n in self.nodes if n in self.piece and self.piece[n].kind == "block"]
+        self.compiled: Dict[tuple, Callable] = {}
+        self.n_attention: Dict[Node, int] = {}
+        self.executions = collections.Counter()  # piece label -> times run (what caching saved)
+        self.last_call: List[str] = []           # labels of the pieces the latest call ran
+        self.calls = 0
+        placeholders = [n for n in self.nodes if n.op == "placeholder"]
+        self.timestep_index = next((i for i, n in enumerate(placeholders) if "timestep" in n.name), None)
+        self.cached_range: Optional[range] = None
+        if self.step_cache is not None:
+            self.cached_range = self.step_cache.config.block_range(len(self.block_nodes))
+            if self.step_cache.config.policy != "attention":
+                self._check_range(self.cached_range)
+            if self.step_cache.config.policy == "dynamic":
+                self._check_range(range(0, self.cached_range.start))
+
+    # --- planning -------------------------------------------------------------------------------
+    def _check_range(self, blocks: range) -> None:
+        """Everything inside a cached range must be consumed inside it (but the last block's outputs)."""
+        inside = {self.block_nodes[i] for i in blocks}
+        for i in blocks[:-1]:
+            for user in self.block_nodes[i].users:
+                consumers = user.users if user.target is operator.getitem else [user]
+                if any(c not in inside for c in consumers):
+                    raise ValueError(f"block {i} feeds a node outside the cached block range {blocks.start}.."
+                                     f"{blocks.stop - 1}; choose a range whose inner blocks feed only each other")
+
+    def _range_interior(self, blocks: range) -> set:
+        """Top-level nodes not evaluated when the range is skipped."""
+        nodes = {self.block_nodes[i] for i in blocks}
+        for i in blocks[:-1]:
+            nodes |= set(self.block_nodes[i].users)
+        return nodes
+
+    def _stream_positions(self, blocks: range, inputs: list, outputs: list) -> List[int]:
+        """For each output of the range's last block, the input of its first block on the same stream."""
+        positions = []
+        for k, out in enumerate(outputs):
+            same = [p for p, t in enumerate(inputs) if isinstance(t, torch.Tensor)
+                    and t.shape == out.shape and t.dtype == out.dtype]
+            if len(same) != 1:
+                same = [p for p in same if self._feeds(blocks, k, p)]
+            if len(same) != 1:
+                raise ValueError(f"cannot tell which input of block {blocks.start} carries output {k} of block "
+                                 f"{blocks.stop - 1} (shape {tuple(out.shape)}); caching needs a residual stream")
+            positions.append(same[0])
+        return positions
+
+    def _feeds(self, blocks: range, k: int, p: int) -> bool:
+        """Does output k of a block become input p of the next (identical) block in the model?"""
+        for j in range(1, len(self.block_nodes)):
+            prev, node = self.block_nodes[j - 1], self.block_nodes[j]
+            arg = node.args[p] if p < len(node.args) else None
+            if isinstance(arg, Node) and arg.target is operator.getitem and arg.args == (prev, k):
+                return True
+        return False
+
+    # --- execution ------------------------------------------------------------------------------
+    def __call__(self, *args):
+        state = self._begin(args) if self.step_cache is not None else None
+        env: Dict[Node, object] = {}
+        skipped: set = set()
+        self.last_call = []
+        placeholders = iter(args)
+        for node in self.nodes:
+            if node.op == "placeholder":
+                env[node] = next(placeholders)
+            elif node.op == "output":
+                if not self.calls:
+                    log.info("mindiesd_compile rewrites (whole model: %d pieces, %d compiled):\n%s",
+                             len(self.piece), self.compiler.compiles, self.compiler.report.table())
+                self.calls += 1
+                return torch.fx.map_arg(node.args[0], env.__getitem__)
+            elif node in skipped:
+                continue
+            elif node.op == "call_function":
+                env[node] = node.target(*torch.fx.map_arg(node.args, env.__getitem__))
+            else:
+                inputs = list(torch.fx.map_arg(node.args, env.__getitem__))
+                if state is not None and node in self.block_nodes:
+                    env[node] = self._run_block(node, inputs, state, env, skipped)
+                else:
+                    env[node] = self._run_piece(node, inputs)
+        raise AssertionError("graph without output")
+
+    def _run_piece(self, node: Node, inputs: list, variant: str = "plain", extra: list = ()):
+        """Run one piece, compiling it on first use; variants "record"/"reuse" serve the attention cache."""
+        key = (node, variant)
+        if key not in self.compiled:
+            gm = getattr(self.partition.graph_module, node.target)
+            if variant != "plain":
+                record, reuse, self.n_attention[node] = attention_variants(gm)
+                gm = record if variant == "record" else reuse
+            self.compiled[key] = self.compiler(gm, inputs + list(extra))
+        self.executions[self.piece[node].label] += 1
+        self.last_call.append(self.piece[node].label)
+        return self.compiled[key](*inputs, *extra)
+
+    def _begin(self, args) -> BranchState:
+        t = args[self.timestep_index] if self.timestep_index is not None else None
+        timestep = float(t.reshape(-1)[0]) if isinstance(t, torch.Tensor) else None
+        signature = tuple(tuple(a.shape) for a in args if isinstance(a, torch.Tensor))
+        state = self.step_cache.begin_call(timestep, signature)
+        self._call = {"skip": None, "inputs": {}}
+        return state
+
+    def _run_block(self, node: Node, inputs: list, state: BranchState, env: dict, skipped: set):
+        cache, cfg = self.step_cache, self.step_cache.config
+        index = self.block_nodes.index(node)
+        blocks = self.cached_range
+        if cfg.policy == "attention":
+            return self._run_attention_block(node, index, inputs, state)
+        if cfg.policy == "dynamic" and index == 0:
+            self._call["inputs"]["probe"] = inputs
+        if index == blocks.start:
+            skip = self._decide(state)
+            self._call["skip"] = skip
+            if skip:
+                last = self.block_nodes[blocks.stop - 1]
+                streams = [inputs[p] for p in self._positions]
+                residual = self._residual_now(state)
+                outs = [x + r for x, r in zip(streams, residual)]
+                skipped |= self._range_interior(blocks) - {node}
+                env[last] = tuple(outs)
+                cache.stats["skipped"] += 1
+                state.skips_in_row += 1
+                return env[last]
+            self._call["inputs"]["range"] = inputs
+        out = self._run_piece(node, inputs)
+        if cfg.policy == "dynamic" and index == blocks.start - 1:
+            self._measure_probe(state, list(out))
+        if index == blocks.stop - 1 and self._call["skip"] is False:
+            self._store_residual(state, list(out))
+        return out
+
+    def _decide(self, state: BranchState) -> bool:
+        """True: skip the cached range on this call."""
+        cfg, step = self.step_cache.config, self.step_cache.step
+        if state.residual is None:
+            return False
+        if cfg.policy in ("block", "forecast"):
+            return not cfg.is_compute_step(step)
+        # dynamic: decided after the probe blocks ran (_measure_probe)
+        return self._call.get("dynamic_skip", False)
+
+    def _measure_probe(self, state: BranchState, outs: list) -> None:
+        cfg, cache = self.step_cache.config, self.step_cache
+        probe_range = range(0, self.cached_range.start)
+        inputs = self._call["inputs"]["probe"]
+        if not hasattr(self, "_probe_positions"):
+            self._probe_positions = self._stream_positions(probe_range, inputs, outs)
+        residual = [o - inputs[p] for o, p in zip(outs, self._probe_positions)]
+        skip = False
+        if state.probe is not None and cache.step >= cfg.step_start:
+            change = sum(float((r - q).abs().float().mean()) for r, q in zip(residual, state.probe))
+            scale = sum(float(q.abs().float().mean()) for q in state.probe)
+            change = cache.agree(change / max(scale, 1e-12))
+            skip = state.accumulated + change < cfg.threshold and state.skips_in_row < cfg.max_skips
+            state.accumulated = state.accumulated + change if skip else 0.0
+        if not skip:
+            state.probe = residual
+        self._call["dynamic_skip"] = skip
+
+    def _residual_now(self, state: BranchState) -> List[torch.Tensor]:
+        if self.step_cache.config.policy != "forecast" or state.prev_residual is None:
+            return state.residual
+        step = self.step_cache.step
+        slope = (step - state.residual_step) / (state.residual_step - state.prev_step)
+        return [r + (r - q) * slope for r, q in zip(state.residual, state.prev_residual)]
+
+    def _store_residual(self, state: BranchState, outs: list) -> None:
+        inputs = self._call["inputs"]["range"]
+        if not hasattr(self, "_positions"):
+            self._positions = self._stream_positions(self.cached_range, inputs, outs)
+        residual = [o - inputs[p] for o, p in zip(outs, self._positions)]
+        if self.step_cache.config.policy == "forecast":
+            state.prev_residual, state.prev_step = state.residual, state.residual_step
+        state.residual, state.residual_step = residual, self.step_cache.step
+        state.skips_in_row = 0
+        self.step_cache.stats["computed"] += 1
+
+    def _run_attention_block(self, node: Node, index: int, inputs: list, state: BranchState):
+        cfg, cache = self.step_cache.config, self.step_cache
+        if index not in self.cached_range:
+            return self._run_piece(node, inputs)
+        first = index == self.cached_range.start
+        if cfg.is_compute_step(cache.step) or index not in state.attention:
+            outs = list(self._run_piece(node, inputs, "record"))
+            n_out = len(outs) - self.n_attention[node]
+            state.attention[index] = outs[n_out:]
+            outs = outs[:n_out]
+            cache.stats["computed"] += first
+        else:
+            outs = list(self._run_piece(node, inputs, "reuse", state.attention[index]))
+            cache.stats["skipped"] += first
+        return tuple(outs)
