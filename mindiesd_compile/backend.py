@@ -62,4 +62,6 @@ def mindiesd_backend(gm: torch.fx.GraphModule, example_inputs, options=None, mod
         return lower(gm, example_inputs, opts, target, report, mode)
     compiler = PieceCompiler(lambda piece, inputs, piece_report: lower(piece, inputs, opts, target, piece_report, mode),
                              report)
-    return PartitionRunner(partition, compiler, step_cache)
+    runner = PartitionRunner(partition, compiler, step_cache)
+    step_cache.runners.append(runner)
+    return runner

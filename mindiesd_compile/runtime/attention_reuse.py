@@ -8,6 +8,7 @@ Operates on the Dynamo-level piece, where attention is one ``scaled_dot_product_
 from __future__ import annotations
 
 import copy
+import operator
 from typing import Tuple
 
 import torch
@@ -43,6 +44,30 @@ def attention_variants(gm: GraphModule) -> Tuple[GraphModule, GraphModule, int]:
         cached.meta.update(node.meta)
         node.replace_all_uses_with(cached)
     out.args = (tuple(values),)
-    reuse.graph.eliminate_dead_code()
+    _eliminate_dead_code(reuse.graph)
     reuse.recompile()
     return record, reuse, len(attn)
+
+
+# Fresh tensors a Dynamo graph may fill with ``t[idx] = v`` (Wan's RoPE writes into empty_like).
+_FRESH = (torch.empty_like, torch.zeros_like, torch.ones_like, torch.full_like, torch.empty, torch.zeros)
+
+
+def _eliminate_dead_code(graph: torch.fx.Graph) -> None:
+    """DCE that also drops in-place writes into a fresh tensor nobody reads (Dynamo keeps setitem) and
+    frees tensors used only as a dtype reference (``out.type_as(query)`` keeps the whole q path alive)."""
+    for node in list(graph.nodes):
+        if node.op == "call_method" and node.target == "type_as" and len(node.args) == 2:
+            ref = node.args[1].meta.get("example_value") if isinstance(node.args[1], torch.fx.Node) else None
+            if isinstance(ref, torch.Tensor):
+                node.target, node.args = "to", (node.args[0], ref.dtype)
+    changed = True
+    while changed:
+        graph.eliminate_dead_code()
+        changed = False
+        for node in list(graph.nodes):
+            writes = [u for u in node.users if u.target is operator.setitem and u.args[0] is node]
+            if node.target in _FRESH and writes and len(writes) == len(node.users):
+                for w in writes:
+                    graph.erase_node(w)
+                changed = True

@@ -123,6 +123,7 @@ class StepCache:
     def __init__(self, config: CacheConfig | dict | None = None, group=None):
         self.config = CacheConfig.from_value(config)
         self.group = group  # torch.distributed group whose ranks must agree (default: the world)
+        self.runners = []   # the partition runners this cache drives (one per compiled graph)
         self.reset()
 
     def reset(self) -> None:

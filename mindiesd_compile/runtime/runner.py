@@ -57,7 +57,7 @@ class PartitionRunner:
         self.block_nodes = [n for n in self.nodes if n in self.piece and self.piece[n].kind == "block"]
         self.compiled: Dict[tuple, Callable] = {}
         self.n_attention: Dict[Node, int] = {}
-        self.executions = collections.Counter()  # piece label -> times run (what caching saved)
+        self.executions = collections.Counter()  # piece label (":reuse": cached attention) -> times run
         self.last_call: List[str] = []           # labels of the pieces the latest call ran
         self.calls = 0
         placeholders = [n for n in self.nodes if n.op == "placeholder"]
@@ -148,8 +148,9 @@ class PartitionRunner:
                 record, reuse, self.n_attention[node] = attention_variants(gm)
                 gm = record if variant == "record" else reuse
             self.compiled[key] = self.compiler(gm, inputs + list(extra))
-        self.executions[self.piece[node].label] += 1
-        self.last_call.append(self.piece[node].label)
+        label = self.piece[node].label + (":reuse" if variant == "reuse" else "")
+        self.executions[label] += 1
+        self.last_call.append(label)
         return self.compiled[key](*inputs, *extra)
 
     def _begin(self, args) -> BranchState:
