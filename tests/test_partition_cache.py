@@ -217,3 +217,17 @@ def test_bad_cache_options():
     with pytest.raises(Exception, match=r"does not fit the model's 2 blocks"):
         with torch.no_grad():
             fn(**kwargs_for(0, 0))
+
+
+def test_configure_switches_policy_without_recompiling():
+    from torch._dynamo.utils import counters
+    model, kwargs_for = wan_inputs(layers=3)
+    counters.clear()
+    fn, cache = compiled(model)
+    with torch.no_grad():
+        fn(**kwargs_for(0, 0))
+        cache.configure({"policy": "block", "block_start": 0, "block_end": 3, "step_start": 1})
+        for step in range(4):
+            fn(**kwargs_for(step, 0))
+    assert cache.stats["skipped"] == 1  # step 2 (steps 1 and 3 compute with interval 2 from step 1)
+    assert counters["stats"]["unique_graphs"] == 1

@@ -126,6 +126,11 @@ class StepCache:
         self.runners = []   # the partition runners this cache drives (one per compiled graph)
         self.reset()
 
+    def configure(self, config: "CacheConfig | dict") -> None:
+        """Switch policy or schedule without recompiling; the state starts afresh."""
+        self.config = CacheConfig.from_value(config)
+        self.reset()
+
     def reset(self) -> None:
         """Forget everything: the next call is step 0 of a new generation."""
         self.branches: Dict[int, BranchState] = {}

@@ -47,7 +47,7 @@ class PartitionRunner:
     def __init__(self, partition: Partition, compiler: PieceCompiler, step_cache: Optional[StepCache]):
         self.partition = partition
         self.compiler = compiler
-        self.step_cache = step_cache if step_cache is not None and step_cache.config.enabled else None
+        self.step_cache = step_cache if step_cache is not None else StepCache()
         gm = partition.graph_module
         self.nodes = list(gm.graph.nodes)
         self.piece: Dict[Node, Piece] = {}
@@ -62,15 +62,23 @@ class PartitionRunner:
         self.calls = 0
         placeholders = [n for n in self.nodes if n.op == "placeholder"]
         self.timestep_index = next((i for i, n in enumerate(placeholders) if "timestep" in n.name), None)
-        self.cached_range: Optional[range] = None
-        if self.step_cache is not None:
-            self.cached_range = self.step_cache.config.block_range(len(self.block_nodes))
-            if self.step_cache.config.policy != "attention":
-                self._check_range(self.cached_range)
-            if self.step_cache.config.policy == "dynamic":
-                self._check_range(range(0, self.cached_range.start))
+        self._planned_for = None  # the CacheConfig the range below was planned for
+        self._plan()
 
     # --- planning -------------------------------------------------------------------------------
+    def _plan(self) -> None:
+        """(Re)plan the cached block range when the cache's config changed (StepCache.configure)."""
+        cfg = self.step_cache.config
+        if cfg is self._planned_for:
+            return
+        self.cached_range = cfg.block_range(len(self.block_nodes)) if cfg.enabled else None
+        if cfg.enabled and cfg.policy != "attention":
+            self._check_range(self.cached_range)
+            if cfg.policy == "dynamic":
+                self._check_range(range(0, self.cached_range.start))
+        self._positions = self._probe_positions = None  # stream maps, learnt on the first computed step
+        self._planned_for = cfg
+
     def _check_range(self, blocks: range) -> None:
         """Everything inside a cached range must be consumed inside it (but the last block's outputs)."""
         inside = {self.block_nodes[i] for i in blocks}
@@ -113,7 +121,8 @@ class PartitionRunner:
 
     # --- execution ------------------------------------------------------------------------------
     def __call__(self, *args):
-        state = self._begin(args) if self.step_cache is not None else None
+        self._plan()
+        state = self._begin(args) if self.step_cache.config.enabled else None
         env: Dict[Node, object] = {}
         skipped: set = set()
         self.last_call = []
@@ -204,7 +213,7 @@ class PartitionRunner:
         cfg, cache = self.step_cache.config, self.step_cache
         probe_range = range(0, self.cached_range.start)
         inputs = self._call["inputs"]["probe"]
-        if not hasattr(self, "_probe_positions"):
+        if self._probe_positions is None:
             self._probe_positions = self._stream_positions(probe_range, inputs, outs)
         residual = [o - inputs[p] for o, p in zip(outs, self._probe_positions)]
         skip = False
@@ -227,7 +236,7 @@ class PartitionRunner:
 
     def _store_residual(self, state: BranchState, outs: list) -> None:
         inputs = self._call["inputs"]["range"]
-        if not hasattr(self, "_positions"):
+        if self._positions is None:
             self._positions = self._stream_positions(self.cached_range, inputs, outs)
         residual = [o - inputs[p] for o, p in zip(outs, self._positions)]
         if self.step_cache.config.policy == "forecast":
