@@ -113,9 +113,9 @@ def make_variant(name, model, dev):
     torch._dynamo.reset()
     if name == "inductor":
         return torch.compile(model)
-    if name == "mindiesd":
-        import mindiesd_compile  # noqa: F401  (registers the "mindiesd" Dynamo backend)
-        return torch.compile(model, backend="mindiesd", options={"target": dev.type})
+    if name in ("mindiesd", "mindiesd-whole"):  # -whole: one graph, no block partition
+        return torch.compile(model, backend="mindiesd",
+                             options={"target": dev.type, "partition": name == "mindiesd"})
     raise ValueError(f"unknown variant {name!r}")
 
 
@@ -177,7 +177,7 @@ def main():
     ap.add_argument("--tiny", action="store_true", help="tiny 2-layer model for smoke tests (overrides --config)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
-    ap.add_argument("--variants", default="eager,inductor,mindiesd")
+    ap.add_argument("--variants", default="eager,inductor,mindiesd-whole,mindiesd")
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
