@@ -25,8 +25,10 @@ import mindiesd_compile  # noqa: E402
 from mindiesd_compile import CacheConfig, StepCache  # noqa: E402
 
 
-def settings(n_blocks, steps):
-    """Policies to compare, scaled to the model's blocks and the number of steps."""
+def settings(n_blocks, steps, typical_change):
+    """Policies to compare, scaled to the model's blocks, the number of steps, and (dynamic) the probe's
+    typical relative change per step, measured on this model first (random weights change far more per
+    step than trained ones, so a fixed threshold would mean nothing)."""
     lo, hi = steps // 5, steps - steps // 10  # leave the first 20 % and last 10 % of steps exact
     last = n_blocks - 1 if n_blocks > 3 else n_blocks  # first and last block always computed
     return {
@@ -37,8 +39,8 @@ def settings(n_blocks, steps):
                                 block_end=last),
         "attention i2": CacheConfig(policy="attention", step_start=lo, step_interval=2, step_end=hi),
         "attention i3": CacheConfig(policy="attention", step_start=lo, step_interval=3, step_end=hi),
-        "dynamic 0.05": CacheConfig(policy="dynamic", threshold=0.05, max_skips=3, step_start=2),
-        "dynamic 0.10": CacheConfig(policy="dynamic", threshold=0.10, max_skips=3, step_start=2),
+        "dynamic 1.5x": CacheConfig(policy="dynamic", threshold=1.5 * typical_change, max_skips=3, step_start=2),
+        "dynamic 3x": CacheConfig(policy="dynamic", threshold=3 * typical_change, max_skips=3, step_start=2),
         "forecast i3": CacheConfig(policy="forecast", step_start=lo, step_interval=3, step_end=hi, block_start=1,
                                    block_end=last),
     }
@@ -69,11 +71,11 @@ def main():
     cache = StepCache()
     fn = torch.compile(model, backend="mindiesd", options={"target": dev.type, "cache": cache}, fullgraph=True)
 
-    def denoise():
+    def denoise(max_steps=None):
         scheduler.set_timesteps(args.steps, device=dev)
         latents = init.clone()
         transformer_s = 0.0
-        for t in scheduler.timesteps:
+        for t in scheduler.timesteps[:max_steps]:
             sync(dev); start = time.perf_counter()
             x = latents.to(dtype)
             ts = t.expand(1).to(dev)
@@ -102,9 +104,13 @@ def main():
         print(f"# {cname} on {torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'cpu'}, torch "
               f"{torch.__version__}: partitioned compile {cold:.1f} s, {len(runner.partition.pieces)} pieces, "
               f"{runner.compiler.compiles} compiled", flush=True)
+        cache.configure(CacheConfig(policy="dynamic", threshold=1e-9))  # never skips: measures the change
+        denoise(max_steps=min(12, args.steps))
+        typical = sorted(cache.changes)[len(cache.changes) // 2]
+        print(f"dynamic probe: median relative change per step {typical:.4f} (steps 1-{min(12, args.steps) - 1})")
         graphs = counters["stats"]["unique_graphs"]
         rows, reference = [], None
-        chosen = settings(len(runner.block_nodes), args.steps)
+        chosen = settings(len(runner.block_nodes), args.steps, typical)
         names = list(chosen) if args.policies == "all" else ["none"] + args.policies.split(",")
         for name in names:
             cache.configure(chosen[name])

@@ -1,8 +1,10 @@
 """Graph surgery for the attention cache: two variants of a block piece.
 
-``record``: the block as it is, also returning every attention output.
-``reuse``: the block taking those attention outputs as extra inputs instead of computing them; dead
-code elimination then removes what only fed attention (q/k/v projections, qk-norms, RoPE).
+``record``: the block as it is, also returning its self-attention outputs.
+``reuse``: the block taking those outputs as extra inputs instead of computing them; dead code
+elimination then removes what only fed them (q/k/v projections, qk-norms, RoPE).
+Only self-attention (query and key of one length) is cached: it is the quadratic cost, while
+cross-attention to a few hundred text tokens is cheap to recompute and would double the memory.
 Operates on the Dynamo-level piece, where attention is one ``scaled_dot_product_attention`` call.
 """
 from __future__ import annotations
@@ -17,8 +19,20 @@ from torch.fx import GraphModule
 SDPA = torch._C._nn.scaled_dot_product_attention
 
 
-def attention_nodes(gm: GraphModule):
-    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is SDPA]
+def attention_nodes(gm: GraphModule, self_only: bool = False):
+    nodes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is SDPA]
+    if self_only:
+        nodes = [n for n in nodes if _seq_len(_arg(n, 0, "query")) == _seq_len(_arg(n, 1, "key"))]
+    return nodes
+
+
+def _arg(node, index, name):
+    return node.args[index] if len(node.args) > index else node.kwargs.get(name)
+
+
+def _seq_len(node):
+    value = node.meta.get("example_value") if isinstance(node, torch.fx.Node) else None
+    return value.shape[-2] if isinstance(value, torch.Tensor) else None
 
 
 def _outputs(gm: GraphModule):
@@ -31,14 +45,14 @@ def attention_variants(gm: GraphModule) -> Tuple[GraphModule, GraphModule, int]:
     """(record, reuse, number of attention calls); both variants return a flat tuple."""
     record = copy.deepcopy(gm)
     out, values = _outputs(record)
-    attn = attention_nodes(record)
+    attn = attention_nodes(record, self_only=True)
     out.args = (tuple(values + attn),)
     record.recompile()
 
     reuse = copy.deepcopy(gm)
     out, values = _outputs(reuse)
     last_input = [n for n in reuse.graph.nodes if n.op == "placeholder"][-1]
-    for i, node in enumerate(reversed(attention_nodes(reuse))):
+    for i, node in enumerate(reversed(attention_nodes(reuse, self_only=True))):
         with reuse.graph.inserting_after(last_input):
             cached = reuse.graph.placeholder(f"cached_attention_{len(attn) - 1 - i}")
         cached.meta.update(node.meta)

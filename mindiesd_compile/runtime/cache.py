@@ -139,6 +139,7 @@ class StepCache:
         self._last_t: Optional[float] = None
         self._signature = None
         self.stats = {"calls": 0, "computed": 0, "skipped": 0, "generations": 0}
+        self.changes: List[float] = []  # dynamic: the probe's relative change at each step (to pick a threshold)
 
     def begin_call(self, timestep: Optional[float], signature) -> BranchState:
         """Advance the step/branch counters for one transformer call and return the branch's state."""

@@ -60,6 +60,15 @@ class PartitionRunner:
         self.executions = collections.Counter()  # piece label (":reuse": cached attention) -> times run
         self.last_call: List[str] = []           # labels of the pieces the latest call ran
         self.calls = 0
+        # Free each value after its last use, as one compiled graph would: otherwise every block's
+        # output stays alive until the call returns (peak memory grows with the number of blocks).
+        last_use: Dict[Node, Node] = {}
+        for node in self.nodes:
+            for arg in node.all_input_nodes:
+                last_use[arg] = node
+        self.release_after: Dict[Node, List[Node]] = collections.defaultdict(list)
+        for value, user in last_use.items():
+            self.release_after[user].append(value)
         placeholders = [n for n in self.nodes if n.op == "placeholder"]
         self.timestep_index = next((i for i, n in enumerate(placeholders) if "timestep" in n.name), None)
         self._planned_for = None  # the CacheConfig the range below was planned for
@@ -137,7 +146,7 @@ class PartitionRunner:
                 self.calls += 1
                 return torch.fx.map_arg(node.args[0], env.__getitem__)
             elif node in skipped:
-                continue
+                pass
             elif node.op == "call_function":
                 env[node] = node.target(*torch.fx.map_arg(node.args, env.__getitem__))
             else:
@@ -146,6 +155,8 @@ class PartitionRunner:
                     env[node] = self._run_block(node, inputs, state, env, skipped)
                 else:
                     env[node] = self._run_piece(node, inputs)
+            for value in self.release_after.get(node, ()):
+                env.pop(value, None)
         raise AssertionError("graph without output")
 
     def _run_piece(self, node: Node, inputs: list, variant: str = "plain", extra: list = ()):
@@ -221,6 +232,7 @@ class PartitionRunner:
             change = sum(float((r - q).abs().float().mean()) for r, q in zip(residual, state.probe))
             scale = sum(float(q.abs().float().mean()) for q in state.probe)
             change = cache.agree(change / max(scale, 1e-12))
+            cache.changes.append(change)
             skip = state.accumulated + change < cfg.threshold and state.skips_in_row < cfg.max_skips
             state.accumulated = state.accumulated + change if skip else 0.0
         if not skip:
