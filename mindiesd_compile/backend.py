@@ -27,8 +27,13 @@ def infer_target(example_inputs) -> str:
     return "cuda" if "cuda" in devices else "cpu"
 
 
-def build_manager(options: CompileOptions, target: str, report: Report) -> PassManager:
+def build_manager(options: CompileOptions, target: str, report: Report, sharded: frozenset = frozenset()) -> PassManager:
     passes = [PASSES[name](report) for name in options.patterns]
+    if sharded:  # this piece sees a slice of the sequence: all-to-all around its attention
+        from .passes.ulysses import UlyssesPass
+        group = options.parallel_group or torch.distributed.group.WORLD
+        passes.insert(passes.index(next(p for p in passes if p.name == "attention")) + 1,
+                      UlyssesPass(report, options.sequence_parallel, group.group_name, sorted(sharded)))
     if target in ("cuda", "cpu"):
         from .lowering.decompose import DecomposeForInductor
         passes.append(DecomposeForInductor(report))
@@ -37,9 +42,9 @@ def build_manager(options: CompileOptions, target: str, report: Report) -> PassM
 
 
 def lower(gm: torch.fx.GraphModule, example_inputs, options: CompileOptions, target: str, report: Report,
-          mode: Optional[str] = None):
+          mode: Optional[str] = None, sharded: frozenset = frozenset()):
     """One graph through the passes and the target's lowering."""
-    manager = build_manager(options, target, report)
+    manager = build_manager(options, target, report, sharded)
     if target == "eager":
         from .lowering.eager import compile_eager
         return compile_eager(gm, example_inputs, manager)
@@ -56,12 +61,19 @@ def mindiesd_backend(gm: torch.fx.GraphModule, example_inputs, options=None, mod
     log.debug("mindiesd_compile: target=%s patterns=%s cache=%s", target, opts.patterns, step_cache.config)
     partition = partition_at_blocks(gm) if opts.partition else None
     if partition is None:
+        if opts.sequence_parallel > 1:
+            raise OptionsError("options['sequence_parallel'] needs repeated transformer blocks, and this graph has none")
         if step_cache.config.enabled:
             raise OptionsError("options['cache'] needs repeated transformer blocks (an nn.ModuleList of blocks "
                                "on the model), and this graph has none")
         return lower(gm, example_inputs, opts, target, report, mode)
-    compiler = PieceCompiler(lambda piece, inputs, piece_report: lower(piece, inputs, opts, target, piece_report, mode),
-                             report)
-    runner = PartitionRunner(partition, compiler, step_cache)
+    compiler = PieceCompiler(lambda piece, inputs, piece_report, sharded: lower(
+        piece, inputs, opts, target, piece_report, mode, sharded), report)
+    sequence_parallel = None
+    if opts.sequence_parallel > 1:
+        from .runtime.sequence_parallel import find_cp_plan
+        sequence_parallel = {"degree": opts.sequence_parallel, "group": opts.parallel_group,
+                             "plan": opts.parallel_plan or find_cp_plan(partition)}
+    runner = PartitionRunner(partition, compiler, step_cache, sequence_parallel)
     step_cache.runners.append(runner)
     return runner

@@ -26,6 +26,10 @@ class CompileOptions:
     partition: split the graph at its repeated blocks and compile identical blocks once.
     cache:     cross-step caching: a dict of ``CacheConfig`` fields, a ``CacheConfig``, or a ``StepCache``
                (keep the latter to reset it or read its statistics). Needs ``partition``.
+    sequence_parallel: Ulysses degree (ranks sharing one sequence); needs torch.distributed initialised.
+    parallel_plan: where the sequence is split/gathered, in diffusers' ``_cp_plan`` format
+               (default: the model class's own ``_cp_plan``).
+    parallel_group: the torch.distributed group of the sequence-parallel ranks (default: the world).
     """
 
     target: Optional[str] = None
@@ -35,6 +39,9 @@ class CompileOptions:
     inductor_config: Tuple[Tuple[str, Any], ...] = ()
     partition: bool = True
     cache: Any = None
+    sequence_parallel: int = 1
+    parallel_plan: Any = None
+    parallel_group: Any = None
 
     def __post_init__(self):
         if self.target is not None and self.target not in TARGETS:
@@ -62,6 +69,17 @@ class CompileOptions:
         if self.cache.config.enabled if isinstance(self.cache, StepCache) else self.cache.enabled:
             if not self.partition:
                 raise OptionsError("options['cache'] needs options['partition']=True: caching skips whole blocks")
+        if not isinstance(self.sequence_parallel, int) or self.sequence_parallel < 1:
+            raise OptionsError(f"options['sequence_parallel'] must be an int >= 1, got {self.sequence_parallel!r}")
+        if self.sequence_parallel > 1:
+            if not self.partition:
+                raise OptionsError("options['sequence_parallel'] needs options['partition']=True")
+            if "attention" not in patterns:
+                raise OptionsError("options['sequence_parallel'] needs the 'attention' pattern: it shards attention")
+            import torch.distributed as dist
+            if not (dist.is_available() and dist.is_initialized()):
+                raise OptionsError("options['sequence_parallel'] needs torch.distributed initialised first "
+                                   "(torch.distributed.init_process_group; launch with torchrun)")
 
     @classmethod
     def from_dict(cls, options: Optional[Mapping[str, Any]]) -> "CompileOptions":

@@ -65,6 +65,8 @@ class PassManager(_PassBase):
             except Exception as err:  # noqa: BLE001 - any failure must leave a correct graph behind
                 _restore(graph, snapshot)
                 self.report.failed(p.name, err)
+                if getattr(p, "required", False):
+                    raise  # e.g. sequence parallelism: without this pass the result would be wrong
                 if self.strict:
                     raise PassFailedError(f"mindiesd_compile pass {p.name!r} failed: {err}") from err
                 warnings.warn(f"mindiesd_compile: pass {p.name!r} failed ({type(err).__name__}: {err}); "

@@ -18,9 +18,10 @@ from ..partition import Partition, Piece, structural_key
 from ..report import Report
 from .attention_reuse import attention_variants
 from .cache import BranchState, StepCache
+from .sequence_parallel import ShardPlan, plan_sequence_parallel
 
 log = logging.getLogger("mindiesd_compile")
-Lower = Callable[[GraphModule, list, Report], Callable]
+Lower = Callable[[GraphModule, list, Report, frozenset], Callable]  # frozenset: inputs sharded over ranks
 
 
 class PieceCompiler:
@@ -32,11 +33,11 @@ class PieceCompiler:
         self.artifacts: Dict[tuple, tuple] = {}
         self.compiles = 0
 
-    def __call__(self, gm: GraphModule, inputs: list) -> Callable:
-        key = structural_key(gm, inputs)
+    def __call__(self, gm: GraphModule, inputs: list, sharded: frozenset = frozenset()) -> Callable:
+        key = (structural_key(gm, inputs), sharded)
         if key not in self.artifacts:
             piece_report = Report(self.report.patterns)
-            self.artifacts[key] = (self.lower(gm, inputs, piece_report), piece_report)
+            self.artifacts[key] = (self.lower(gm, inputs, piece_report, sharded), piece_report)
             self.compiles += 1
         fn, piece_report = self.artifacts[key]
         self.report.merge(piece_report)  # sites are counted per use: the report describes the model
@@ -44,8 +45,11 @@ class PieceCompiler:
 
 
 class PartitionRunner:
-    def __init__(self, partition: Partition, compiler: PieceCompiler, step_cache: Optional[StepCache]):
+    def __init__(self, partition: Partition, compiler: PieceCompiler, step_cache: Optional[StepCache],
+                 sequence_parallel: Optional[dict] = None):
         self.partition = partition
+        self.sequence_parallel = sequence_parallel  # {"degree", "group", "plan"}; planned on the first call
+        self.shard_plan: Optional[ShardPlan] = None
         self.compiler = compiler
         self.step_cache = step_cache if step_cache is not None else StepCache()
         gm = partition.graph_module
@@ -131,6 +135,8 @@ class PartitionRunner:
     # --- execution ------------------------------------------------------------------------------
     def __call__(self, *args):
         self._plan()
+        if self.sequence_parallel is not None:
+            args = self._shard_model_inputs(args)
         state = self._begin(args) if self.step_cache.config.enabled else None
         env: Dict[Node, object] = {}
         skipped: set = set()
@@ -149,8 +155,12 @@ class PartitionRunner:
                 pass
             elif node.op == "call_function":
                 env[node] = node.target(*torch.fx.map_arg(node.args, env.__getitem__))
+                if self.shard_plan is not None and node in self.shard_plan.split_values:
+                    env[node] = self.shard_plan.split(env[node], self.shard_plan.split_values[node], node.name)
             else:
                 inputs = list(torch.fx.map_arg(node.args, env.__getitem__))
+                if self.shard_plan is not None:
+                    inputs = self._shard_piece_inputs(node, inputs)
                 if state is not None and node in self.block_nodes:
                     env[node] = self._run_block(node, inputs, state, env, skipped)
                 else:
@@ -167,11 +177,33 @@ class PartitionRunner:
             if variant != "plain":
                 record, reuse, self.n_attention[node] = attention_variants(gm)
                 gm = record if variant == "record" else reuse
-            self.compiled[key] = self.compiler(gm, inputs + list(extra))
+            sharded = frozenset()
+            if self.shard_plan is not None and node in self.block_nodes:
+                sharded = frozenset(self.shard_plan.sharded[self.block_nodes.index(node)])
+            self.compiled[key] = self.compiler(gm, inputs + list(extra), sharded)
         label = self.piece[node].label + (":reuse" if variant == "reuse" else "")
         self.executions[label] += 1
         self.last_call.append(label)
         return self.compiled[key](*inputs, *extra)
+
+    # --- sequence parallelism -----------------------------------------------------------------------
+    def _shard_model_inputs(self, args):
+        if self.shard_plan is None:
+            sp = self.sequence_parallel
+            self.shard_plan = plan_sequence_parallel(self.partition, args, sp["degree"], sp["group"], sp["plan"])
+        plan = self.shard_plan
+        return tuple(plan.split(a, plan.model_inputs[i], f"model input {i}") if i in plan.model_inputs else a
+                     for i, a in enumerate(args))
+
+    def _shard_piece_inputs(self, node: Node, inputs: list) -> list:
+        """Gather what leaves the last block sharded, before the epilogue (see sequence_parallel.py)."""
+        plan = self.shard_plan
+        if node in self.block_nodes:
+            return inputs
+        last = self.block_nodes[-1]
+        return [plan.gather_dim(t, plan.gather[a.args[1]])
+                if isinstance(a, Node) and a.target is operator.getitem and a.args[0] is last and a.args[1] in plan.gather
+                else t for a, t in zip(node.args, inputs)]
 
     def _begin(self, args) -> BranchState:
         t = args[self.timestep_index] if self.timestep_index is not None else None

@@ -1,0 +1,180 @@
+"""Where the sequence is split across ranks and where it is gathered again, from diffusers' ``_cp_plan``.
+
+The plan (``{module: {input: ContextParallelInput}, module: ContextParallelOutput}``, the format
+diffusers ships on Wan, Flux, Qwen-Image, LTX, ...) is mapped onto the partition:
+
+- ``""`` entries name the model's own inputs: they are split before the prologue runs;
+- other split entries (Wan's ``rope`` outputs, ``blocks.0``'s ``hidden_states``) name values that enter
+  the first block: they are split where the prologue hands them over, for every block that reads them;
+- what comes out of the last block sharded is gathered before the epilogue (the epilogue of these
+  models is token-wise up to ``proj_out``, where the plan gathers, so gathering earlier is the same).
+
+Which block inputs end up sharded, and along which dim, is found by running the partition on fake
+tensors twice (full and split inputs) and comparing shapes: no per-model code.
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+from typing import Dict, Optional
+
+import torch
+import torch.distributed as dist
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from ..options import OptionsError
+from ..partition import Partition, module_path
+
+
+@dataclasses.dataclass
+class ShardPlan:
+    degree: int
+    rank: int
+    group: object
+    model_inputs: Dict[int, int]          # top-level input index -> split dim (before the prologue)
+    split_values: Dict[torch.fx.Node, int]  # prologue outputs split for every consumer -> split dim
+    sharded: Dict[int, Dict[int, int]]    # block index -> {input position: token dim} arriving sharded
+    gather: Dict[int, int]                # last block's output index -> gather dim
+
+    def split(self, x: torch.Tensor, dim: int, what: str) -> torch.Tensor:
+        if x.shape[dim] % self.degree:
+            raise OptionsError(f"{what} has {x.shape[dim]} tokens along dim {dim}, not divisible by "
+                               f"sequence_parallel={self.degree}; choose a resolution or degree that divides it")
+        return x.chunk(self.degree, dim)[self.rank].contiguous()
+
+    def gather_dim(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        parts = [torch.empty_like(x) for _ in range(self.degree)]
+        dist.all_gather(parts, x.contiguous(), group=self.group)
+        return torch.cat(parts, dim)
+
+
+def find_cp_plan(partition: Partition) -> Optional[dict]:
+    """The ``_cp_plan`` of the model class that owns the blocks (looked up in the block class's module)."""
+    sub = partition.graph_module.get_submodule(partition.blocks[0].name)
+    for node in sub.graph.nodes:
+        for _, cls in (node.meta.get("nn_module_stack") or {}).values():
+            module = sys.modules.get(getattr(cls, "__module__", ""))
+            for value in vars(module).values() if module else ():
+                if isinstance(value, type) and isinstance(getattr(value, "_cp_plan", None), dict):
+                    return value._cp_plan
+    return None
+
+
+def _top_input_index(placeholders, name: str) -> Optional[int]:
+    """Dynamo names a forward argument's placeholder ``l_<name>_`` (``l_kwargs_<name>_`` when passed by keyword)."""
+    for i, p in enumerate(placeholders):
+        if p.name in (f"l_{name}_", f"l_kwargs_{name}_"):
+            return i
+    return None
+
+
+def _run_shapes(partition: Partition, args, split_values=None, degree=1):
+    """Run the partition on fake tensors: every block's input shapes and the last block's output shapes."""
+    gm = partition.graph_module
+    block_names = [p.name for p in partition.blocks]
+    env, it, ins, out = {}, iter(args), {}, None
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            env[node] = next(it)
+        elif node.op == "output":
+            break
+        else:
+            fn = gm.get_submodule(node.target) if node.op == "call_module" else node.target
+            inputs = list(torch.fx.map_arg(node.args, env.__getitem__))
+            if node.op == "call_module" and node.target in block_names:
+                ins[block_names.index(node.target)] = [tuple(t.shape) if isinstance(t, torch.Tensor) else None
+                                                       for t in inputs]
+            env[node] = fn(*inputs)
+            if split_values and node in split_values:
+                env[node] = env[node].chunk(degree, split_values[node])[0]
+            if node.op == "call_module" and node.target == block_names[-1]:
+                out = [tuple(t.shape) for t in env[node]]
+    return ins, out
+
+
+def _differing_dim(full, local) -> Optional[int]:
+    if full is None or local is None or full == local:
+        return None
+    dims = [d for d, (a, b) in enumerate(zip(full, local)) if a != b]
+    return dims[0] if len(dims) == 1 else None
+
+
+def plan_sequence_parallel(partition: Partition, args, degree: int, group, cp_plan: Optional[dict]) -> ShardPlan:
+    if cp_plan is None:
+        raise OptionsError("sequence_parallel needs a context-parallel plan: the model class has no diffusers "
+                           "`_cp_plan`; pass one as options['parallel_plan'] (same format)")
+    world = dist.get_world_size(group) if dist.is_initialized() else 1
+    if world != degree:
+        raise OptionsError(f"sequence_parallel={degree} but the process group has {world} rank(s); "
+                           f"launch {degree} processes (torchrun --nproc_per_node={degree})")
+    placeholders = [n for n in partition.graph_module.graph.nodes if n.op == "placeholder"]
+    model_inputs = {}
+    for name, spec in (cp_plan.get("") or {}).items():
+        index = _top_input_index(placeholders, name)
+        if index is None or not isinstance(args[index], torch.Tensor):
+            continue
+        if spec.expected_dims is not None and args[index].dim() != spec.expected_dims:
+            continue
+        model_inputs[index] = spec.split_dim % args[index].dim()
+
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    with mode:
+        fake = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+        full_in, full_out = _run_shapes(partition, fake)
+        first = next(n for n in partition.graph_module.graph.nodes if n.target == partition.blocks[0].name)
+        split_values = {first.args[p]: dim for p, dim in _block_entries(partition, cp_plan, full_in[0], full_out).items()}
+        local_args = [a.chunk(degree, model_inputs[i])[0] if i in model_inputs else a for i, a in enumerate(fake)]
+        try:
+            local_in, local_out = _run_shapes(partition, local_args, split_values, degree)
+        except RuntimeError as err:
+            raise OptionsError(
+                "sequence_parallel: this model's traced graph fixes token counts (e.g. joint text+image "
+                "attention split back by the traced text length), so it cannot run on a slice of the sequence; "
+                f"not supported for this model yet ({str(err).splitlines()[0][:160]})") from err
+    sharded = {j: {p: d for p, (a, b) in enumerate(zip(full_in[j], local_in[j]))
+                   if (d := _differing_dim(a, b)) is not None} for j in full_in}
+    gather = {k: d for k, (a, b) in enumerate(zip(full_out, local_out)) if (d := _differing_dim(a, b)) is not None}
+    if not sharded[0]:
+        raise OptionsError("the parallel plan shards nothing that reaches the transformer blocks")
+    return ShardPlan(degree, dist.get_rank(group), group, model_inputs, split_values, sharded, gather)
+
+
+def _block_entries(partition: Partition, cp_plan: dict, in_shapes, out_shapes) -> Dict[int, int]:
+    """First-block inputs named by module-level split entries: module outputs (``rope``) and the
+    block's own inputs (``blocks.0``: ``hidden_states`` = the residual stream)."""
+    prologue = [p for p in partition.pieces if p.kind == "prologue"]
+    first_block = partition.blocks[0]
+    top = partition.graph_module
+    block_node = next(n for n in top.graph.nodes if n.op == "call_module" and n.target == first_block.name)
+    result = {}
+    for module, entries in cp_plan.items():
+        if module == "" or not isinstance(entries, dict):
+            continue
+        for key, spec in entries.items():
+            specs = spec if isinstance(spec, (list, tuple)) else [spec]
+            if module == first_block.label:  # the block's input by name: its residual stream
+                for p, shape in enumerate(in_shapes):
+                    if shape is not None and shape in out_shapes and len(shape) == (specs[0].expected_dims or len(shape)):
+                        result[p] = specs[0].split_dim % len(shape)
+            elif isinstance(key, int) and specs[0].split_output and prologue:
+                for p, arg in enumerate(block_node.args):
+                    if _produced_by(top, arg, module) == key and in_shapes[p] is not None:
+                        result[p] = specs[0].split_dim % len(in_shapes[p])
+    return result
+
+
+def _produced_by(top, arg, module: str) -> Optional[int]:
+    """If ``arg`` (a first-block input) is output k of ``module`` inside the prologue, k (in output order)."""
+    import operator
+    if not (isinstance(arg, torch.fx.Node) and arg.target is operator.getitem):
+        return None
+    piece = top.get_submodule(arg.args[0].target)
+    out = next(n for n in piece.graph.nodes if n.op == "output")
+    value = out.args[0][arg.args[1]]
+    from_module = [v for v in out.args[0] if _in_module(v, module)]
+    return from_module.index(value) if value in from_module else None
+
+
+def _in_module(node, module: str) -> bool:
+    stack = node.meta.get("nn_module_stack") or {}
+    return any(module_path(raw) == module for raw, _ in stack.values())
