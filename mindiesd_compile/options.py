@@ -13,6 +13,15 @@ class OptionsError(ValueError):
     """A bad ``options`` key or value; the message names the valid ones."""
 
 
+def from_mapping(cls, mapping: Mapping[str, Any], what: str):
+    """``cls(**mapping)``, refusing keys that are not fields of the dataclass ``cls``."""
+    valid = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(mapping) - set(valid))
+    if unknown:
+        raise OptionsError(f"unknown {what}(s) {unknown}; valid {what}s: {valid}")
+    return cls(**mapping)
+
+
 @dataclasses.dataclass(frozen=True)
 class CompileOptions:
     """Typed compile options.
@@ -89,11 +98,7 @@ class CompileOptions:
             return options
         if not isinstance(options, Mapping):
             raise OptionsError(f"options must be a dict or CompileOptions, got {type(options).__name__}")
-        valid = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(options) - set(valid))
-        if unknown:
-            raise OptionsError(f"unknown option(s) {unknown}; valid options: {valid}")
-        return cls(**options)
+        return from_mapping(cls, options, "option")
 
     def with_target(self, target: str) -> "CompileOptions":
         return dataclasses.replace(self, target=target)

@@ -27,7 +27,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from ..options import OptionsError
+from ..options import OptionsError, from_mapping
 
 POLICIES = ("none", "block", "attention", "dynamic", "forecast")
 
@@ -71,11 +71,7 @@ class CacheConfig:
             return value.config
         if not isinstance(value, dict):
             raise OptionsError(f"options['cache'] must be a dict, CacheConfig or StepCache, got {type(value).__name__}")
-        valid = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(value) - set(valid))
-        if unknown:
-            raise OptionsError(f"unknown cache option(s) {unknown}; valid cache options: {valid}")
-        return cls(**value)
+        return from_mapping(cls, value, "cache option")
 
     @property
     def enabled(self) -> bool:

@@ -33,14 +33,16 @@ class PieceCompiler:
         self.artifacts: Dict[tuple, tuple] = {}
         self.compiles = 0
 
-    def __call__(self, gm: GraphModule, inputs: list, sharded: frozenset = frozenset()) -> Callable:
+    def __call__(self, gm: GraphModule, inputs: list, sharded: frozenset = frozenset(), count: bool = True) -> Callable:
+        """The compiled ``gm``; ``count``: add its rewrites to the model's report (not for cache variants)."""
         key = (structural_key(gm, inputs), sharded)
         if key not in self.artifacts:
             piece_report = Report(self.report.patterns)
             self.artifacts[key] = (self.lower(gm, inputs, piece_report, sharded), piece_report)
             self.compiles += 1
         fn, piece_report = self.artifacts[key]
-        self.report.merge(piece_report)  # sites are counted per use: the report describes the model
+        if count:
+            self.report.merge(piece_report)  # sites are counted per use: the report describes the model
         return fn
 
 
@@ -180,7 +182,7 @@ class PartitionRunner:
             sharded = frozenset()
             if self.shard_plan is not None and node in self.block_nodes:
                 sharded = frozenset(self.shard_plan.sharded[self.block_nodes.index(node)])
-            self.compiled[key] = self.compiler(gm, inputs + list(extra), sharded)
+            self.compiled[key] = self.compiler(gm, inputs + list(extra), sharded, count=variant == "plain")
         label = self.piece[node].label + (":reuse" if variant == "reuse" else "")
         self.executions[label] += 1
         self.last_call.append(label)
