@@ -10,19 +10,35 @@ from __future__ import annotations
 import functools
 
 import torch
+import torch.distributed as dist
 
+from .options import OptionsError
 from .runtime.cache import CacheConfig, StepCache
+from .runtime.cfg_parallel import CfgParallelTransformer, NegativePrompt
 
 TRANSFORMERS = ("transformer", "transformer_2")  # Wan2.2 runs two experts
 
 
-def optimize(pipe, cache=None, *, fullgraph: bool = True, **options):
+def optimize(pipe, cache=None, *, cfg_parallel: int = 1, sequence_parallel: int = 1, fullgraph: bool = True,
+             **options):
     """Compile ``pipe``'s transformer(s) in place; returns ``pipe`` with ``pipe.step_cache`` attached
     (the first transformer's cache: ``reset()``, ``stats``, ``memory_bytes()``).
 
-    cache:   a dict of ``CacheConfig`` fields, a ``CacheConfig`` or a ``StepCache`` (None: no caching).
-    options: further backend options (``target``, ``patterns``, ...).
+    cache:        a dict of ``CacheConfig`` fields, a ``CacheConfig`` or a ``StepCache`` (None: no caching).
+    cfg_parallel: 2 runs the conditional and unconditional branch on two rank groups at once.
+    sequence_parallel: Ulysses degree inside each CFG group (world size = cfg_parallel x sequence_parallel).
+    options:      further backend options (``target``, ``patterns``, ...).
     """
+    cfg_group, branch, negative = _parallel_groups(cfg_parallel, sequence_parallel, options)
+    if cfg_parallel > 1:
+        original_encode = pipe.encode_prompt
+
+        @functools.wraps(original_encode)
+        def encode_prompt(*args, **kwargs):
+            prompt, negative.value = original_encode(*args, **kwargs)
+            return prompt, negative.value
+
+        pipe.encode_prompt = encode_prompt
     first = cache if isinstance(cache, StepCache) else StepCache(CacheConfig.from_value(cache))
     caches = []
     for name in TRANSFORMERS:
@@ -30,8 +46,10 @@ def optimize(pipe, cache=None, *, fullgraph: bool = True, **options):
         if isinstance(module, torch.nn.Module):
             own = first if not caches else StepCache(first.config, first.group)  # experts keep separate state
             caches.append(own)
-            setattr(pipe, name, torch.compile(module, backend="mindiesd", fullgraph=fullgraph,
-                                              options={**options, "cache": own}))
+            compiled = torch.compile(module, backend="mindiesd", fullgraph=fullgraph, options={**options, "cache": own})
+            if cfg_parallel > 1:
+                compiled = CfgParallelTransformer(compiled, cfg_group, branch, negative)
+            setattr(pipe, name, compiled)
     if not caches:
         raise ValueError(f"{type(pipe).__name__} has no transformer to optimize (looked for {TRANSFORMERS})")
     original = pipe.scheduler.set_timesteps
@@ -45,3 +63,22 @@ def optimize(pipe, cache=None, *, fullgraph: bool = True, **options):
     pipe.scheduler.set_timesteps = set_timesteps
     pipe.step_cache = first
     return pipe
+
+
+def _parallel_groups(cfg: int, sp: int, options: dict):
+    """Rank layout: sequence-parallel groups are consecutive ranks, CFG pairs are one group apart."""
+    negative = NegativePrompt()
+    if cfg not in (1, 2):
+        raise OptionsError(f"cfg_parallel must be 1 or 2 (two CFG branches), got {cfg!r}")
+    if cfg == 1 and sp == 1:
+        return None, 0, negative
+    if not (dist.is_available() and dist.is_initialized()):
+        raise OptionsError("cfg_parallel / sequence_parallel need torch.distributed initialised first (torchrun)")
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if world != cfg * sp:
+        raise OptionsError(f"cfg_parallel={cfg} x sequence_parallel={sp} needs {cfg * sp} ranks, the world has {world}")
+    sp_groups = [dist.new_group(list(range(c * sp, (c + 1) * sp))) for c in range(cfg)]  # every rank creates all
+    cfg_groups = [dist.new_group(list(range(s, world, sp))) for s in range(sp)]
+    if sp > 1:
+        options.update(sequence_parallel=sp, parallel_group=sp_groups[rank // sp])
+    return cfg_groups[rank % sp], rank // sp, negative

@@ -1,4 +1,5 @@
 """optimize(pipe): a tiny WanPipeline generates on the CPU with the cache driven by its denoising loop."""
+import pytest
 import torch
 from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
 
@@ -41,3 +42,34 @@ def test_optimize_runs_a_tiny_wan_generation_with_cache():
     assert len(pipe.step_cache.branches) == 2
     assert torch.equal(cached, again)
     assert 0 < rel_err(cached, reference) < 0.5
+
+
+def _cfg_worker(rank, world, store, out_dir):
+    import json
+    import os
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        pipe = tiny_wan_pipeline()
+        with torch.no_grad():
+            reference = generate(pipe)
+            mindiesd_compile.optimize(pipe, target="eager", cfg_parallel=2, sequence_parallel=world // 2)
+            out = generate(pipe)
+        result = dict(rel=rel_err(out, reference), calls=pipe.step_cache.runners[0].calls)
+    except Exception as err:  # reported to the test
+        result = dict(error=f"{type(err).__name__}: {err}")
+    with open(os.path.join(out_dir, f"cfg{rank}.json"), "w") as f:
+        json.dump(result, f)
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 4])  # CFG 2 alone; CFG 2 x Ulysses 2
+def test_cfg_parallel_matches_one_process(tmp_path, world):
+    import json
+    import torch.multiprocessing as mp
+    mp.spawn(_cfg_worker, args=(world, str(tmp_path / "store"), str(tmp_path)), nprocs=world, join=True)
+    for rank in range(world):
+        result = json.loads((tmp_path / f"cfg{rank}.json").read_text())
+        assert "error" not in result, result
+        assert result["rel"] <= 1e-5
+        assert result["calls"] == 6  # one transformer forward per step per rank instead of two
