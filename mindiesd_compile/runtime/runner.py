@@ -118,14 +118,14 @@ class PartitionRunner:
             same = [p for p, t in enumerate(inputs) if isinstance(t, torch.Tensor)
                     and t.shape == out.shape and t.dtype == out.dtype]
             if len(same) != 1:
-                same = [p for p in same if self._feeds(blocks, k, p)]
+                same = [p for p in same if self._feeds(k, p)]
             if len(same) != 1:
                 raise ValueError(f"cannot tell which input of block {blocks.start} carries output {k} of block "
                                  f"{blocks.stop - 1} (shape {tuple(out.shape)}); caching needs a residual stream")
             positions.append(same[0])
         return positions
 
-    def _feeds(self, blocks: range, k: int, p: int) -> bool:
+    def _feeds(self, k: int, p: int) -> bool:
         """Does output k of a block become input p of the next (identical) block in the model?"""
         for j in range(1, len(self.block_nodes)):
             prev, node = self.block_nodes[j - 1], self.block_nodes[j]
