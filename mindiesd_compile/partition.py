@@ -62,7 +62,7 @@ def partition_at_blocks(gm: GraphModule) -> Optional[Partition]:
     owners = [block_of(n) for n in compute]
     if not any(owners):
         return None
-    ids, labels, kinds, blocks = {}, [], [], []
+    ids, labels, kinds = {}, [], []
     current, seen_block = None, False
     for node, owner in zip(compute, owners):
         key = owner if owner is not None else ("glue" if seen_block else "prologue")
