@@ -22,14 +22,18 @@ def _worker(rank, name, options, overrides, store, out_dir):
         if overrides:
             model = type(model)(**{**model.config, **overrides})
         model.eval()
-        cache = mindiesd_compile.StepCache()
+        cache = mindiesd_compile.StepCache(options.pop("cache", None))
+        steps = options.pop("steps", 1)
         with torch.no_grad():
-            ref = model(**kwargs)[0]
             fn = torch.compile(model, backend="mindiesd", fullgraph=True,
                                options={"target": "eager", "cache": cache, "sequence_parallel": WORLD, **options})
-            out = fn(**kwargs)[0]
+            rels = []
+            for step in range(steps):
+                kw = dict(kwargs, timestep=kwargs["timestep"] - 100 * step)
+                ref, out = model(**kw)[0], fn(**kw)[0]
+                rels.append(float((out - ref).norm() / ref.norm()))
         runner = cache.runners[0]
-        result = dict(rel=float((out - ref).norm() / ref.norm()), shape_ok=out.shape == ref.shape,
+        result = dict(rel=rels[0], rels=rels, shape_ok=out.shape == ref.shape, skipped=cache.stats["skipped"],
                       all_to_all=runner.compiler.report.stats("sequence_parallel").rewritten,
                       attention=runner.compiler.report.stats("attention").rewritten)
     except Exception as err:  # reported to the test, which asserts on it
@@ -52,6 +56,16 @@ def test_two_ranks_match_one_process_wan(tmp_path):
         assert result["shape_ok"] and result["rel"] <= 1e-5
         assert result["all_to_all"] == 2  # the self-attentions; cross-attention to replicated text stays local
         assert result["attention"] == 4
+
+
+def test_sequence_parallel_composes_with_caching(tmp_path):
+    cache = {"policy": "block", "step_start": 1, "step_interval": 2, "block_start": 0, "block_end": 2}
+    results = run_two_ranks(tmp_path, "wan", cache=cache, steps=4)
+    for result in results:
+        assert "error" not in result, result
+        assert result["skipped"] == 1  # step 2 reuses the (sharded) residual on both ranks
+        assert result["rels"][0] <= 1e-5 and result["rels"][1] <= 1e-5 and result["rels"][3] <= 1e-5
+    assert results[0]["rels"] == results[1]["rels"]
 
 
 def test_length_specialised_joint_attention_is_a_clear_error(tmp_path):
