@@ -14,12 +14,13 @@ from .backend import mindiesd_backend
 from .options import PATTERNS, TARGETS, CompileOptions, OptionsError
 from .passes.manager import PassFailedError
 from .report import Report
+from .lowering.export import export
 from .pipeline import optimize
 from .runtime.cache import CacheConfig, StepCache
 
 __version__ = "0.1.0"
 __all__ = ["CacheConfig", "CompileOptions", "OptionsError", "PassFailedError", "Report", "StepCache", "PATTERNS",
-           "TARGETS", "mindiesd_backend", "optimize", "report"]
+           "TARGETS", "export", "mindiesd_backend", "optimize", "report"]
 
 
 def report(model: torch.nn.Module, *args, options=None, **kwargs) -> Report:

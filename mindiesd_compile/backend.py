@@ -27,7 +27,8 @@ def infer_target(example_inputs) -> str:
     return "cuda" if "cuda" in devices else "cpu"
 
 
-def build_manager(options: CompileOptions, target: str, report: Report, sharded: frozenset = frozenset()) -> PassManager:
+def build_manager(options: CompileOptions, target: str, report: Report, sharded: frozenset = frozenset(),
+                  offline: bool = False) -> PassManager:
     passes = [PASSES[name](report) for name in options.patterns]
     if sharded:  # this piece sees a slice of the sequence: all-to-all around its attention
         from .passes.ulysses import UlyssesPass
@@ -35,9 +36,9 @@ def build_manager(options: CompileOptions, target: str, report: Report, sharded:
         passes.insert(passes.index(next(p for p in passes if p.name == "attention")) + 1,
                       UlyssesPass(report, options.sequence_parallel, group.group_name, sorted(sharded)))
     if target in ("cuda", "cpu"):
-        from .lowering.decompose import DecomposeForInductor
-        passes.append(DecomposeForInductor(report))
-    key = repr((target, options.patterns, options.strict))  # what changes the compiled code
+        from .lowering.decompose import INDUCTOR_FUSES, DecomposeForInductor
+        passes.append(DecomposeForInductor(report, INDUCTOR_FUSES | {"attention"} if offline else INDUCTOR_FUSES))
+    key = repr((target, options.patterns, options.strict, offline))  # what changes the compiled code
     return PassManager(passes, report, strict=options.strict, dump_graphs=options.dump_graphs, config_key=key)
 
 

@@ -47,3 +47,10 @@ def qwen():
     return m, kw
 
 MODELS = dict(wan=wan, flux=flux, sd3=sd3, hunyuan=hunyuan, cogvideox=cogvideox, qwen=qwen)
+
+
+def wan_for_export():
+    """Factory for `python -m mindiesd_compile export tiny_models:wan_for_export OUT_DIR`."""
+    torch.manual_seed(0)
+    model, kwargs = wan()
+    return model.eval(), (), kwargs

@@ -52,11 +52,22 @@ def inline_decomposition(graph: Graph, node: Node, fn) -> None:
 
 
 class DecomposeForInductor(GraphPass):
+    """``ops``: the op names to hand back (default: all but attention). An offline export hands back
+    attention too, so the package holds ATen ops only and loads where mindiesd_compile is not installed."""
+
     name = "decompose_for_inductor"
+
+    def __init__(self, report=None, ops=INDUCTOR_FUSES):
+        super().__init__(report)
+        self.ops = frozenset(ops)
+
+    def uuid(self) -> bytes:
+        import hashlib
+        return hashlib.sha256(super().uuid() + repr(sorted(self.ops)).encode()).digest()
 
     def __call__(self, graph: Graph) -> None:
         for node in list(graph.nodes):
             name = op_name(node.target) if node.op == "call_function" else None
-            if name in INDUCTOR_FUSES:
+            if name in self.ops:
                 inline_decomposition(graph, node, REFERENCE[name])
         graph.eliminate_dead_code()

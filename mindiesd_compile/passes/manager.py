@@ -44,6 +44,10 @@ class PassManager(_PassBase):
         self.config_key = config_key
         self.graph_id = 0
 
+    def __deepcopy__(self, memo):
+        # Inductor deep-copies config patches (AOTInductor does): the copy must keep writing to our report.
+        return self
+
     def uuid(self) -> bytes:
         h = hashlib.sha256(self.config_key.encode())
         for p in self.passes:
