@@ -1,6 +1,8 @@
 """The ``torch.compile`` backend "mindiesd" (registered through the ``torch_dynamo_backends`` entry point).
 
-Dynamo graph -> AOT (functionalised ATen, inference) -> PassManager -> target lowering.
+Dynamo graph -> partition at the repeated blocks -> per piece: AOT (functionalised ATen, inference)
+-> PassManager -> target lowering; the partition runner executes the pieces (caching, parallelism).
+A graph without repeated blocks is lowered whole.
 """
 from __future__ import annotations
 

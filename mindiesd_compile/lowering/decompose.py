@@ -8,6 +8,8 @@ stays an op: its kernel choice is ours.
 """
 from __future__ import annotations
 
+import hashlib
+
 import torch
 from torch._inductor.pattern_matcher import fwd_only
 from torch.fx import Graph, Node
@@ -62,7 +64,6 @@ class DecomposeForInductor(GraphPass):
         self.ops = frozenset(ops)
 
     def uuid(self) -> bytes:
-        import hashlib
         return hashlib.sha256(super().uuid() + repr(sorted(self.ops)).encode()).digest()
 
     def __call__(self, graph: Graph) -> None:

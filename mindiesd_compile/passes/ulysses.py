@@ -10,6 +10,7 @@ fallback: a skipped rewrite here would be a wrong result, so this pass is ``requ
 """
 from __future__ import annotations
 
+import hashlib
 from typing import Dict, Sequence
 
 import torch
@@ -58,7 +59,6 @@ class UlyssesPass(GraphPass):
         self.degree, self.group, self.sharded_inputs = degree, group, frozenset(sharded_inputs)
 
     def uuid(self) -> bytes:
-        import hashlib
         return hashlib.sha256(super().uuid() + repr((self.degree, sorted(self.sharded_inputs))).encode()).digest()
 
     def __call__(self, graph: torch.fx.Graph) -> None:
@@ -69,7 +69,6 @@ class UlyssesPass(GraphPass):
         for node in list(graph.nodes):
             if node.op == "placeholder":
                 continue
-            inputs = [a for a in node.all_input_nodes]
             if op_name(node.target) == "attention":
                 q, k, v, mask = node.args[:4]
                 flags = [sharded.get(t, False) for t in (q, k, v)]
@@ -84,7 +83,7 @@ class UlyssesPass(GraphPass):
                     raise SequenceParallelError(
                         f"attention {node.name} mixes sharded and replicated tokens (q, k, v sharded: {flags}); "
                         "shard every sequence that enters it (list it in the parallel plan)")
-            sharded[node] = any(sharded.get(a, False) for a in inputs)
+            sharded[node] = any(sharded.get(a, False) for a in node.all_input_nodes)
 
     def _rewrite(self, graph, node):
         self.report.found(self.name)

@@ -15,6 +15,7 @@ tensors twice (full and split inputs) and comparing shapes: no per-model code.
 from __future__ import annotations
 
 import dataclasses
+import operator
 import sys
 from typing import Dict, Optional
 
@@ -142,7 +143,6 @@ def plan_sequence_parallel(partition: Partition, args, degree: int, group, cp_pl
 def _block_entries(partition: Partition, cp_plan: dict, in_shapes, out_shapes) -> Dict[int, int]:
     """First-block inputs named by module-level split entries: module outputs (``rope``) and the
     block's own inputs (``blocks.0``: ``hidden_states`` = the residual stream)."""
-    prologue = [p for p in partition.pieces if p.kind == "prologue"]
     first_block = partition.blocks[0]
     top = partition.graph_module
     block_node = next(n for n in top.graph.nodes if n.op == "call_module" and n.target == first_block.name)
@@ -156,7 +156,7 @@ def _block_entries(partition: Partition, cp_plan: dict, in_shapes, out_shapes) -
                 for p, shape in enumerate(in_shapes):
                     if shape is not None and shape in out_shapes and len(shape) == (specs[0].expected_dims or len(shape)):
                         result[p] = specs[0].split_dim % len(shape)
-            elif isinstance(key, int) and specs[0].split_output and prologue:
+            elif isinstance(key, int) and specs[0].split_output:
                 for p, arg in enumerate(block_node.args):
                     if _produced_by(top, arg, module) == key and in_shapes[p] is not None:
                         result[p] = specs[0].split_dim % len(in_shapes[p])
@@ -165,8 +165,7 @@ def _block_entries(partition: Partition, cp_plan: dict, in_shapes, out_shapes) -
 
 def _produced_by(top, arg, module: str) -> Optional[int]:
     """If ``arg`` (a first-block input) is output k of ``module`` inside the prologue, k (in output order)."""
-    import operator
-    if not (isinstance(arg, torch.fx.Node) and arg.target is operator.getitem):
+    if not (isinstance(arg, torch.fx.Node) and arg.target is operator.getitem and arg.args[0].op == "call_module"):
         return None
     piece = top.get_submodule(arg.args[0].target)
     out = next(n for n in piece.graph.nodes if n.op == "output")
