@@ -52,7 +52,10 @@ def lower(gm: torch.fx.GraphModule, example_inputs, options: CompileOptions, tar
         from .lowering.eager import compile_eager
         return compile_eager(gm, example_inputs, manager)
     from .lowering.inductor import compile_inductor
-    return compile_inductor(gm, example_inputs, manager, dict(options.inductor_config), mode)
+    compiled = compile_inductor(gm, example_inputs, manager, dict(options.inductor_config), mode)
+    if not manager.graph_id:  # Inductor found the graph in its cache: the passes never ran
+        report.cache_hits += 1
+    return compiled
 
 
 def mindiesd_backend(gm: torch.fx.GraphModule, example_inputs, options=None, mode: Optional[str] = None,

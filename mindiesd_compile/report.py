@@ -28,6 +28,7 @@ class Report:
         self.patterns: Dict[str, PatternStats] = {name: PatternStats() for name in patterns}
         self.errors: List[Dict[str, str]] = []
         self.timings: Dict[str, float] = {}  # seconds spent per pass
+        self.cache_hits = 0  # graphs Inductor served from its FX graph cache: the passes did not run again
 
     def stats(self, pattern: str) -> PatternStats:
         return self.patterns.setdefault(pattern, PatternStats())
@@ -53,6 +54,7 @@ class Report:
         self.errors.extend(other.errors)
         for name, t in other.timings.items():
             self.timings[name] = self.timings.get(name, 0.0) + t
+        self.cache_hits += other.cache_hits
 
     def to_dict(self) -> dict:
         return {name: s.to_dict() for name, s in self.patterns.items()}
@@ -65,6 +67,9 @@ class Report:
                          + (f" ({'; '.join(whys)})" if whys else ""))
         for e in self.errors:
             lines.append(f"pass {e['pass']} FAILED and was rolled back: {e['error']}")
+        if self.cache_hits:
+            lines.append(f"{self.cache_hits} graph(s) came from Inductor's FX graph cache, compiled with these passes "
+                         "earlier; their sites are not counted here (mindiesd_compile.report() counts them)")
         return "\n".join(lines)
 
     def __repr__(self) -> str:

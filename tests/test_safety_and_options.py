@@ -98,3 +98,20 @@ def test_default_target_follows_the_tensors():
     from mindiesd_compile.backend import infer_target
     assert infer_target([torch.randn(2)]) == "cpu"
     assert infer_target([torch.randn(2, device="meta"), 3]) == "cpu"
+
+
+def test_report_says_when_inductor_served_a_graph_from_its_cache():
+    from functools import partial
+    import mindiesd_compile
+    f = lambda x: F.rms_norm(x, (8,)) * 2  # noqa: E731
+    reports = []
+    for _ in range(2):
+        torch._dynamo.reset()
+        rep = mindiesd_compile.Report()
+        with torch.no_grad():
+            torch.compile(f, backend=partial(mindiesd_compile.mindiesd_backend, options={"target": "cpu"},
+                                             report=rep))(torch.randn(2, 8))
+        reports.append(rep)
+    first, second = reports
+    assert first.stats("rms_norm").rewritten == 1 or first.cache_hits == 1  # a warm cache may serve both
+    assert second.cache_hits == 1 and "Inductor's FX graph cache" in second.table()
