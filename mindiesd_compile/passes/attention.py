@@ -13,7 +13,7 @@ import math
 
 from ..ops import ops
 from .base import (RESHAPES, FusionPass, aten, cast_dtype, getitem, insert_call, is_call, is_number, is_tensor,
-                   last_dim_only, prims, replace, require, strip_upcasts, val)
+                   last_dim_only, node_arg, prims, replace, require, strip_upcasts, val)
 
 # The ATen SDPA ops and where each keeps its (mask, dropout_p, is_causal) arguments: (position, name).
 SDPA_OPS = {
@@ -24,13 +24,6 @@ SDPA_OPS = {
     aten.scaled_dot_product_attention.default: ((3, "attn_mask"), (4, "dropout_p"), (5, "is_causal")),
 }
 BHSD_FROM_BSHD = [0, 2, 1, 3]
-
-
-def _arg(node, where, default=None):
-    index, name = where
-    if index is not None and len(node.args) > index:
-        return node.args[index]
-    return node.kwargs.get(name, default)
 
 
 def _from_bshd(node):
@@ -84,9 +77,9 @@ class AttentionPass(FusionPass):
     def _rewrite_sdpa(self, graph, sdpa):
         mask_at, dropout_at, causal_at = SDPA_OPS[sdpa.target]
         q, k, v = sdpa.args[:3]
-        mask = _arg(sdpa, mask_at)
-        require(not _arg(sdpa, dropout_at, 0.0), "attention with dropout")
-        require(not _arg(sdpa, causal_at, False), "causal attention is left to the SDPA kernel")
+        mask = node_arg(sdpa, *mask_at)
+        require(not node_arg(sdpa, *dropout_at, 0.0), "attention with dropout")
+        require(not node_arg(sdpa, *causal_at, False), "causal attention is left to the SDPA kernel")
         require(not sdpa.kwargs.get("enable_gqa", False) and val(q).shape[-3] == val(k).shape[-3],
                 "grouped-query attention (q heads != kv heads)")
         if sdpa.target == aten.scaled_dot_product_attention.default:

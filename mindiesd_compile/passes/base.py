@@ -100,6 +100,13 @@ def val(node: Any):
     return node.meta.get("val") if isinstance(node, Node) else node
 
 
+def node_arg(node: Node, index: Optional[int], name: str, default: Any = None) -> Any:
+    """An argument given by position ``index`` (None: keyword only) or by keyword ``name``."""
+    if index is not None and len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
 def is_tensor(node: Any) -> bool:
     return isinstance(val(node), torch.Tensor)
 

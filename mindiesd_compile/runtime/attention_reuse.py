@@ -16,18 +16,16 @@ from typing import Tuple
 import torch
 from torch.fx import GraphModule
 
+from ..passes.base import node_arg
+
 SDPA = torch._C._nn.scaled_dot_product_attention
 
 
 def attention_nodes(gm: GraphModule, self_only: bool = False):
     nodes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is SDPA]
     if self_only:
-        nodes = [n for n in nodes if _seq_len(_arg(n, 0, "query")) == _seq_len(_arg(n, 1, "key"))]
+        nodes = [n for n in nodes if _seq_len(node_arg(n, 0, "query")) == _seq_len(node_arg(n, 1, "key"))]
     return nodes
-
-
-def _arg(node, index, name):
-    return node.args[index] if len(node.args) > index else node.kwargs.get(name)
 
 
 def _seq_len(node):
