@@ -18,7 +18,7 @@ import torch
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from ..ops import _rotate, ops
-from .base import (RESHAPES, FusionPass, NoMatch, aten, broadcasts_to, getitem, insert_call, is_call, is_tensor, prims,
+from .base import (RESHAPES, FusionPass, aten, broadcasts_to, getitem, insert_call, is_call, is_tensor, prims,
                    require, replace, strip_upcasts, val)
 
 # Ops a rotation may be spelled with; anything else on the path means "not a rotation of x".
@@ -84,6 +84,18 @@ def _replay(order, env, shrink):
     return env
 
 
+def _find_rotation(add):
+    """(x, cos, sin, kind) if ``add`` is ``x * cos + rotate(x) * sin`` in any operand order, else None."""
+    first_second = _products(add)
+    for first, second in (first_second, first_second[::-1]):
+        for x, cos in (first.args[:2], first.args[1::-1]):
+            for rot, sin in (second.args[:2], second.args[1::-1]):
+                kind = _rotation_kind(strip_upcasts(x), strip_upcasts(rot))
+                if kind is not None:
+                    return x, cos, sin, kind
+    return None
+
+
 def _products(node):
     a, b = node.args[:2]
     if is_call(a, aten.mul.Tensor) and is_call(b, aten.mul.Tensor) and all(is_tensor(t) for t in a.args[:2] + b.args[:2]):
@@ -105,12 +117,13 @@ class RoPEPass(FusionPass):
     name = "rope"
 
     def anchors(self, graph):
+        self._rotations = {}  # add node -> (x, cos, sin, kind): the probe runs once per candidate
         out = []
         for n in graph.nodes:
             if is_call(n, aten.add.Tensor) and _products(n) and n.kwargs.get("alpha", 1) == 1:
-                a, b = _products(n)
-                if any(_rotation_kind(strip_upcasts(x), strip_upcasts(r)) for x in a.args[:2] for r in b.args[:2]) \
-                        or any(_rotation_kind(strip_upcasts(x), strip_upcasts(r)) for x in b.args[:2] for r in a.args[:2]):
+                rotation = _find_rotation(n)
+                if rotation is not None:
+                    self._rotations[n] = rotation
                     out.append(n)
             elif _stride2(n, 1) and _stride2(_stride2(n, 1)[0], 0):
                 out.append(n)
@@ -127,20 +140,13 @@ class RoPEPass(FusionPass):
             self._rewrite_complex(graph, anchor)
 
     def _rewrite_rotate(self, graph, add):
-        for first, second in (_products(add), _products(add)[::-1]):
-            for x, cos in (first.args[:2], first.args[1::-1]):
-                for rot, sin in (second.args[:2], second.args[1::-1]):
-                    kind = _rotation_kind(strip_upcasts(x), strip_upcasts(rot))
-                    if kind is None:
-                        continue
-                    shape = tuple(val(x).shape)
-                    require(broadcasts_to(cos, shape) and broadcasts_to(sin, shape), "cos/sin do not broadcast to x")
-                    require(tuple(val(add).shape) == shape, "rotary output is broadcast beyond x")
-                    fused = insert_call(graph, add, ops.rope.default, (x, cos, sin, kind == "interleaved"), like=add)
-                    require(val(fused).dtype == val(add).dtype, "type promotion differs from the unfused rotary")
-                    replace(add, fused)
-                    return
-        raise NoMatch("partner of the product is not a rotation of x")
+        x, cos, sin, kind = self._rotations[add]
+        shape = tuple(val(x).shape)
+        require(broadcasts_to(cos, shape) and broadcasts_to(sin, shape), "cos/sin do not broadcast to x")
+        require(tuple(val(add).shape) == shape, "rotary output is broadcast beyond x")
+        fused = insert_call(graph, add, ops.rope.default, (x, cos, sin, kind == "interleaved"), like=add)
+        require(val(fused).dtype == val(add).dtype, "type promotion differs from the unfused rotary")
+        replace(add, fused)
 
     def _rewrite_pairwise(self, graph, outer):
         inner, odd = _stride2(outer, 1)
