@@ -56,11 +56,10 @@ class PartitionRunner:
         self.step_cache = step_cache if step_cache is not None else StepCache()
         gm = partition.graph_module
         self.nodes = list(gm.graph.nodes)
-        self.piece: Dict[Node, Piece] = {}
-        for node in self.nodes:
-            if node.op == "call_module":
-                self.piece[node] = next(p for p in partition.pieces if p.name == node.target)
-        self.block_nodes = [n for n in self.nodes if n in self.piece and self.piece[n].kind == "block"]
+        by_name = {p.name: p for p in partition.pieces}
+        self.piece: Dict[Node, Piece] = {n: by_name[n.target] for n in self.nodes if n.op == "call_module"}
+        self.block_nodes = [n for n in self.piece if self.piece[n].kind == "block"]
+        self.block_index: Dict[Node, int] = {n: i for i, n in enumerate(self.block_nodes)}  # hot path: no list scans
         self.compiled: Dict[tuple, Callable] = {}
         self.n_attention: Dict[Node, int] = {}
         self.executions = collections.Counter()  # piece label (":reuse": cached attention) -> times run
@@ -163,7 +162,7 @@ class PartitionRunner:
                 inputs = list(torch.fx.map_arg(node.args, env.__getitem__))
                 if self.shard_plan is not None:
                     inputs = self._shard_piece_inputs(node, inputs)
-                if state is not None and node in self.block_nodes:
+                if state is not None and node in self.block_index:
                     env[node] = self._run_block(node, inputs, state, env, skipped)
                 else:
                     env[node] = self._run_piece(node, inputs)
@@ -180,8 +179,8 @@ class PartitionRunner:
                 record, reuse, self.n_attention[node] = attention_variants(gm)
                 gm = record if variant == "record" else reuse
             sharded = frozenset()
-            if self.shard_plan is not None and node in self.block_nodes:
-                sharded = frozenset(self.shard_plan.sharded[self.block_nodes.index(node)])
+            if self.shard_plan is not None and node in self.block_index:
+                sharded = frozenset(self.shard_plan.sharded[self.block_index[node]])
             self.compiled[key] = self.compiler(gm, inputs + list(extra), sharded, count=variant == "plain")
         label = self.piece[node].label + (":reuse" if variant == "reuse" else "")
         self.executions[label] += 1
@@ -200,7 +199,7 @@ class PartitionRunner:
     def _shard_piece_inputs(self, node: Node, inputs: list) -> list:
         """Gather what leaves the last block sharded, before the epilogue (see sequence_parallel.py)."""
         plan = self.shard_plan
-        if node in self.block_nodes:
+        if node in self.block_index:
             return inputs
         last = self.block_nodes[-1]
         return [plan.gather_dim(t, plan.gather[a.args[1]])
@@ -217,7 +216,7 @@ class PartitionRunner:
 
     def _run_block(self, node: Node, inputs: list, state: BranchState, env: dict, skipped: set):
         cache, cfg = self.step_cache, self.step_cache.config
-        index = self.block_nodes.index(node)
+        index = self.block_index[node]
         blocks = self.cached_range
         if cfg.policy == "attention":
             return self._run_attention_block(node, index, inputs, state)
