@@ -1,4 +1,5 @@
 """RoPE (all three spellings) and gated-residual rewrites, with their near-misses."""
+import pytest
 import torch
 from hypothesis import given, strategies as st
 
@@ -61,24 +62,19 @@ def test_rope_forms(b, s, h, d, dtype, form):
     assert rel_err(got.out, fn(*args)) <= TOL[dtype]
 
 
-def test_swap_without_negation_is_not_rope():
-    def fn(x, cos, sin):
-        a, b = x.reshape(*x.shape[:-1], -1, 2).unbind(-1)
-        swapped = torch.stack([b, a], dim=-1).flatten(3)  # no minus sign: not a rotation
-        return x * cos + swapped * sin
-
-    x = torch.randn(1, 5, 2, 8)
-    cos, sin, _ = tables(5, 8)
-    got = Compiled(fn, (x, cos[:, None], sin[:, None]))
-    assert got.ops["rope"] == 0
-    assert rel_err(got.out, fn(x, cos[:, None], sin[:, None])) <= 1e-6
+def swap_without_negation(x, cos, sin):
+    a, b = x.reshape(*x.shape[:-1], -1, 2).unbind(-1)
+    swapped = torch.stack([b, a], dim=-1).flatten(3)  # no minus sign: not a rotation
+    return x * cos + swapped * sin
 
 
-def test_rope_mixing_rows_is_not_rope():
-    def fn(x, cos, sin):
-        rolled = torch.cat([-x[:, 1:], x[:, :1]], dim=1)  # rotates tokens, not the head dim
-        return x * cos + rolled * sin
+def rotate_rows(x, cos, sin):
+    rolled = torch.cat([-x[:, 1:], x[:, :1]], dim=1)  # rotates tokens, not the head dim
+    return x * cos + rolled * sin
 
+
+@pytest.mark.parametrize("fn", [swap_without_negation, rotate_rows])
+def test_near_miss_rotations_are_not_rope(fn):
     x = torch.randn(1, 6, 2, 8)
     cos, sin, _ = tables(6, 8)
     got = Compiled(fn, (x, cos[:, None], sin[:, None]))
