@@ -14,6 +14,7 @@ import torch
 from .options import CompileOptions, OptionsError
 from .partition import partition_at_blocks
 from .passes import PASSES, PassManager
+from .passes.sparse_attention import resolve_video_grid, with_sparse_runtime
 from .report import Report
 from .runtime.cache import StepCache
 from .runtime.runner import PartitionRunner, PieceCompiler
@@ -40,6 +41,10 @@ def build_manager(options: CompileOptions, target: str, report: Report, sharded:
     if target in ("cuda", "cpu"):
         from .lowering.decompose import INDUCTOR_FUSES, DecomposeForInductor
         passes.append(DecomposeForInductor(report, INDUCTOR_FUSES | {"attention"} if offline else INDUCTOR_FUSES))
+    # Sparse attention: not in offline packages (ATen only), not on NPU (no block-sparse kernel there yet).
+    if options.sparse_attention is not None and not offline and target != "npu":
+        from .passes.sparse_attention import SparseAttentionPass
+        passes.append(SparseAttentionPass(report, options.sparse_attention))
     key = repr((target, options.patterns, options.strict, offline))  # what changes the compiled code
     return PassManager(passes, report, strict=options.strict, dump_graphs=options.dump_graphs, config_key=key)
 
@@ -61,6 +66,7 @@ def lower(gm: torch.fx.GraphModule, example_inputs, options: CompileOptions, tar
 def mindiesd_backend(gm: torch.fx.GraphModule, example_inputs, options=None, mode: Optional[str] = None,
                      report: Optional[Report] = None):
     opts = CompileOptions.from_dict(options)  # bad options fail here, before any tracing work
+    opts = resolve_video_grid(opts, gm)  # sparse attention: the grid is in the prologue, not in the blocks
     target = opts.target or infer_target(example_inputs)
     report = report if report is not None else Report(opts.patterns)
     step_cache = opts.cache if isinstance(opts.cache, StepCache) else StepCache(opts.cache)
@@ -72,7 +78,7 @@ def mindiesd_backend(gm: torch.fx.GraphModule, example_inputs, options=None, mod
         if step_cache.config.enabled:
             raise OptionsError("options['cache'] needs repeated transformer blocks (an nn.ModuleList of blocks "
                                "on the model), and this graph has none")
-        return lower(gm, example_inputs, opts, target, report, mode)
+        return with_sparse_runtime(lower(gm, example_inputs, opts, target, report, mode), gm, opts)
     compiler = PieceCompiler(lambda piece, inputs, piece_report, sharded: lower(
         piece, inputs, opts, target, piece_report, mode, sharded), report)
     sequence_parallel = None
@@ -82,4 +88,4 @@ def mindiesd_backend(gm: torch.fx.GraphModule, example_inputs, options=None, mod
                              "plan": opts.parallel_plan or find_cp_plan(partition)}
     runner = PartitionRunner(partition, compiler, step_cache, sequence_parallel)
     step_cache.runners.append(runner)
-    return runner
+    return with_sparse_runtime(runner, gm, opts)

@@ -39,6 +39,8 @@ class CompileOptions:
     parallel_plan: where the sequence is split/gathered, in diffusers' ``_cp_plan`` format
                (default: the model class's own ``_cp_plan``).
     parallel_group: the torch.distributed group of the sequence-parallel ranks (default: the world).
+    sparse_attention: block-sparse self-attention over video tokens: a dict of ``SparseAttentionConfig``
+               fields (sparse/config.py), e.g. ``{"sparsity": 0.8, "start_step": 10}``; None: dense.
     """
 
     target: Optional[str] = None
@@ -51,6 +53,7 @@ class CompileOptions:
     sequence_parallel: int = 1
     parallel_plan: Any = None
     parallel_group: Any = None
+    sparse_attention: Any = None
 
     def __post_init__(self):
         if self.target is not None and self.target not in TARGETS:
@@ -89,6 +92,11 @@ class CompileOptions:
             if not (dist.is_available() and dist.is_initialized()):
                 raise OptionsError("options['sequence_parallel'] needs torch.distributed initialised first "
                                    "(torch.distributed.init_process_group; launch with torchrun)")
+
+        from .sparse.config import SparseAttentionConfig  # sparse attention: validated in its own module
+        object.__setattr__(self, "sparse_attention", SparseAttentionConfig.from_value(self.sparse_attention))
+        if self.sparse_attention is not None:
+            self.sparse_attention.check(self)
 
     @classmethod
     def from_dict(cls, options: Optional[Mapping[str, Any]]) -> "CompileOptions":

@@ -124,3 +124,5 @@ def op_name(target) -> Optional[str]:
     if isinstance(target, torch._ops.OpOverload) and target.namespace == NAMESPACE:
         return target._opname
     return None
+
+from . import sparse as _sparse  # noqa: E402,F401  (registers sparse_attention)

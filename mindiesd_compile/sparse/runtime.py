@@ -1,0 +1,164 @@
+"""Block-sparse attention at run time: which steps are sparse, where masks come from, which kernel.
+
+Design (compile once, decide per call). The pass rewrites each eligible self-attention into
+``torch.ops.mindiesd_compile.sparse_attention``, whose arguments carry the static facts (video grid,
+text tokens, tile, block, sparsity, start_step, mask_refresh). Everything that changes between
+steps is decided inside the op, on the host, so nothing is ever recompiled:
+
+- The backend wraps the compiled model (``with_runtime``): each call reads the transformer's
+  ``timestep`` input and advances a step/CFG-branch tracker (the cache's ``StepCache`` bookkeeping),
+  then makes its ``SparseRuntime`` the active one while the call runs.
+- The op asks the active runtime for the step: before ``start_step`` it runs dense attention;
+  otherwise it pools Q/K per block, selects blocks (``layout.py``) and runs the sparse kernel.
+- Sites are numbered by call order within one transformer call (the repeated blocks share one
+  compiled piece, so the graph cannot tell them apart); masks are kept per (CFG branch, site) and
+  reused for ``mask_refresh`` sparse steps. A new generation (timestep jumps up, new shapes) drops them.
+- Without an active runtime (the op called directly, ``mindiesd_compile.report``) every call is sparse
+  with a fresh mask.
+
+Kernels: CUDA runs ``flex_attention`` (compiled once per shape) with a ``BlockMask`` of full blocks;
+other devices run the reference: SDPA with the block mask expanded to tokens, the oracle of the tests.
+NPU: no block-sparse kernel is wired up, so the op would run this dense-masked reference there
+(correct, not faster); keep the option off on NPU until a block-sparse NPU op is available.
+"""
+from __future__ import annotations
+
+import collections
+import contextlib
+import functools
+import weakref
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..ops import attention_ref
+from ..runtime.cache import StepCache
+from .layout import block_mask, block_scores, expand_mask, select_blocks, tile_layout
+
+_ACTIVE: Optional["SparseRuntime"] = None
+_LATEST: Optional[weakref.ref] = None
+
+
+class SparseRuntime:
+    """Per compiled model: the step and CFG branch, masks per (branch, site), call statistics."""
+
+    def __init__(self):
+        self.tracker = StepCache()  # its step/branch bookkeeping only; its cache policy stays "none"
+        self.masks: dict = {}
+        self.stats = collections.Counter()  # dense / sparse calls, masks computed / reused
+        self._site = 0
+        self._generations = 0
+        global _LATEST
+        _LATEST = weakref.ref(self)
+
+    @property
+    def step(self) -> int:
+        return self.tracker.step
+
+    def begin_call(self, timestep: Optional[float], signature) -> None:
+        self.tracker.begin_call(timestep, signature)
+        if self.tracker.stats["generations"] != self._generations:
+            self._generations = self.tracker.stats["generations"]
+            self.masks.clear()
+        self._site = 0
+
+    def next_site(self) -> tuple:
+        site = (self.tracker.branch, self._site)
+        self._site += 1
+        return site
+
+    @contextlib.contextmanager
+    def active(self):
+        global _ACTIVE
+        previous, _ACTIVE = _ACTIVE, self
+        try:
+            yield self
+        finally:
+            _ACTIVE = previous
+
+
+def latest() -> Optional[SparseRuntime]:
+    """The most recently created runtime (tests and benchmarks read its ``stats``)."""
+    return _LATEST() if _LATEST is not None else None
+
+
+def with_runtime(fn, gm: torch.fx.GraphModule):
+    """Wrap a compiled model so every call advances a ``SparseRuntime`` and makes it active."""
+    runtime = SparseRuntime()
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    t_index = next((i for i, n in enumerate(placeholders) if "timestep" in n.name), None)
+    boxed = getattr(fn, "_boxed_call", False)  # Inductor's convention: one list argument
+
+    def call(*args):
+        flat = args[0] if boxed else args
+        t = flat[t_index] if t_index is not None else None
+        timestep = float(t.reshape(-1)[0]) if isinstance(t, Tensor) else None
+        runtime.begin_call(timestep, tuple(tuple(a.shape) for a in flat if isinstance(a, Tensor)))
+        with runtime.active():
+            return fn(*args)
+
+    call._boxed_call = boxed
+    call.sparse_runtime = runtime
+    return call
+
+
+@functools.lru_cache(1)
+def _flex():
+    from torch.nn.attention.flex_attention import flex_attention
+    return torch.compile(flex_attention, dynamic=False, fullgraph=True)
+
+
+def block_sparse_kernel(q: Tensor, k: Tensor, v: Tensor, keep: Tensor, scale: float, block: int,
+                        mask=None) -> Tensor:
+    """Attention of permuted [B, H, S, D] tensors restricted to the kept blocks; returns [B, H, S, D]."""
+    seq = q.shape[-2]
+    if q.device.type == "cuda":
+        return _flex()(q, k, v, block_mask=mask if mask is not None else block_mask(keep, seq, block), scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=expand_mask(keep, seq, block), scale=scale)
+
+
+def sparse_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, layout: str, grid, text, tile, block: int,
+                     sparsity: float, start_step: int, mask_refresh: int) -> Tensor:
+    """The op: dense before ``start_step`` (as told by the active runtime), block-sparse after.
+    Output memory is [B, S, H, D] in both layouts, as ``attention`` writes it."""
+    runtime = _ACTIVE
+    site = runtime.next_site() if runtime is not None else None
+    if runtime is not None and runtime.step < start_step:
+        runtime.stats["dense"] += 1
+        return attention_ref(q, k, v, None, scale, layout)
+    lay = tile_layout(tuple(grid), tuple(text), tuple(tile), block, str(q.device))
+    if layout == "BHSD":
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    # gather whole [H, D] rows of the [B, S, H, D] tensors, then view them as [B, H, S, D] for the kernel
+    q, k, v = (t.index_select(1, lay.perm).transpose(1, 2) for t in (q, k, v))
+    entry = None
+    if runtime is not None and (runtime.step - start_step) % mask_refresh:
+        entry = runtime.masks.get(site)
+        if entry is not None and entry[0].shape[:2] != q.shape[:2]:
+            entry = None
+    if entry is None:
+        keep = select_blocks(block_scores(q, k, block, scale), lay.dense, sparsity)
+        entry = (keep, block_mask(keep, lay.seq_len, block) if q.device.type == "cuda" else None)
+        if runtime is not None:
+            runtime.masks[site] = entry
+        _count(runtime, "masks_computed")
+    else:
+        _count(runtime, "masks_reused")
+    _count(runtime, "sparse")
+    out = block_sparse_kernel(q, k, v, entry[0], scale, block, entry[1])
+    out = out.transpose(1, 2).index_select(1, lay.inverse)  # model token order, [B, S, H, D] memory
+    return out if layout == "BSHD" else out.transpose(1, 2)
+
+
+def sparse_attention_fake(q: Tensor, k: Tensor, v: Tensor, scale: float, layout: str, *static) -> Tensor:
+    if layout == "BSHD":
+        return q.new_empty((*q.shape[:3], v.shape[-1]))
+    b, h, s, _ = q.shape
+    return q.new_empty((b, s, h, v.shape[-1])).transpose(1, 2)
+
+
+def _count(runtime: Optional[SparseRuntime], key: str) -> None:
+    if runtime is not None:
+        runtime.stats[key] += 1
