@@ -1,12 +1,13 @@
 """Tile order, pooled block scores and top-k block selection: the mask half of block-sparse attention.
 
 Token order. The model's sequence is ``[text_before, video (f, h, w) row-major, text_after]``. The
-kernel sees it permuted to ``[first frame | frames 1.. in spatio-temporal tiles | text]``: frames
+kernel sees it permuted to ``[frames 1.. in spatio-temporal tiles | first frame | text]``: frames
 after the first are cut into tiles of ``frames_per_tile x tile_h x tile_w`` tokens (tiles in (t, y, x)
 order, tokens inside a tile row-major), so most ``block``-token chunks are one compact tile. Grids
 that the tile does not divide get *ragged* edge tiles, not padding: a block then spans the end of one
 tile and the start of the next (its neighbour), so no compute is spent on pad tokens. Blocks are
-consecutive ``block``-token chunks of the permuted sequence; the last may be short.
+consecutive ``block``-token chunks of the permuted sequence; the last may be short. The tiles come
+first so that they start block-aligned (a first frame of 30x52 tokens is not a whole number of blocks).
 
 Dense rows and columns. Every block holding a first-frame or text token is dense: its queries see all
 keys and all queries see it (the first frame anchors the video, text carries the prompt).
@@ -58,14 +59,14 @@ def tile_layout(grid: Sequence[int], text: Sequence[int], tile: Sequence[int], b
     x = torch.arange(w).view(1, 1, -1)
     tile_id = (((f - 1) // tf) * math.ceil(h / th) + y // th) * math.ceil(w / tw) + x // tw
     rest = torch.argsort(tile_id.flatten(), stable=True) + per_frame
-    perm = torch.cat([torch.arange(per_frame), rest]) + before
+    perm = torch.cat([rest, torch.arange(per_frame)]) + before
     perm = torch.cat([perm, torch.arange(before), torch.arange(before + n_video, before + n_video + after)])
     seq = perm.numel()
     inverse = torch.empty_like(perm)
     inverse[perm] = torch.arange(seq)
     n_blocks = math.ceil(seq / block)
     position = torch.arange(n_blocks * block)
-    dense_pos = ((position < per_frame) | (position >= n_video)) & (position < seq)  # first frame, text
+    dense_pos = (position >= n_video - per_frame) & (position < seq)  # first frame and text: the tail
     dense = dense_pos.view(n_blocks, block).any(-1)
     return TileLayout(perm.to(device), inverse.to(device), dense.to(device), block)
 

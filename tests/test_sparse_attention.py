@@ -1,0 +1,260 @@
+"""Block-sparse attention: tile layout and block selection properties, op numerics against dense and
+masked references, the pass on a video DiT (rewrites, near-misses), per-step runtime, options."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, strategies as st
+
+import mindiesd_compile  # noqa: F401  (registers the ops)
+from mindiesd_compile import CompileOptions, OptionsError
+from mindiesd_compile.sparse import runtime
+from mindiesd_compile.sparse.layout import (block_mask, block_scores, kept_per_row, select_blocks, tile_layout)
+from conftest import Compiled, rel_err
+from tiny_models import wan
+
+sparse_op = torch.ops.mindiesd_compile.sparse_attention
+
+grids = st.tuples(st.integers(2, 5), st.integers(1, 9), st.integers(1, 9))
+tiles = st.tuples(st.integers(1, 3), st.integers(1, 4), st.integers(1, 4))  # (frames, h, w) per tile
+texts = st.tuples(st.integers(0, 5), st.integers(0, 5))
+
+
+def layout_of(grid, text, tile):
+    tf, th, tw = tile
+    return tile_layout(grid, text, (th, tw), tf * th * tw)
+
+
+# --- layout ---------------------------------------------------------------------------------------
+
+@given(grids, texts, tiles)
+def test_reorder_then_inverse_is_identity_and_dense_tokens_sit_at_the_ends(grid, text, tile):
+    lay = layout_of(grid, text, tile)
+    frames, h, w = grid
+    seq = frames * h * w + sum(text)
+    x = torch.randn(seq)
+    assert sorted(lay.perm.tolist()) == list(range(seq))          # a permutation
+    assert torch.equal(x[lay.perm][lay.inverse], x) and torch.equal(x[lay.inverse][lay.perm], x)
+    n_tiled = (frames - 1) * h * w
+    assert (lay.perm[:n_tiled] >= text[0] + h * w).all()             # frames 1.. first, in tiles
+    first = torch.arange(h * w) + text[0]                            # then frame 0, row-major
+    assert torch.equal(lay.perm[n_tiled:n_tiled + h * w], first)
+    text_tokens = torch.cat([torch.arange(text[0]), torch.arange(seq - text[1], seq)])
+    assert torch.equal(lay.perm[seq - sum(text):], text_tokens)      # text last
+    # a block is dense iff it holds a first-frame or text token
+    dense_pos = torch.arange(seq) >= n_tiled
+    expect = [bool(dense_pos[b * lay.block:(b + 1) * lay.block].any()) for b in range(math.ceil(seq / lay.block))]
+    assert lay.dense.tolist() == expect
+
+
+@given(st.integers(1, 3), st.integers(1, 3), st.integers(1, 3), tiles)
+def test_blocks_are_whole_tiles_when_the_tile_divides_the_grid(nt, ny, nx, tile):
+    tf, th, tw = tile
+    frames, h, w = 1 + nt * tf, ny * th, nx * tw
+    lay = layout_of((frames, h, w), (0, 0), tile)
+    f, rem = lay.perm // (h * w), lay.perm % (h * w)
+    y, x = rem // w, rem % w
+    assert (frames - 1) * h * w % lay.block == 0
+    for b in range((frames - 1) * h * w // lay.block):               # the tiled frames: whole tiles
+        sl = slice(b * lay.block, (b + 1) * lay.block)
+        assert f[sl].max() - f[sl].min() < tf and y[sl].max() - y[sl].min() < th and x[sl].max() - x[sl].min() < tw
+
+
+@given(st.integers(1, 2), st.integers(1, 3), st.integers(2, 12), st.data(), st.sampled_from([0.0, 0.3, 0.5, 0.8, 0.95]))
+def test_selected_blocks_per_row(b, h, n, data, sparsity):
+    dense = torch.tensor(data.draw(st.lists(st.booleans(), min_size=n, max_size=n)))
+    scores = torch.randn(b, h, n, n)
+    keep = select_blocks(scores, dense, sparsity)
+    assert keep[..., dense, :].all() and keep[..., :, dense].all()   # dense rows and columns
+    k = kept_per_row(n, int(dense.sum()), sparsity)
+    assert k == min(math.ceil(round((1 - sparsity) * n, 6)), n - int(dense.sum()))
+    rows = keep[..., ~dense, :]
+    assert (rows.sum(-1) == k + int(dense.sum())).all()
+    free = scores[..., ~dense, :][..., ~dense]                         # chosen = best scores among the free
+    chosen = rows[..., ~dense]
+    if 0 < k < free.shape[-1]:
+        assert (free.masked_fill(~chosen, math.inf).amin(-1) >= free.masked_fill(chosen, -math.inf).amax(-1)).all()
+    if sparsity == 0:
+        assert keep.all()
+
+
+def test_block_mask_holds_exactly_the_kept_blocks():
+    keep = torch.rand(2, 3, 5, 5) > 0.5
+    assert torch.equal(block_mask(keep, 70, 16).to_dense().bool(), keep)
+
+
+# --- the op ---------------------------------------------------------------------------------------
+
+def qkv(b, h, s, d, layout, dtype=torch.float32):
+    shape = (b, s, h, d) if layout == "BSHD" else (b, h, s, d)
+    return [torch.randn(shape, dtype=dtype) for _ in range(3)]
+
+
+def dense(q, k, v, layout, scale):
+    t = (lambda x: x.transpose(1, 2)) if layout == "BSHD" else (lambda x: x)
+    return t(F.scaled_dot_product_attention(t(q), t(k), t(v), scale=scale))
+
+
+@given(grids, texts, tiles, st.sampled_from(["BSHD", "BHSD"]))
+def test_sparsity_zero_is_dense_attention(grid, text, tile, layout):
+    tf, th, tw = tile
+    seq = math.prod(grid) + sum(text)
+    q, k, v = qkv(2, 2, seq, 8, layout)
+    out = sparse_op(q, k, v, 0.3, layout, list(grid), list(text), [th, tw], tf * th * tw, 0.0, 0, 1)
+    like = torch.ops.mindiesd_compile.attention(q, k, v, None, 0.3, layout)
+    assert out.shape == like.shape and out.stride() == like.stride()  # same memory layout as the dense op
+    assert rel_err(out, dense(q, k, v, layout, 0.3)) <= 1e-5
+
+
+@given(grids, texts, st.sampled_from(["BSHD", "BHSD"]), st.sampled_from([0.5, 0.7, 0.9]))
+def test_sparse_matches_block_masked_attention_in_model_order(grid, text, layout, sparsity):
+    """Oracle without any reordering: the selected blocks, mapped back to model positions, as an SDPA mask."""
+    tile, block = (2, 2), 4
+    seq = math.prod(grid) + sum(text)
+    q, k, v = qkv(1, 2, seq, 8, layout)
+    out = sparse_op(q, k, v, 0.3, layout, list(grid), list(text), list(tile), block, sparsity, 0, 1)
+    lay = tile_layout(grid, text, tile, block)
+    bhsd = (lambda x: x.transpose(1, 2)) if layout == "BSHD" else (lambda x: x)
+    qh, kh, vh = (bhsd(t) for t in (q, k, v))
+    keep = select_blocks(block_scores(qh[:, :, lay.perm], kh[:, :, lay.perm], block, 0.3), lay.dense, sparsity)
+    blk = lay.inverse // block                       # block of each model token
+    mask = keep[:, :, blk][..., blk]
+    ref = bhsd(F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=0.3))
+    assert rel_err(out, ref) <= 1e-5
+    # first-frame and text queries attend densely
+    frames, h, w = grid
+    dense_rows = torch.cat([torch.arange(text[0] + h * w), torch.arange(seq - text[1], seq)])  # text, frame 0
+    o, d = bhsd(out), bhsd(dense(q, k, v, layout, 0.3))
+    assert rel_err(o[:, :, dense_rows], d[:, :, dense_rows]) <= 1e-5
+
+
+# --- the pass on a video DiT ------------------------------------------------------------------------
+
+SMALL = {"block": 4, "tile": (2, 2)}  # tiny grids: 4-token blocks (1 frame x 2x2)
+
+
+def tiny_wan(frames=3):
+    torch.manual_seed(0)
+    model, kw = wan()
+    kw["hidden_states"] = torch.randn(1, 4, frames, 8, 8)  # grid frames x 4 x 4
+    return model.eval(), kw
+
+
+def test_wan_self_attention_rewritten_cross_attention_left_alone():
+    model, kw = tiny_wan()
+    got = Compiled(lambda **a: model(**a), (), kw, sparse_attention={"sparsity": 0.0, **SMALL})
+    stats = got.report.stats("sparse_attention")
+    assert stats.rewritten == 2 and got.ops["sparse_attention"] == 2 and got.ops["attention"] == 2
+    assert {s["why"] for s in stats.skipped} == {"cross-attention (48 queries, 8 keys)"}
+    with torch.no_grad():
+        assert rel_err(got.out[0], model(**kw)[0]) <= 1e-5
+
+
+def compiled_wan(model, **sparse):
+    torch._dynamo.reset()
+    return torch.compile(model, backend="mindiesd", options={"target": "eager", "sparse_attention": {**SMALL, **sparse}})
+
+
+def test_dense_before_start_step_sparse_after_without_recompiling():
+    from torch._dynamo.utils import counters
+    model, kw = tiny_wan()
+    fast = compiled_wan(model, sparsity=0.5, start_step=1)
+    outs, refs = [], []
+    with torch.no_grad():
+        for t in (900.0, 800.0):
+            step_kw = dict(kw, timestep=torch.tensor([t]))
+            outs.append(fast(**step_kw)[0])
+            refs.append(model(**step_kw)[0])
+            if t == 900.0:
+                graphs = counters["stats"]["unique_graphs"]
+    assert counters["stats"]["unique_graphs"] == graphs                  # step 1 compiled nothing new
+    stats = runtime.latest().stats
+    assert stats["dense"] == 2 and stats["sparse"] == 2                  # 2 sites: step 0 dense, step 1 sparse
+    assert rel_err(outs[0], refs[0]) <= 1e-5
+    assert 1e-4 < rel_err(outs[1], refs[1]) < 0.1                        # sparse: close, not equal
+
+
+def test_masks_reused_for_mask_refresh_steps_per_cfg_branch():
+    model, kw = tiny_wan()
+    fast = compiled_wan(model, sparsity=0.5, start_step=1, mask_refresh=2)
+    uncond = dict(kw, encoder_hidden_states=torch.randn_like(kw["encoder_hidden_states"]))
+    with torch.no_grad():
+        for t in (900.0, 800.0, 700.0, 600.0):                           # steps 0..3, two CFG branches each
+            for branch in (kw, uncond):
+                fast(**dict(branch, timestep=torch.tensor([t])))
+    stats = runtime.latest().stats
+    # 2 sites x 2 branches: step 0 dense, step 1 computes, step 2 reuses, step 3 computes
+    assert stats["dense"] == 4 and stats["masks_computed"] == 8 and stats["masks_reused"] == 4
+
+
+def joint(text_first):
+    """Joint attention over [text; video] or [video; text] tokens."""
+    def fn(x, txt, wq, wk, wv):
+        seq = torch.cat([txt, x] if text_first else [x, txt], dim=1)
+        q, k, v = ((seq @ w).unflatten(-1, (2, 8)).transpose(1, 2) for w in (wq, wk, wv))
+        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+    return fn
+
+
+@pytest.mark.parametrize("text_first", [True, False])
+def test_joint_attention_keeps_text_dense(text_first):
+    fn = joint(text_first)
+    args = (torch.randn(1, 48, 16), torch.randn(1, 5, 16), *(torch.randn(16, 16) for _ in range(3)))
+    got = Compiled(fn, args, sparse_attention={"sparsity": 0.7, "grid": (3, 4, 4), **SMALL})
+    assert got.rewritten("sparse_attention") == 1 and got.ops["sparse_attention"] == 1
+    ref = fn(*args)
+    text_rows = slice(0, 5) if text_first else slice(48, 53)
+    first_frame = slice(5, 21) if text_first else slice(0, 16)
+    assert rel_err(got.out[:, text_rows], ref[:, text_rows]) <= 1e-5       # text queries: dense
+    assert rel_err(got.out[:, first_frame], ref[:, first_frame]) <= 1e-5   # first frame queries: dense
+    assert rel_err(got.out, ref) > 1e-4
+
+
+@pytest.mark.parametrize("case, why", [
+    ("not_grid", "sequence of 50 tokens is not the video grid 3x4x4 = 48 (plus text)"),
+    ("masked", "attention with a mask"),
+    ("one_frame", "a single frame"),
+])
+def test_near_misses_are_left_alone(case, why):
+    seq = 50 if case == "not_grid" else 48
+    grid = (1, 8, 6) if case == "one_frame" else (3, 4, 4)
+    mask = torch.randn(seq, seq) if case == "masked" else None
+    fn = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # noqa: E731
+    args = [torch.randn(1, 2, seq, 8) for _ in range(3)]
+    got = Compiled(fn, args, sparse_attention={"sparsity": 0.5, "grid": grid, **SMALL})
+    assert got.ops["sparse_attention"] == 0 and got.ops["attention"] == 1
+    assert got.report.stats("sparse_attention").skipped[0]["why"].startswith(why)
+    assert rel_err(got.out, fn(*args)) <= 1e-5
+
+
+def test_no_grid_in_graph_is_reported():
+    fn = lambda q, k, v: F.scaled_dot_product_attention(q, k, v)  # noqa: E731
+    got = Compiled(fn, [torch.randn(1, 2, 48, 8) for _ in range(3)], sparse_attention={"sparsity": 0.5})
+    assert got.ops["sparse_attention"] == 0
+    assert "no video grid" in got.report.stats("sparse_attention").skipped[0]["why"]
+
+
+# --- options ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("value, message", [
+    ({"sparsity": 0.8, "blok": 64}, r"unknown sparse_attention option\(s\) \['blok'\]; valid sparse_attention options"),
+    ({"sparsity": 1.0}, r"'sparsity'\] must be a number in \[0, 1\)"),
+    ({"sparsity": -0.1}, r"'sparsity'\] must be a number in \[0, 1\)"),
+    ({"block": 100}, r"block \(100\) must be a multiple of tile_h \* tile_w \(64\)"),
+    ({"start_step": -1}, r"'start_step'\] must be an int >= 0"),
+    ({"tile": (8,)}, r"'tile'\] must be two ints"),
+    ({"grid": (2, 3)}, r"'grid'\] must be three ints"),
+    (0.8, r"must be a dict"),
+])
+def test_bad_sparse_options_name_the_problem(value, message):
+    with pytest.raises(OptionsError, match=message):
+        CompileOptions.from_dict({"sparse_attention": value})
+
+
+def test_sparse_options_against_other_options():
+    with pytest.raises(OptionsError, match="needs the 'attention' pattern"):
+        CompileOptions.from_dict({"sparse_attention": {}, "patterns": ["rms_norm"]})
+    with pytest.raises(OptionsError, match="mask_refresh'\\] > 1 cannot be combined with options\\['cache'\\]"):
+        CompileOptions.from_dict({"sparse_attention": {"mask_refresh": 2}, "cache": {"policy": "block"}})
+    assert CompileOptions.from_dict({"sparse_attention": {"sparsity": 0.8}}).sparse_attention.frames_per_tile == 2
