@@ -1,0 +1,264 @@
+"""Block-sparse attention (options["sparse_attention"]) vs dense attention kernels, at Wan2.1 shapes.
+
+    python bench/bench_sparse.py                 # attention only: B=1, 21x30x52 = 32760 tokens, 12 heads x 128, bf16
+    python bench/bench_sparse.py --e2e           # + Wan2.1-1.3B transformer forward (random weights, 832x480x81)
+    python bench/bench_sparse.py --testbed       # quality on the trained testbed (testbed/checkpoint), 50 steps + CFG
+    python bench/bench_sparse.py --smoke --e2e --testbed   # CPU, tiny shapes: checks the script, times nothing meaningful
+
+Attention only: dense cuDNN SDPA, flash SDPA, FlexAttention (compiled), FA3 (if ``flash_attn_interface``
+imports), and block-sparse at each --sparsities: "kernel" = FlexAttention with a precomputed BlockMask,
+"op" = the whole torch.ops.mindiesd_compile.sparse_attention (token reorder, pooled scores, top-k,
+BlockMask build, kernel, inverse reorder; a fresh mask every call, i.e. mask_refresh=1). Median of
+CUDA-event timings. Effective TFLOP/s counts the dense FLOPs (4 B H S^2 D), so it is comparable across rows.
+Break-even sparsity: the op's time is fitted as a + b * (1 - sparsity) and solved for the dense time.
+
+End to end (--e2e): one transformer forward, backend "mindiesd" dense vs sparse (start_step 0: every
+call sparse); a 50-step estimate = start_step * dense + (50 - start_step) * sparse per forward.
+
+Testbed (--testbed): the trained testbed DiT (8 frames x 8x8 tokens) sampled with 50 steps and CFG, compiled
+dense and sparse at each --testbed-sparsities (dense for the first --start-step steps; 64-token blocks of one
+frame x 8x8, since 128-token blocks would leave only 3 sparse blocks); PSNR/SSIM against the dense run and
+the task accuracy (testbed.evaluate.quality). Its timings are overhead-bound (512 tokens): quality only.
+"""
+import argparse
+import math
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
+import mindiesd_compile  # noqa: E402,F401  (registers the ops)
+from mindiesd_compile.sparse.layout import block_mask, block_scores, select_blocks, tile_layout  # noqa: E402
+
+
+def timer(dev, iters, warmup):
+    def run(fn):
+        for _ in range(warmup):
+            fn()
+        out = []
+        for _ in range(iters):
+            if dev.type == "cuda":
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record(); fn(); b.record(); b.synchronize()
+                out.append(a.elapsed_time(b))
+            else:
+                t = time.perf_counter(); fn(); out.append((time.perf_counter() - t) * 1e3)
+        return statistics.median(out)
+    return run
+
+
+def dense_kernels(q, k, v, dev):
+    """name -> fn() for each dense kernel available; q/k/v are [B, S, H, D]."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention.flex_attention import flex_attention
+    qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))
+    kernels = {}
+
+    def sdpa(backend):
+        def fn():
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(qh, kh, vh)
+        return fn
+
+    if dev.type == "cuda":
+        kernels["cuDNN SDPA"] = sdpa(SDPBackend.CUDNN_ATTENTION)
+        kernels["flash SDPA"] = sdpa(SDPBackend.FLASH_ATTENTION)
+        try:
+            from flash_attn_interface import flash_attn_func
+            kernels["FA3"] = lambda: flash_attn_func(q, k, v)
+        except ImportError:
+            print("FA3: flash_attn_interface does not import; skipped")
+        flex = torch.compile(flex_attention, dynamic=False, fullgraph=True)
+        kernels["FlexAttention dense"] = lambda: flex(qh, kh, vh)
+    else:
+        kernels["math SDPA"] = sdpa(SDPBackend.MATH)
+    return kernels
+
+
+def attention_only(args, dev, dtype):
+    frames, h, w = args.grid
+    seq, heads, dim = frames * h * w, args.heads, args.head_dim
+    flops = 4 * heads * seq * seq * dim
+    g = torch.Generator(dev).manual_seed(0)
+    q, k, v = (torch.randn(1, seq, heads, dim, generator=g, device=dev, dtype=dtype) for _ in range(3))
+    time_it = timer(dev, args.iters, args.warmup)
+    rows = []
+
+    def add(name, sparsity, fn):
+        try:
+            with torch.no_grad():
+                ms = time_it(fn)
+        except Exception as e:  # a kernel missing on this machine is reported, not fatal
+            traceback.print_exc()
+            print(f"{name}: FAILED ({type(e).__name__}: {e})")
+            return
+        rows.append(dict(name=name, sparsity=sparsity, ms=ms, tflops=flops / ms / 1e9))
+        print(f"{name:<24} sparsity {sparsity:<4} {ms:9.3f} ms  {flops / ms / 1e9:7.1f} TFLOP/s (dense-equivalent)",
+              flush=True)
+
+    for name, fn in dense_kernels(q, k, v, dev).items():
+        add(name, 0.0, fn)
+    lay = tile_layout((frames, h, w), (0, 0), tuple(args.tile), args.block, str(dev))
+    scale = 1 / math.sqrt(dim)
+    qp, kp, vp = (t.index_select(1, lay.perm).transpose(1, 2) for t in (q, k, v))
+    scores = block_scores(qp, kp, args.block, scale)
+    from mindiesd_compile.sparse.runtime import block_sparse_kernel
+    for s in args.sparsities:
+        keep = select_blocks(scores, lay.dense, s)
+        mask = block_mask(keep, seq, args.block) if dev.type == "cuda" else None
+        print(f"sparsity {s}: {keep.float().mean().item():.3f} of the blocks kept (dense first frame included)")
+        add("block-sparse kernel", s, lambda: block_sparse_kernel(qp, kp, vp, keep, scale, args.block, mask))
+        add("block-sparse op", s, lambda: torch.ops.mindiesd_compile.sparse_attention(
+            q, k, v, scale, "BSHD", [frames, h, w], [0, 0], list(args.tile), args.block, s, 0, 1))
+    return rows
+
+
+def break_even(rows, dense_ms):
+    """Sparsity at which the op matches ``dense_ms``: least squares fit of op ms = a + b * density."""
+    pts = [(1 - r["sparsity"], r["ms"]) for r in rows if r["name"] == "block-sparse op"]
+    if len(pts) < 2:
+        return None
+    mx, my = statistics.mean(p[0] for p in pts), statistics.mean(p[1] for p in pts)
+    b = sum((x - mx) * (y - my) for x, y in pts) / sum((x - mx) ** 2 for x, _ in pts)
+    a = my - b * mx
+    return 1 - (dense_ms - a) / b if b > 0 else None
+
+
+def end_to_end(args, dev, dtype):
+    from bench_wan import CONFIGS, build_model
+    cfg, lat, txt = CONFIGS["tiny" if args.smoke else "1.3b"]
+    model = build_model(cfg, dev, dtype, 0)
+    g = torch.Generator(dev).manual_seed(0)
+    inputs = dict(hidden_states=torch.randn(lat, generator=g, device=dev, dtype=dtype),
+                  encoder_hidden_states=torch.randn(txt, generator=g, device=dev, dtype=dtype))
+    sparse = dict(sparsity=args.e2e_sparsity, start_step=0, block=args.block, tile=tuple(args.tile))
+    if args.smoke:
+        sparse.update(block=4, tile=(2, 2))
+    target = "eager" if args.smoke else dev.type
+    time_it = timer(dev, args.e2e_iters, 1)
+    rows, outs = [], {}
+    for name, extra in (("mindiesd dense", {}), (f"mindiesd sparse {args.e2e_sparsity}", {"sparse_attention": sparse})):
+        torch._dynamo.reset()
+        fn = torch.compile(model, backend="mindiesd", options={"target": target, **extra})
+        steps = iter(range(10 ** 6))  # a decreasing timestep per call: every call is a new denoising step
+        call = lambda: fn(**inputs, timestep=torch.tensor([999.0 - next(steps) % 999], device=dev),  # noqa: E731
+                          return_dict=False)[0]
+        with torch.no_grad():
+            t0 = time.perf_counter()
+            outs[name] = call()
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            cold = time.perf_counter() - t0
+            ms = time_it(call)
+        rows.append(dict(name=name, ms=ms, cold_s=cold))
+        print(f"{name}: {ms:.1f} ms per forward (first call incl. compile {cold:.1f} s)", flush=True)
+    d, s = outs.values()
+    rel = ((s.float() - d.float()).norm() / d.float().norm()).item()
+    return rows, rel
+
+
+def testbed_quality(args, dev, dtype):
+    from testbed import evaluate as E, sample as S, videos as V
+    if args.smoke:
+        from testbed.train import TINY, build
+        model = build(TINY, 0).to(dev).eval().requires_grad_(False)
+    else:
+        model = S.load(args.checkpoint, device=dev, dtype=dtype)
+    conds = V.all_conditions()
+    cond = conds[torch.arange(args.testbed_n) % len(conds)]
+    run = dict(cond=cond, seed=0, steps=args.testbed_steps, guidance=S.GUIDANCE, device=dev, dtype=dtype)
+    target = "eager" if args.smoke else dev.type
+    rows, reference = [], None
+    for s in [None] + args.testbed_sparsities:
+        sparse = {} if s is None else {"sparse_attention": dict(
+            sparsity=s, start_step=args.start_step, block=args.testbed_block, tile=tuple(args.testbed_tile))}
+        torch._dynamo.reset()
+        fn = torch.compile(model, backend="mindiesd", options={"target": target, **sparse})
+        S.sample(model, transformer=fn, **dict(run, steps=2))  # compile
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        videos = S.sample(model, transformer=fn, **run)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+        if reference is None:
+            reference = videos
+        rows.append(dict(sparsity=s or 0.0, seconds=seconds, **E.quality(reference, videos, cond)))
+        r = rows[-1]
+        print(f"testbed sparsity {r['sparsity']}: {seconds:.2f} s, PSNR {r['psnr']:.2f} dB, SSIM {r['ssim']:.4f}, "
+              f"task {r['task_accuracy']:.3f} (dense {r['baseline_task_accuracy']:.3f})", flush=True)
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--smoke", action="store_true", help="CPU, tiny shapes: a logic check of this script")
+    ap.add_argument("--e2e", action="store_true", help="also time the Wan2.1-1.3B transformer forward")
+    ap.add_argument("--grid", type=int, nargs=3, default=[21, 30, 52], help="latent frames, h, w (after patching)")
+    ap.add_argument("--heads", type=int, default=12)
+    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--block", type=int, default=128)
+    ap.add_argument("--tile", type=int, nargs=2, default=[8, 8])
+    ap.add_argument("--sparsities", type=float, nargs="+", default=[0.5, 0.7, 0.8, 0.9])
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--e2e-sparsity", type=float, default=0.8)
+    ap.add_argument("--e2e-iters", type=int, default=3)
+    ap.add_argument("--start-step", type=int, default=10, help="dense steps (50-step estimate, testbed)")
+    ap.add_argument("--testbed", action="store_true", help="quality on the trained testbed model")
+    ap.add_argument("--checkpoint", default=None, help="testbed checkpoint (default: testbed/checkpoint)")
+    ap.add_argument("--testbed-sparsities", type=float, nargs="+", default=[0.5, 0.8])
+    ap.add_argument("--testbed-steps", type=int, default=50)
+    ap.add_argument("--testbed-n", type=int, default=48, help="videos (all conditions once), one batch")
+    ap.add_argument("--testbed-block", type=int, default=64)
+    ap.add_argument("--testbed-tile", type=int, nargs=2, default=[8, 8])
+    args = ap.parse_args()
+    if args.smoke:
+        args.grid, args.heads, args.head_dim, args.block, args.tile = [3, 4, 8], 2, 16, 8, [2, 2]
+        args.iters, args.warmup, args.e2e_iters = 2, 1, 1
+        args.testbed_steps, args.testbed_n, args.testbed_block, args.testbed_tile = 4, 2, 8, [2, 4]
+        args.start_step = min(args.start_step, 1)
+    dev = torch.device("cpu" if args.smoke else "cuda")
+    dtype = torch.float32 if args.smoke else torch.bfloat16
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+    print(f"# block-sparse attention, grid {args.grid}, {args.heads} heads x {args.head_dim}, block {args.block}, "
+          f"tile {args.tile}, {dtype}, {name}, torch {torch.__version__}", flush=True)
+
+    rows = attention_only(args, dev, dtype)
+    dense = {r["name"]: r["ms"] for r in rows if r["sparsity"] == 0.0 and "sparse" not in r["name"]}
+    best = min(dense, key=dense.get)
+    refs = [n for n in ("FA3", "cuDNN SDPA") if n in dense] or [best]
+    lines = ["| kernel | sparsity | ms | " + " | ".join(f"vs {n}" for n in refs) + " | TFLOP/s (dense-eq.) |",
+             "|---|---|---|" + "---|" * len(refs) + "---|"]
+    for r in rows:
+        lines.append(f"| {r['name']} | {r['sparsity']} | {r['ms']:.3f} | "
+                     + " | ".join(f"{dense[n] / r['ms']:.2f}x" for n in refs) + f" | {r['tflops']:.0f} |")
+    notes = []
+    for n in refs:
+        s = break_even(rows, dense[n])
+        notes.append(f"break-even sparsity vs {n}: " + ("n/a" if s is None else f"{s:.2f}"))
+    if args.e2e:
+        e2e, rel = end_to_end(args, dev, dtype)
+        d_ms, s_ms = e2e[0]["ms"], e2e[1]["ms"]
+        lines += ["", "| Wan2.1-1.3B forward | ms | speedup | first call s |", "|---|---|---|---|"]
+        lines += [f"| {r['name']} | {r['ms']:.1f} | {d_ms / r['ms']:.2f}x | {r['cold_s']:.1f} |" for r in e2e]
+        est = args.start_step * d_ms + (50 - args.start_step) * s_ms
+        notes.append(f"50 steps, {args.start_step} dense: {est / 1e3:.1f} s vs {50 * d_ms / 1e3:.1f} s dense "
+                     f"({50 * d_ms / est:.2f}x); sparse vs dense output rel err {rel:.3e} (random weights)")
+    if args.testbed:
+        tb = testbed_quality(args, dev, dtype)
+        lines += ["", f"| testbed sparsity (dense first {args.start_step} steps) | sampling s | PSNR dB vs dense | "
+                  "SSIM vs dense | task accuracy | dense task accuracy |", "|---|---|---|---|---|---|"]
+        lines += [f"| {r['sparsity']} | {r['seconds']:.2f} | {r['psnr']:.2f} | {r['ssim']:.4f} | "
+                  f"{r['task_accuracy']:.3f} | {r['baseline_task_accuracy']:.3f} |" for r in tb]
+    print("\n" + "\n".join(lines + [""] + notes))
+
+
+if __name__ == "__main__":
+    main()
