@@ -24,10 +24,7 @@ log = logging.getLogger("mindiesd_compile")
 
 def infer_target(example_inputs) -> str:
     devices = {t.device.type for t in example_inputs if isinstance(t, torch.Tensor)}
-    if "npu" in devices:
-        raise OptionsError("the graph's tensors are on 'npu', but target 'npu' is not available yet in this version "
-                           "of mindiesd_compile; use target 'eager' or move the model to cuda/cpu")
-    return "cuda" if "cuda" in devices else "cpu"
+    return next((d for d in ("npu", "cuda") if d in devices), "cpu")
 
 
 def build_manager(options: CompileOptions, target: str, report: Report, sharded: frozenset = frozenset(),
@@ -41,6 +38,9 @@ def build_manager(options: CompileOptions, target: str, report: Report, sharded:
     if target in ("cuda", "cpu"):
         from .lowering.decompose import INDUCTOR_FUSES, DecomposeForInductor
         passes.append(DecomposeForInductor(report, INDUCTOR_FUSES | {"attention"} if offline else INDUCTOR_FUSES))
+    if target == "npu":
+        from .lowering.legalize_npu import LegalizeForNpu
+        passes.append(LegalizeForNpu(report))
     # Sparse attention: not in offline packages (ATen only), not on NPU (no block-sparse kernel there yet).
     if options.sparse_attention is not None and not offline and target != "npu":
         from .passes.sparse_attention import SparseAttentionPass
@@ -56,6 +56,9 @@ def lower(gm: torch.fx.GraphModule, example_inputs, options: CompileOptions, tar
     if target == "eager":
         from .lowering.eager import compile_eager
         return compile_eager(gm, example_inputs, manager)
+    if target == "npu":
+        from .lowering.torchair import compile_npu
+        return compile_npu(gm, example_inputs, manager, options.npu)
     from .lowering.inductor import compile_inductor
     compiled = compile_inductor(gm, example_inputs, manager, dict(options.inductor_config), mode)
     if not manager.graph_id:  # Inductor found the graph in its cache: the passes never ran
@@ -68,6 +71,9 @@ def mindiesd_backend(gm: torch.fx.GraphModule, example_inputs, options=None, mod
     opts = CompileOptions.from_dict(options)  # bad options fail here, before any tracing work
     opts = resolve_video_grid(opts, gm)  # sparse attention: the grid is in the prologue, not in the blocks
     target = opts.target or infer_target(example_inputs)
+    if target == "npu":
+        from .lowering.torchair import import_torchair
+        import_torchair()  # no torch_npu: say what to install before any piece is compiled
     report = report if report is not None else Report(opts.patterns)
     step_cache = opts.cache if isinstance(opts.cache, StepCache) else StepCache(opts.cache)
     log.debug("mindiesd_compile: target=%s patterns=%s cache=%s", target, opts.patterns, step_cache.config)

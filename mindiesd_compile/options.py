@@ -22,11 +22,44 @@ def from_mapping(cls, mapping: Mapping[str, Any], what: str):
     return cls(**mapping)
 
 
+NPU_MODES = ("max-autotune", "reduce-overhead", "npugraph_ex")
+GRAPH_DUMP_TYPES = ("pbtxt", "txt", "py")
+
+
+@dataclasses.dataclass(frozen=True)
+class NpuConfig:
+    """What target "npu" passes on to torchair's ``CompilerConfig``.
+
+    mode:             "max-autotune": one GE graph per piece (GE fuses and schedules it); "reduce-overhead"
+                      or "npugraph_ex": the FX graph runs op by op under aclgraph capture.
+    frozen_parameter: weights are constant across calls (inference): GE may keep them in its own formats.
+    graph_dump:       folder for torchair's dump of every GE graph (None: no dump); ``graph_dump_type`` its format.
+    run_eagerly:      debug: convert to GE, then run the converted FX graph op by op instead of GE.
+    """
+
+    mode: str = "max-autotune"
+    frozen_parameter: bool = False
+    graph_dump: Optional[str] = None
+    graph_dump_type: str = "pbtxt"
+    run_eagerly: bool = False
+
+    def __post_init__(self):
+        if self.mode not in NPU_MODES:
+            raise OptionsError(f"options['npu']['mode']={self.mode!r} is not a torchair mode; valid modes: {NPU_MODES}")
+        if self.graph_dump_type not in GRAPH_DUMP_TYPES:
+            raise OptionsError(f"options['npu']['graph_dump_type']={self.graph_dump_type!r}; valid: {GRAPH_DUMP_TYPES}")
+        for flag in ("frozen_parameter", "run_eagerly"):
+            if not isinstance(getattr(self, flag), bool):
+                raise OptionsError(f"options['npu']['{flag}'] must be True or False, got {getattr(self, flag)!r}")
+        if self.graph_dump is not None and not isinstance(self.graph_dump, str):
+            raise OptionsError(f"options['npu']['graph_dump'] must be a directory path (str), got {self.graph_dump!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class CompileOptions:
     """Typed compile options.
 
-    target:    "cuda" | "cpu" (Inductor), "eager" (passes only, graph run op by op), "npu" (later).
+    target:    "cuda" | "cpu" (Inductor), "eager" (passes only, graph run op by op), "npu" (torchair -> GE).
                None: the device of the graph's tensors.
     patterns:  which rewrites run (default: all of PATTERNS).
     strict:    raise when a pass fails instead of falling back to the unrewritten graph.
@@ -41,6 +74,7 @@ class CompileOptions:
     parallel_group: the torch.distributed group of the sequence-parallel ranks (default: the world).
     sparse_attention: block-sparse self-attention over video tokens: a dict of ``SparseAttentionConfig``
                fields (sparse/config.py), e.g. ``{"sparsity": 0.8, "start_step": 10}``; None: dense.
+    npu:       torchair choices for target "npu": a dict of ``NpuConfig`` fields.
     """
 
     target: Optional[str] = None
@@ -54,14 +88,19 @@ class CompileOptions:
     parallel_plan: Any = None
     parallel_group: Any = None
     sparse_attention: Any = None
+    npu: Any = None
 
     def __post_init__(self):
         if self.target is not None and self.target not in TARGETS:
             raise OptionsError(f"options['target']={self.target!r} is not a target; valid targets: {TARGETS}")
-        if self.target == "npu":
-            raise OptionsError(
-                "options['target']='npu' is not available yet in this version of mindiesd_compile: the torchair/GE "
-                "lowering has not landed. Use target 'cuda', 'cpu' or 'eager'.")
+        if isinstance(self.npu, NpuConfig) or self.npu is None:
+            object.__setattr__(self, "npu", self.npu or NpuConfig())
+        elif isinstance(self.npu, Mapping):
+            object.__setattr__(self, "npu", from_mapping(NpuConfig, self.npu, "options['npu'] key"))
+        else:
+            raise OptionsError(f"options['npu'] must be a dict of NpuConfig fields, got {type(self.npu).__name__}")
+        if self.npu != NpuConfig() and self.target not in (None, "npu"):
+            raise OptionsError(f"options['npu'] configures target 'npu', but options['target']={self.target!r}")
         patterns = (self.patterns,) if isinstance(self.patterns, str) else tuple(self.patterns)
         unknown = [p for p in patterns if p not in PATTERNS]
         if unknown:

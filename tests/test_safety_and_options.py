@@ -46,7 +46,7 @@ def test_failing_pass_raises_under_strict(monkeypatch):
 @pytest.mark.parametrize("options, message", [
     ({"targte": "cuda"}, r"unknown option\(s\) \['targte'\]; valid options: \['target'"),
     ({"target": "tpu"}, r"'tpu' is not a target; valid targets: \('cuda', 'cpu', 'eager', 'npu'\)"),
-    ({"target": "npu"}, r"'npu' is not available yet"),
+    ({"npu": {"mode": "ge"}}, r"'ge' is not a torchair mode; valid modes: \('max-autotune'"),
     ({"patterns": ["attention", "flash"]}, r"unknown pattern\(s\) \['flash'\]; valid patterns"),
     ({"strict": "yes"}, r"must be True or False"),
 ])

@@ -20,8 +20,9 @@ from ..passes.base import GraphPass
 INDUCTOR_FUSES = frozenset({"rms_norm", "layer_norm", "adaln", "rope", "gated_residual"})
 
 
-def inline_decomposition(graph: Graph, node: Node, fn) -> None:
-    """Replace ``node`` by the ATen graph of ``fn`` traced on the node's fake inputs."""
+def inline_decomposition(graph: Graph, node: Node, fn, decompositions=None) -> None:
+    """Replace ``node`` by the ATen graph of ``fn`` traced on the node's fake inputs (with Inductor's
+    decompositions, or the ``decompositions`` given: ``{}`` keeps ATen ops whole, as GE wants them)."""
     flat, spec = torch.utils._pytree.tree_flatten((node.args, node.kwargs))
     tensor_pos = [i for i, a in enumerate(flat) if isinstance(a, Node)]
 
@@ -35,7 +36,8 @@ def inline_decomposition(graph: Graph, node: Node, fn) -> None:
     fakes = [flat[i].meta["val"] for i in tensor_pos]
     mode = torch._guards.detect_fake_mode(fakes)
     with mode:
-        sub = fwd_only(call, fakes, run_functional_passes=False)
+        sub = fwd_only(call, fakes, run_functional_passes=False,
+                       **({} if decompositions is None else {"get_decomp_fn": lambda: decompositions}))
     env = {}
     placeholders = iter(flat[i] for i in tensor_pos)
     with graph.inserting_before(node):

@@ -91,6 +91,11 @@ class AttentionPass(FusionPass):
         scale = sdpa.kwargs.get("scale")
         scale = 1.0 / math.sqrt(val(q).shape[-1]) if scale is None else float(scale)
         self._emit(graph, out, q, k, v, mask, scale)
+        # The replaced kernel is dead now, but DCE keeps it (its dropout seed makes it "random"); a graph
+        # engine without a converter for it (GE) must not see it.
+        for node in dict.fromkeys((out, sdpa)):  # out is sdpa for the composite op
+            if not node.users:
+                graph.erase_node(node)
 
     def _emit(self, graph, out, q, k, v, mask, scale):
         """Replace ``out`` ([B,H,S,D]) by the op, in BSHD when the model's tensors already are."""
