@@ -120,6 +120,9 @@ def structural_key(gm: GraphModule, inputs) -> tuple:
             continue
         target = n.target if n.op != "call_module" else type(gm.get_submodule(n.target)).__name__
         ops.append((n.op, str(target), repr(torch.fx.map_arg(n.args, norm)), repr(torch.fx.map_arg(n.kwargs, norm))))
-    metas = tuple((tuple(t.shape), t.dtype, tuple(t.stride()), t.device.type) if isinstance(t, torch.Tensor) else repr(t)
+    def layout(t):  # a size-1 dim's stride is never used: a chunk and a fresh tensor of one shape match
+        return tuple(stride if size > 1 else 0 for size, stride in zip(t.shape, t.stride()))
+
+    metas = tuple((tuple(t.shape), t.dtype, layout(t), t.device.type) if isinstance(t, torch.Tensor) else repr(t)
                   for t in inputs)
     return tuple(ops), metas

@@ -35,7 +35,7 @@ def _worker(rank, name, options, overrides, store, out_dir):
         runner = cache.runners[0]
         result = dict(rel=rels[0], rels=rels, shape_ok=out.shape == ref.shape, skipped=cache.stats["skipped"],
                       all_to_all=runner.compiler.report.stats("sequence_parallel").rewritten,
-                      attention=runner.compiler.report.stats("attention").rewritten)
+                      attention=runner.compiler.report.stats("attention").rewritten, compiles=runner.compiler.compiles)
     except Exception as err:  # reported to the test, which asserts on it
         result = dict(error=f"{type(err).__name__}: {err}")
     finally:
@@ -56,6 +56,7 @@ def test_two_ranks_match_one_process_wan(tmp_path):
         assert result["shape_ok"] and result["rel"] <= 1e-5
         assert result["all_to_all"] == 2  # the self-attentions; cross-attention to replicated text stays local
         assert result["attention"] == 4
+        assert result["compiles"] == 3  # prologue, one block for both (the first block's sharded input too), epilogue
 
 
 def test_sequence_parallel_composes_with_caching(tmp_path):
