@@ -43,6 +43,7 @@ def main():
     ap.add_argument("--target", default=None, help="mindiesd target (default: the device type)")
     ap.add_argument("--steps", type=int, default=S.STEPS)
     ap.add_argument("--guidance", type=float, default=S.GUIDANCE)
+    ap.add_argument("--shift", type=float, default=S.SHIFT)
     ap.add_argument("--n", type=int, default=48, help="videos (conditions cycled), sampled as one batch")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--policies", default="all")
@@ -51,7 +52,8 @@ def main():
     model = S.load(args.checkpoint, device=dev, dtype=dtype)
     conds = V.all_conditions()
     cond = conds[torch.arange(args.n) % len(conds)]
-    run = dict(cond=cond, seed=args.seed, steps=args.steps, guidance=args.guidance, device=dev, dtype=dtype)
+    run = dict(cond=cond, seed=args.seed, steps=args.steps, guidance=args.guidance, device=dev, dtype=dtype,
+               shift=args.shift)
 
     def timed(fn):
         sync(dev); start = time.perf_counter()

@@ -177,49 +177,57 @@ def write_png(path, image: torch.Tensor) -> None:
 
 # ---------------------------------------------------------------------------------------------- CLI
 def evaluate(model, steps: int, seeds: int, guidance: float, device, dtype=torch.float32, batch: int = 48,
-             transformer=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sample every condition once per seed (seed s: noise from ``seed=s``); returns (videos, conditions)."""
-    from .sample import sample
+             transformer=None, shift: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample every condition once per seed (seed s: noise from ``seed=1000 s``); returns (videos, conditions)."""
+    from .sample import SHIFT, sample
     conds = V.all_conditions()
     outs, cs = [], []
     for s in range(seeds):
         for i in range(0, len(conds), batch):
             c = conds[i:i + batch]
             outs.append(sample(model, c, seed=1000 * s + i, steps=steps, guidance=guidance, device=device,
-                               dtype=dtype, transformer=transformer).cpu())
+                               dtype=dtype, transformer=transformer, shift=SHIFT if shift is None else shift).cpu())
             cs.append(c)
     return torch.cat(outs), torch.cat(cs)
 
 
 def main(argv=None):
-    from .sample import GUIDANCE, load
+    from .sample import GUIDANCE, SHIFT, STEPS, load
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", default=None, help="model folder (default: testbed/checkpoint)")
-    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--steps", default=str(STEPS), help="sampling steps (a comma list sweeps)")
     ap.add_argument("--seeds", type=int, default=2, help="videos per condition (48 conditions)")
-    ap.add_argument("--guidance", type=float, default=GUIDANCE)
+    ap.add_argument("--guidance", default=str(GUIDANCE), help="CFG scale (a comma list sweeps)")
+    ap.add_argument("--shift", default=str(SHIFT), help="scheduler shift (a comma list sweeps)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--out", default=None, help="folder for evaluation.json and strip.png")
+    ap.add_argument("--out", default=None, help="folder for evaluation.json and samples_*.png")
     args = ap.parse_args(argv)
     dev = torch.device(args.device)
     model = load(args.checkpoint, device=dev)
     gt_cond = V.all_conditions().repeat(4, 1)
     gt = task_accuracy(V.render(gt_cond, torch.Generator().manual_seed(0)), gt_cond)
-    start = time.perf_counter()
-    with torch.no_grad():
-        vids, conds = evaluate(model, args.steps, args.seeds, args.guidance, dev)
-    seconds = time.perf_counter() - start
-    acc = task_accuracy(vids, conds)
-    res = dict(steps=args.steps, seeds=args.seeds, videos=len(vids), guidance=args.guidance,
-               device=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", seconds=seconds,
-               accuracy=acc, detector_on_ground_truth=gt)
-    print(json.dumps(res, indent=1))
-    if args.out:
-        out = Path(args.out)
+    card = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+    results = []
+    out = Path(args.out) if args.out else None
+    if out:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "evaluation.json").write_text(json.dumps(res, indent=1))
-        write_png(out / "samples.png", strip([vids[i] for i in range(0, 48, 4)]))
-    return res
+    for steps in (int(v) for v in args.steps.split(",")):
+        for shift in (float(v) for v in args.shift.split(",")):
+            for guidance in (float(v) for v in args.guidance.split(",")):
+                start = time.perf_counter()
+                with torch.no_grad():
+                    vids, conds = evaluate(model, steps, args.seeds, guidance, dev, shift=shift)
+                res = dict(steps=steps, shift=shift, guidance=guidance, seeds=args.seeds, videos=len(vids),
+                           device=card, seconds=round(time.perf_counter() - start, 2),
+                           accuracy=task_accuracy(vids, conds))
+                print(json.dumps(res), flush=True)
+                results.append(res)
+                if out:
+                    write_png(out / f"samples_s{steps}_shift{shift:g}_g{guidance:g}.png",
+                              strip([vids[i] for i in range(0, 48, 4)]))
+    if out:
+        (out / "evaluation.json").write_text(json.dumps(dict(results=results, detector_on_ground_truth=gt), indent=1))
+    return results
 
 
 if __name__ == "__main__":

@@ -35,13 +35,16 @@ def build(config: dict, seed: int):
     return WanTransformer3DModel(**config)
 
 
-def flow_batch(cond, gen, p_uncond: float):
-    """One training batch: (noisy videos, timesteps in [0, 1000], condition tokens, velocity target)."""
+def flow_batch(cond, gen, p_uncond: float, t_shift: float = 1.0):
+    """One training batch: (noisy videos, timesteps in [0, 1000], condition tokens, velocity target).
+    ``t_shift`` s > 1 moves the uniform t towards noise, t = s u / (1 + (s - 1) u), the same map as the
+    scheduler's ``shift`` applies to its sigmas."""
     dev = cond.device
     x0 = V.render(cond, gen)
     b = x0.shape[0]
     eps = torch.randn(x0.shape, generator=gen, device=dev)
     t = torch.rand(b, generator=gen, device=dev)
+    t = t_shift * t / (1 + (t_shift - 1) * t)
     drop = torch.rand(b, generator=gen, device=dev) < p_uncond
     tt = t.view(b, 1, 1, 1, 1)
     xt = (1 - tt) * x0 + tt * eps
@@ -57,13 +60,20 @@ def loss_fn(model, batch, autocast: bool):
 
 def train(config: dict, steps: int, batch: int = 128, lr: float = 5e-4, warmup: int = 200, ema: float = 0.999,
           p_uncond: float = 0.1, seed: int = 0, device="cpu", max_seconds: float | None = None,
-          log_every: int = 100, verbose: bool = True):
-    """Returns (ema_model, log dict). ``log['curve']``: rows (step, mean loss since last row, seconds)."""
+          log_every: int = 100, verbose: bool = True, init=None, compile: bool = False,
+          t_shift: float = 1.0):
+    """Returns (ema_model, log dict). ``log['curve']``: rows (step, mean loss since last row, seconds).
+    ``init``: a checkpoint folder to start from (model and EMA; a later training stage), instead of ``seed``'s
+    random init. ``compile``: torch.compile the training forward (falls back to eager if that fails)."""
     dev = torch.device(device)
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    model = build(config, seed).to(dev).train()
+    model = build(config, seed)
+    if init is not None:
+        from .sample import load
+        model.load_state_dict(load(init).state_dict())
+    model = model.to(dev).train()
     ema_model = copy.deepcopy(model).eval().requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, warmup)))
@@ -71,9 +81,18 @@ def train(config: dict, steps: int, batch: int = 128, lr: float = 5e-4, warmup: 
     autocast = dev.type == "cuda"
     curve, window, start, step = [], [], time.perf_counter(), 0
     params, ema_params = list(model.parameters()), list(ema_model.parameters())
+    forward = torch.compile(model) if compile else model
     while step < steps:
         cond = V.random_conditions(batch, gen)
-        loss = loss_fn(model, flow_batch(cond, gen, p_uncond), autocast)
+        data = flow_batch(cond, gen, p_uncond, t_shift)
+        try:
+            loss = loss_fn(forward, data, autocast)
+        except Exception as e:  # noqa: BLE001 - a failed compile must not lose the run
+            if forward is model:
+                raise
+            print(f"torch.compile failed ({type(e).__name__}: {e}); training eager", flush=True)
+            forward = model
+            loss = loss_fn(forward, data, autocast)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -98,7 +117,8 @@ def train(config: dict, steps: int, batch: int = 128, lr: float = 5e-4, warmup: 
     log = dict(steps_done=step, seconds=time.perf_counter() - start, final_loss=curve[-1][1], curve=curve,
                config=config, batch=batch, lr=lr, warmup=warmup, ema=ema, p_uncond=p_uncond, seed=seed,
                device=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", torch=torch.__version__,
-               params=sum(p.numel() for p in params))
+               params=sum(p.numel() for p in params), init=str(init) if init else None, compile=compile,
+               t_shift=t_shift)
     return ema_model, log
 
 
@@ -116,9 +136,13 @@ def main(argv=None):
     ap.add_argument("--max-seconds", type=float, default=None, help="stop at the first log row past this time")
     ap.add_argument("--log-every", type=int, default=100)
     ap.add_argument("--tiny", action="store_true", help="a tiny config (tests, smoke runs)")
+    ap.add_argument("--init", default=None, help="start from this checkpoint folder (a second training stage)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the training forward")
+    ap.add_argument("--t-shift", type=float, default=1.0, help="shift of the training t towards noise")
     args = ap.parse_args(argv)
     model, log = train(TINY if args.tiny else CONFIG, args.steps, args.batch, args.lr, args.warmup, args.ema,
-                       args.p_uncond, args.seed, args.device, args.max_seconds, args.log_every)
+                       args.p_uncond, args.seed, args.device, args.max_seconds, args.log_every, init=args.init,
+                       compile=args.compile, t_shift=args.t_shift)
     log["command"] = "python -m testbed.train " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     out = Path(args.out)
     model.to("cpu").save_pretrained(str(out), safe_serialization=True)
