@@ -111,7 +111,7 @@ def main():
     print("\n".join(lines))
     if os.environ.get("OUT"):
         out = Path(os.environ["OUT"])
-        pick = [i * len(cond) // 6 for i in range(6)] if len(cond) >= 6 else list(range(len(cond)))
+        pick = [(9 * i) % len(cond) for i in range(min(6, len(cond)))]  # varied shape, colour, direction
         for name, videos in outputs.items():
             if name != "none":
                 E.write_png(out / f"strip_{name.replace(' ', '_')}.png",
