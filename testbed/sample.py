@@ -10,7 +10,7 @@ from . import videos as V
 
 STEPS = 50
 GUIDANCE = 3.0
-SHIFT = 1.0  # the scheduler's sigma shift; must match the t distribution the weights were trained with (train.py --t-shift)
+SHIFT = 3.0  # the scheduler's sigma shift; must match the t distribution the weights were trained with (train.py --t-shift)
 
 
 def load(path=None, device="cpu", dtype=torch.float32):

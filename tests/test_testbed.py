@@ -9,8 +9,11 @@ from hypothesis import given, settings, strategies as st
 from testbed import CHECKPOINT, evaluate as E, sample as S, train as T, videos as V
 
 # What the shipped checkpoint reaches on the CPU with the settings below (measured; see testbed/README.md).
-CPU_STEPS, CPU_CONDITIONS = 12, V.all_conditions()[torch.arange(0, 48, 4)]  # 12 conditions: 3 shapes x 4 colours
-BAR = dict(colour=0.9, shape=0.5)
+# 12 conditions: every shape x colour, the four directions in turn
+CPU_STEPS, CPU_CONDITIONS = 12, V.all_conditions()[torch.arange(0, 48, 4) + torch.arange(12) % 4]
+# Measured for the shipped checkpoint at these 12 steps: shape 1.0, colour 1.0, direction 0.42 (the axis is
+# learned, the sign is not yet: see testbed/README.md). The 0.9 on shape+direction is not reached.
+BAR = dict(colour=0.9, shape=0.9, direction=0.33)
 
 
 @given(seed=st.integers(0, 2**31 - 1))
