@@ -34,21 +34,14 @@ import torch.nn.functional as F
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 import mindiesd_compile  # noqa: E402,F401  (registers the ops)
 from mindiesd_compile.sparse.layout import block_mask, block_scores, select_blocks, tile_layout  # noqa: E402
+from bench_wan import time_calls  # noqa: E402
 
 
 def timer(dev, iters, warmup):
     def run(fn):
         for _ in range(warmup):
             fn()
-        out = []
-        for _ in range(iters):
-            if dev.type == "cuda":
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record(); fn(); b.record(); b.synchronize()
-                out.append(a.elapsed_time(b))
-            else:
-                t = time.perf_counter(); fn(); out.append((time.perf_counter() - t) * 1e3)
-        return statistics.median(out)
+        return statistics.median(time_calls(fn, dev, iters))
     return run
 
 
