@@ -18,8 +18,8 @@ steps is decided inside the op, on the host, so nothing is ever recompiled:
 
 Kernels: CUDA runs ``flex_attention`` (compiled once per shape) with a ``BlockMask`` of full blocks;
 other devices run the reference: SDPA with the block mask expanded to tokens, the oracle of the tests.
-NPU: no block-sparse kernel is wired up, so the op would run this dense-masked reference there
-(correct, not faster); keep the option off on NPU until a block-sparse NPU op is available.
+NPU: no block-sparse kernel exists there, so the backend does not add the pass for target "npu"
+(attention stays dense FlashAttentionScore).
 """
 from __future__ import annotations
 
