@@ -174,7 +174,8 @@ def testbed_quality(args, dev, dtype):
     rows, reference = [], None
     for s in [None] + args.testbed_sparsities:
         sparse = {} if s is None else {"sparse_attention": dict(
-            sparsity=s, start_step=args.start_step, block=args.testbed_block, tile=tuple(args.testbed_tile))}
+            sparsity=s, start_step=args.start_step, block=args.testbed_block, tile=tuple(args.testbed_tile),
+            mask_refresh=args.e2e_mask_refresh)}
         torch._dynamo.reset()
         fn = torch.compile(model, backend="mindiesd", options={"target": target, **sparse})
         S.sample(model, transformer=fn, **dict(run, steps=2))  # compile
@@ -209,7 +210,8 @@ def main():
     ap.add_argument("--e2e-sparsity", type=float, default=0.8)
     ap.add_argument("--e2e-iters", type=int, default=3)
     ap.add_argument("--e2e-mask-refresh", type=int, default=1,
-                    help="> 1: also time sparse with masks reused for this many steps (amortised per forward)")
+                    help="> 1: also time sparse with masks reused for this many steps (amortised per forward); "
+                         "the testbed run reuses masks as long")
     ap.add_argument("--start-step", type=int, default=10, help="dense steps (50-step estimate, testbed)")
     ap.add_argument("--testbed", action="store_true", help="quality on the trained testbed model")
     ap.add_argument("--checkpoint", default=None, help="testbed checkpoint (default: testbed/checkpoint)")
@@ -255,7 +257,8 @@ def main():
         notes.append(f"sparse vs dense output rel err {rel:.3e} (random weights)")
     if args.testbed:
         tb = testbed_quality(args, dev, dtype)
-        lines += ["", f"| testbed sparsity (dense first {args.start_step} steps) | sampling s | PSNR dB vs dense | "
+        lines += ["", f"| testbed sparsity (dense first {args.start_step} steps, mask_refresh {args.e2e_mask_refresh}) | "
+                  "sampling s | PSNR dB vs dense | "
                   "SSIM vs dense | task accuracy | dense task accuracy |", "|---|---|---|---|---|---|"]
         lines += [f"| {r['sparsity']} | {r['seconds']:.2f} | {r['psnr']:.2f} | {r['ssim']:.4f} | "
                   f"{r['task_accuracy']:.3f} | {r['baseline_task_accuracy']:.3f} |" for r in tb]
