@@ -39,6 +39,11 @@ def load(path=None, device="cpu", dtype=torch.float32):
     return model.to(device).eval().requires_grad_(False)
 
 
+def model_input(x: torch.Tensor, in_channels: int) -> torch.Tensor:
+    """What the transformer takes: the (noisy) video, plus the frame-index channel for a 4-input model."""
+    return V.with_frame_index(x) if in_channels == 4 else x
+
+
 def scheduler(shift: float = SHIFT):
     from diffusers import FlowMatchEulerDiscreteScheduler
     return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
@@ -66,9 +71,10 @@ def sample(model, cond: torch.Tensor, seed: int = 0, steps: int = STEPS, guidanc
     null = V.null_tokens(b, device=device, dtype=dtype)
     for t in sched.timesteps:
         ts = t.expand(b).to(device)
-        v = fn(hidden_states=x.to(dtype), timestep=ts, encoder_hidden_states=text, return_dict=False)[0].float()
+        inp = model_input(x.to(dtype), model.config.in_channels)
+        v = fn(hidden_states=inp, timestep=ts, encoder_hidden_states=text, return_dict=False)[0].float()
         if guidance != 1.0:
-            u = fn(hidden_states=x.to(dtype), timestep=ts, encoder_hidden_states=null, return_dict=False)[0].float()
+            u = fn(hidden_states=inp, timestep=ts, encoder_hidden_states=null, return_dict=False)[0].float()
             v = u + guidance * (v - u)
         x = sched.step(v, t, x).prev_sample
     return x.clamp(-1, 1)

@@ -22,8 +22,9 @@ from pathlib import Path
 import torch
 
 from . import videos as V
+from .sample import model_input
 
-CONFIG = dict(patch_size=(1, 4, 4), num_attention_heads=4, attention_head_dim=48, in_channels=3, out_channels=3,
+CONFIG = dict(patch_size=(1, 4, 4), num_attention_heads=4, attention_head_dim=48, in_channels=4, out_channels=3,
               text_dim=V.TEXT_DIM, freq_dim=64, ffn_dim=512, num_layers=4, cross_attn_norm=True,
               qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=64)
 TINY = dict(CONFIG, num_attention_heads=2, attention_head_dim=12, ffn_dim=32, num_layers=2, freq_dim=16)
@@ -51,10 +52,11 @@ def flow_batch(cond, gen, p_uncond: float, t_shift: float = 1.0):
     return xt, t * 1000, V.encode(cond, drop), eps - x0
 
 
-def loss_fn(model, batch, autocast: bool):
+def loss_fn(model, batch, autocast: bool, in_channels: int):
     xt, ts, tokens, target = batch
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-        pred = model(hidden_states=xt, timestep=ts, encoder_hidden_states=tokens, return_dict=False)[0]
+        pred = model(hidden_states=model_input(xt, in_channels), timestep=ts, encoder_hidden_states=tokens,
+                     return_dict=False)[0]
     return torch.nn.functional.mse_loss(pred.float(), target)
 
 
@@ -86,13 +88,13 @@ def train(config: dict, steps: int, batch: int = 128, lr: float = 5e-4, warmup: 
         cond = V.random_conditions(batch, gen)
         data = flow_batch(cond, gen, p_uncond, t_shift)
         try:
-            loss = loss_fn(forward, data, autocast)
+            loss = loss_fn(forward, data, autocast, config["in_channels"])
         except Exception as e:  # noqa: BLE001 - a failed compile must not lose the run
             if forward is model:
                 raise
             print(f"torch.compile failed ({type(e).__name__}: {e}); training eager", flush=True)
             forward = model
-            loss = loss_fn(forward, data, autocast)
+            loss = loss_fn(forward, data, autocast, config["in_channels"])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

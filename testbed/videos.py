@@ -102,3 +102,13 @@ def render(cond: torch.Tensor, generator: torch.Generator | None = None, frames:
     colour = torch.tensor(list(COLOURS.values()), device=dev)[cond[:, 1]] * 2 - 1  # [B, 3] in [-1, 1]
     video = torch.where(m[:, None], colour[:, :, None, None, None], torch.full((), BACKGROUND, device=dev))
     return video.float()
+
+
+def with_frame_index(x: torch.Tensor) -> torch.Tensor:
+    """``[B, 3, F, H, W]`` -> ``[B, 4, F, H, W]``: a fourth input channel holding each frame's index, scaled to
+    [-1, 1] (not noised; like the condition channels Wan's image-to-video model concatenates). Without it the
+    model sees the order of frames only through the temporal part of its relative RoPE, and learned the axis
+    of the motion but not its sign (testbed/README.md)."""
+    b, _, f, h, w = x.shape
+    index = torch.linspace(-1, 1, f, device=x.device, dtype=x.dtype).view(1, 1, f, 1, 1)
+    return torch.cat([x, index.expand(b, 1, f, h, w)], dim=1)
