@@ -5,7 +5,9 @@ block is token-wise except attention. This pass marks which values carry sharded
 from the piece's sharded inputs) and, for each attention whose q, k and v all do, inserts
 ``all_to_all`` (gather the sequence, scatter the heads) before it and the inverse after it, as
 functional collectives that Inductor can schedule. Attention from sharded queries to replicated
-keys (Wan's cross-attention to text) stays local. Anything else is an error, never a silent
+keys (Wan's cross-attention to text) stays local. Head counts the degree does not divide are padded
+with zero heads (e.g. 40 heads on 3 ranks run as 42; the pad costs that share of attention compute).
+Anything else is an error, never a silent
 fallback: a skipped rewrite here would be a wrong result, so this pass is ``required``.
 """
 from __future__ import annotations
@@ -44,9 +46,13 @@ def heads_to_seq(x: torch.Tensor, degree: int, group: str) -> torch.Tensor:
 def ulysses_attention(q, k, v, mask, scale, layout, degree, group):
     if layout == "BHSD":
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    heads = q.shape[2]
+    pad = -heads % degree  # any head count: zero heads up to a multiple of the degree, dropped after
+    if pad:  # (a zero head attends uniformly to zero values: its output is zeros, never NaN)
+        q, k, v = (torch.nn.functional.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
     q, k, v = (seq_to_heads(t, degree, group) for t in (q, k, v))
     out = torch.ops.mindiesd_compile.attention(q, k, v, mask, scale, "BSHD")
-    out = heads_to_seq(out, degree, group)
+    out = heads_to_seq(out, degree, group)[:, :, :heads]
     return out.transpose(1, 2) if layout == "BHSD" else out
 
 
@@ -88,10 +94,6 @@ class UlyssesPass(GraphPass):
     def _rewrite(self, graph, node):
         self.report.found(self.name)
         q, k, v, mask, scale, layout = node.args
-        heads = q.meta["val"].shape[2 if layout == "BSHD" else 1]
-        if heads % self.degree:
-            raise SequenceParallelError(f"attention {node.name} has {heads} heads, not divisible by "
-                                        f"sequence_parallel={self.degree}; choose a degree that divides {heads}")
         if mask is not None:
             raise SequenceParallelError(f"attention {node.name} has a mask; masked attention is not supported "
                                         "under sequence_parallel yet")
