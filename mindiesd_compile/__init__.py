@@ -17,10 +17,11 @@ from .report import Report
 from .lowering.export import export
 from .pipeline import optimize
 from .runtime.cache import CacheConfig, StepCache
+from .runtime.sequence_parallel import mark_sequence_dynamic
 
 __version__ = "0.1.0"
 __all__ = ["CacheConfig", "CompileOptions", "OptionsError", "PassFailedError", "Report", "StepCache", "PATTERNS",
-           "TARGETS", "export", "mindiesd_backend", "optimize", "report"]
+           "TARGETS", "export", "mark_sequence_dynamic", "mindiesd_backend", "optimize", "report"]
 
 
 def report(model: torch.nn.Module, *args, options=None, **kwargs) -> Report:

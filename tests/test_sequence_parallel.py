@@ -24,6 +24,8 @@ def _worker(rank, name, options, overrides, store, out_dir):
         model.eval()
         cache = mindiesd_compile.StepCache(options.pop("cache", None))
         steps = options.pop("steps", 1)
+        if options.pop("dynamic", False):
+            mindiesd_compile.mark_sequence_dynamic(model, kwargs)
         with torch.no_grad():
             fn = torch.compile(model, backend="mindiesd", fullgraph=True,
                                options={"target": "eager", "cache": cache, "sequence_parallel": WORLD, **options})
@@ -70,9 +72,18 @@ def test_sequence_parallel_composes_with_caching(tmp_path):
 
 
 def test_length_specialised_joint_attention_is_a_clear_error(tmp_path):
-    """Flux's traced graph splits joint attention back by the traced text length: not yet supported."""
+    """Flux traced with static shapes splits joint attention back by the traced text length: the error says
+    how to trace it instead."""
     for result in run_two_ranks(tmp_path, "flux"):
-        assert "fixes token counts" in result["error"] and "not supported for this model yet" in result["error"]
+        assert "fixes token counts" in result["error"] and "mark_sequence_dynamic" in result["error"]
+
+
+def test_joint_attention_with_dynamic_sequence_dims_matches_one_process(tmp_path):
+    """Flux (text and image tokens both split, joint attention) traced with dynamic sequence dims."""
+    for result in run_two_ranks(tmp_path, "flux", dynamic=True):
+        assert "error" not in result, result
+        assert result["shape_ok"] and result["rel"] <= 1e-5
+        assert result["all_to_all"] == 2 == result["attention"]  # the double-stream and the single-stream block
 
 
 def test_heads_not_divisible_are_padded(tmp_path):

@@ -192,9 +192,7 @@ class PartitionRunner:
         if self.shard_plan is None:
             sp = self.sequence_parallel
             self.shard_plan = plan_sequence_parallel(self.partition, args, sp["degree"], sp["group"], sp["plan"])
-        plan = self.shard_plan
-        return tuple(plan.split(a, plan.model_inputs[i], f"model input {i}") if i in plan.model_inputs else a
-                     for i, a in enumerate(args))
+        return self.shard_plan.split_model_inputs(args)
 
     def _shard_piece_inputs(self, node: Node, inputs: list) -> list:
         """Gather what leaves the last block sharded, before the epilogue (see sequence_parallel.py)."""

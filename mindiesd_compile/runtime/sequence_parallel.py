@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import operator
 import sys
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -36,6 +36,12 @@ class ShardPlan:
     split_values: Dict[torch.fx.Node, int]  # prologue outputs split for every consumer -> split dim
     sharded: Dict[int, Dict[int, int]]    # block index -> {input position: token dim} arriving sharded
     gather: Dict[int, int]                # last block's output index -> gather dim
+    sizes: Dict[int, Tuple[int, int]]     # size input (dynamic dim) -> (tensor input, dim) it is the size of
+
+    def split_model_inputs(self, args) -> tuple:
+        args = [self.split(a, self.model_inputs[i], f"model input {i}") if i in self.model_inputs else a
+                for i, a in enumerate(args)]
+        return local_sizes(args, self.sizes)
 
     def split(self, x: torch.Tensor, dim: int, what: str) -> torch.Tensor:
         if x.shape[dim] % self.degree:
@@ -47,6 +53,38 @@ class ShardPlan:
         parts = [torch.empty_like(x) for _ in range(self.degree)]
         dist.all_gather(parts, x.contiguous(), group=self.group)
         return torch.cat(parts, dim)
+
+
+def size_inputs(partition: Partition) -> Dict[int, Tuple[int, int]]:
+    """Top-level size inputs (Dynamo passes a dynamic dim's size as its own SymInt input) -> the (tensor
+    input, dim) whose size it is. A graph traced with dynamic sequence dims runs on a slice of the
+    sequence once these follow the sliced tensors."""
+    placeholders = [n for n in partition.graph_module.graph.nodes if n.op == "placeholder"]
+    values = [n.meta.get("example_value", n.meta.get("val")) for n in placeholders]
+    dims = {}
+    for i, v in enumerate(values):
+        if isinstance(v, torch.Tensor):
+            for d, size in enumerate(v.shape):
+                if isinstance(size, torch.SymInt):
+                    dims.setdefault(size.node.expr, (i, d))
+    return {i: dims[v.node.expr] for i, v in enumerate(values)
+            if isinstance(v, torch.SymInt) and v.node.expr in dims}
+
+
+def local_sizes(args, sizes: Dict[int, Tuple[int, int]]) -> tuple:
+    return tuple(args[sizes[i][0]].shape[sizes[i][1]] if i in sizes else a for i, a in enumerate(args))
+
+
+def mark_sequence_dynamic(model: torch.nn.Module, kwargs: dict) -> dict:
+    """Mark the inputs the model's ``_cp_plan`` splits as dynamic along their split dim, before the first
+    compiled call: models whose traced graph would otherwise fix token counts (joint text+image attention
+    split back by length: Flux, SD3, Qwen-Image) then run on a slice of the sequence. Returns ``kwargs``."""
+    plan = getattr(type(model), "_cp_plan", None) or {}
+    for name, spec in (plan.get("") or {}).items():
+        t = kwargs.get(name)
+        if isinstance(t, torch.Tensor) and (spec.expected_dims is None or t.dim() == spec.expected_dims):
+            torch._dynamo.mark_dynamic(t, spec.split_dim % t.dim())
+    return kwargs
 
 
 def find_cp_plan(partition: Partition) -> Optional[dict]:
@@ -124,20 +162,23 @@ def plan_sequence_parallel(partition: Partition, args, degree: int, group, cp_pl
         full_in, full_out = _run_shapes(partition, fake)
         first = next(n for n in partition.graph_module.graph.nodes if n.target == partition.blocks[0].name)
         split_values = {first.args[p]: dim for p, dim in _block_entries(partition, cp_plan, full_in[0], full_out).items()}
-        local_args = [a.chunk(degree, model_inputs[i])[0] if i in model_inputs else a for i, a in enumerate(fake)]
+        sizes = size_inputs(partition)
+        local_args = local_sizes([a.chunk(degree, model_inputs[i])[0] if i in model_inputs else a
+                                  for i, a in enumerate(fake)], sizes)
         try:
             local_in, local_out = _run_shapes(partition, local_args, split_values, degree)
         except RuntimeError as err:
             raise OptionsError(
                 "sequence_parallel: this model's traced graph fixes token counts (e.g. joint text+image "
                 "attention split back by the traced text length), so it cannot run on a slice of the sequence; "
-                f"not supported for this model yet ({str(err).splitlines()[0][:160]})") from err
+                "trace the sequence dims dynamically: call mindiesd_compile.mark_sequence_dynamic(model, kwargs) "
+                f"before the first compiled call ({str(err).splitlines()[0][:160]})") from err
     sharded = {j: {p: d for p, (a, b) in enumerate(zip(full_in[j], local_in[j]))
                    if (d := _differing_dim(a, b)) is not None} for j in full_in}
     gather = {k: d for k, (a, b) in enumerate(zip(full_out, local_out)) if (d := _differing_dim(a, b)) is not None}
     if not sharded[0]:
         raise OptionsError("the parallel plan shards nothing that reaches the transformer blocks")
-    return ShardPlan(degree, dist.get_rank(group), group, model_inputs, split_values, sharded, gather)
+    return ShardPlan(degree, dist.get_rank(group), group, model_inputs, split_values, sharded, gather, sizes)
 
 
 def _block_entries(partition: Partition, cp_plan: dict, in_shapes, out_shapes) -> Dict[int, int]:
