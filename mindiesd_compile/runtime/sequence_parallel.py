@@ -79,7 +79,7 @@ def mark_sequence_dynamic(model: torch.nn.Module, kwargs: dict) -> dict:
     """Mark the inputs the model's ``_cp_plan`` splits as dynamic along their split dim, before the first
     compiled call: models whose traced graph would otherwise fix token counts (joint text+image attention
     split back by length: Flux, SD3, Qwen-Image) then run on a slice of the sequence. Returns ``kwargs``."""
-    plan = getattr(type(model), "_cp_plan", None) or {}
+    plan = getattr(type(getattr(model, "_orig_mod", model)), "_cp_plan", None) or {}  # compiled or not
     for name, spec in (plan.get("") or {}).items():
         t = kwargs.get(name)
         if isinstance(t, torch.Tensor) and (spec.expected_dims is None or t.dim() == spec.expected_dims):
