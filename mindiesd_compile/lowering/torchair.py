@@ -12,6 +12,7 @@ torch_npu is imported only here, only when target "npu" is asked for.
 from __future__ import annotations
 
 import functools
+import warnings
 from pathlib import Path
 from typing import Dict, Optional
 
@@ -68,7 +69,8 @@ def compiler_config(torchair, npu: NpuConfig, manager):
 
 
 def _backend(torchair, config):
-    return torchair.get_npu_backend(compiler_config=config, custom_decompositions=pattern_decompositions())
+    with warnings.catch_warnings():  # get_npu_backend installs a process-wide "once" filter: keep the user's
+        return torchair.get_npu_backend(compiler_config=config, custom_decompositions=pattern_decompositions())
 
 
 def compile_npu(gm, example_inputs, manager, npu: NpuConfig):
