@@ -116,6 +116,15 @@ for _name, _fn in REFERENCE.items():
     _lib.impl(_name, _fn, "CompositeExplicitAutograd")
     torch.library.register_fake(f"{NAMESPACE}::{_name}", _fn, lib=_lib)
 
+
+
+def _attention_cuda(q, k, v, mask, scale, layout):
+    from .attention_kernels import attention_cuda  # FA3 where it applies, else SDPA: attention_kernels.py
+    return attention_cuda(q, k, v, mask, scale, layout, attention_ref)
+
+
+_lib.impl("attention", _attention_cuda, "CUDA")
+
 ops = getattr(torch.ops, NAMESPACE)
 
 
