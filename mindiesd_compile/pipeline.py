@@ -15,6 +15,7 @@ import torch.distributed as dist
 from .options import OptionsError
 from .runtime.cache import CacheConfig, StepCache
 from .runtime.cfg_parallel import CfgParallelTransformer, NegativePrompt
+from .runtime.sequence_parallel import mark_sequence_dynamic
 
 TRANSFORMERS = ("transformer", "transformer_2")  # Wan2.2 runs two experts
 
@@ -47,6 +48,8 @@ def optimize(pipe, cache=None, *, cfg_parallel: int = 1, sequence_parallel: int 
             own = first if not caches else StepCache(first.config, first.group)  # experts keep separate state
             caches.append(own)
             compiled = torch.compile(module, backend="mindiesd", fullgraph=fullgraph, options={**options, "cache": own})
+            if sequence_parallel > 1:  # joint text+image attention (Flux, ...) runs on a slice only if traced dynamic
+                compiled.register_forward_pre_hook(functools.partial(mark_dynamic_hook, module), with_kwargs=True)
             if cfg_parallel > 1:
                 compiled = CfgParallelTransformer(compiled, cfg_group, branch, negative)
             setattr(pipe, name, compiled)
@@ -63,6 +66,11 @@ def optimize(pipe, cache=None, *, cfg_parallel: int = 1, sequence_parallel: int 
     pipe.scheduler.set_timesteps = set_timesteps
     pipe.step_cache = first
     return pipe
+
+
+def mark_dynamic_hook(model, _compiled, args, kwargs):
+    """Forward pre-hook of the compiled transformer: runs before Dynamo traces the call."""
+    mark_sequence_dynamic(model, kwargs)
 
 
 def _parallel_groups(cfg: int, sp: int, options: dict):

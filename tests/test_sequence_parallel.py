@@ -119,3 +119,22 @@ def test_block_sparse_attention_under_sequence_parallelism(tmp_path):
         assert "error" not in result, result
         assert result["rel"] <= 1e-5 and result["all_to_all"] == 2
         assert result["rel_to_dense"] > 1e-3  # sparse attention really ran (it differs from dense attention)
+
+
+def test_optimize_marks_the_sequence_dims_before_the_first_trace():
+    """optimize(pipe, sequence_parallel=N) registers this pre-hook: Dynamo then sees Flux's four split inputs
+    (hidden_states, encoder_hidden_states, img_ids, txt_ids) with dynamic sizes."""
+    import functools
+    from mindiesd_compile.pipeline import mark_dynamic_hook
+    model, kwargs = MODELS["flux"]()
+    sizes = []
+
+    def backend(gm, example_inputs):
+        sizes.append(sum(isinstance(x, torch.SymInt) for x in example_inputs))
+        return gm.forward
+
+    compiled = torch.compile(model.eval(), backend=backend)
+    compiled.register_forward_pre_hook(functools.partial(mark_dynamic_hook, model), with_kwargs=True)
+    with torch.no_grad():
+        compiled(**kwargs)
+    assert sizes == [4]
