@@ -109,6 +109,19 @@ class BranchState:
             yield from group or ()
 
 
+def timestep_position(graph: torch.fx.Graph) -> Optional[int]:
+    """Position of the transformer's ``timestep`` among the graph's inputs (found by name), else None."""
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    return next((i for i, n in enumerate(placeholders) if "timestep" in n.name), None)
+
+
+def call_key(args, timestep_at: Optional[int]) -> tuple:
+    """(timestep, input shapes) of one transformer call: what ``StepCache.begin_call`` tracks steps by."""
+    t = args[timestep_at] if timestep_at is not None else None
+    timestep = float(t.reshape(-1)[0]) if isinstance(t, torch.Tensor) else None
+    return timestep, tuple(tuple(a.shape) for a in args if isinstance(a, torch.Tensor))
+
+
 class StepCache:
     """The runtime side of caching: step/branch tracking, per-branch state, statistics.
 

@@ -17,7 +17,7 @@ from torch.fx import GraphModule, Node
 from ..partition import Partition, Piece, structural_key
 from ..report import Report
 from .attention_reuse import attention_variants
-from .cache import BranchState, StepCache
+from .cache import BranchState, StepCache, call_key, timestep_position
 from .sequence_parallel import ShardPlan, plan_sequence_parallel
 
 log = logging.getLogger("mindiesd_compile")
@@ -74,8 +74,7 @@ class PartitionRunner:
         self.release_after: Dict[Node, List[Node]] = collections.defaultdict(list)
         for value, user in last_use.items():
             self.release_after[user].append(value)
-        placeholders = [n for n in self.nodes if n.op == "placeholder"]
-        self.timestep_index = next((i for i, n in enumerate(placeholders) if "timestep" in n.name), None)
+        self.timestep_index = timestep_position(gm.graph)
         self._planned_for = None  # the CacheConfig the range below was planned for
         self._plan()
 
@@ -205,10 +204,7 @@ class PartitionRunner:
                 else t for a, t in zip(node.args, inputs)]
 
     def _begin(self, args) -> BranchState:
-        t = args[self.timestep_index] if self.timestep_index is not None else None
-        timestep = float(t.reshape(-1)[0]) if isinstance(t, torch.Tensor) else None
-        signature = tuple(tuple(a.shape) for a in args if isinstance(a, torch.Tensor))
-        state = self.step_cache.begin_call(timestep, signature)
+        state = self.step_cache.begin_call(*call_key(args, self.timestep_index))
         self._call = {"skip": None, "inputs": {}}
         return state
 

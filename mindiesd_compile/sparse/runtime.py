@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..ops import attention_ref
-from ..runtime.cache import StepCache
+from ..runtime.cache import StepCache, call_key, timestep_position
 from .layout import block_mask, block_scores, expand_mask, select_blocks, tile_layout
 
 _ACTIVE: Optional["SparseRuntime"] = None
@@ -87,15 +87,12 @@ def latest() -> Optional[SparseRuntime]:
 def with_runtime(fn, gm: torch.fx.GraphModule):
     """Wrap a compiled model so every call advances a ``SparseRuntime`` and makes it active."""
     runtime = SparseRuntime()
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    t_index = next((i for i, n in enumerate(placeholders) if "timestep" in n.name), None)
+    t_index = timestep_position(gm.graph)
     boxed = getattr(fn, "_boxed_call", False)  # Inductor's convention: one list argument
 
     def call(*args):
         flat = args[0] if boxed else args
-        t = flat[t_index] if t_index is not None else None
-        timestep = float(t.reshape(-1)[0]) if isinstance(t, Tensor) else None
-        runtime.begin_call(timestep, tuple(tuple(a.shape) for a in flat if isinstance(a, Tensor)))
+        runtime.begin_call(*call_key(flat, t_index))
         with runtime.active():
             return fn(*args)
 
