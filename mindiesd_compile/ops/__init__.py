@@ -16,6 +16,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .attention_kernels import attention_cuda
+
 NAMESPACE = "mindiesd_compile"
 LAYOUTS = ("BHSD", "BSHD")
 
@@ -118,8 +120,7 @@ for _name, _fn in REFERENCE.items():
 
 
 
-def _attention_cuda(q, k, v, mask, scale, layout):
-    from .attention_kernels import attention_cuda  # FA3 where it applies, else SDPA: attention_kernels.py
+def _attention_cuda(q, k, v, mask, scale, layout):  # FA3 where it applies, else SDPA: attention_kernels.py
     return attention_cuda(q, k, v, mask, scale, layout, attention_ref)
 
 
