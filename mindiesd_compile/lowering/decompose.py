@@ -20,9 +20,10 @@ from ..passes.base import GraphPass
 INDUCTOR_FUSES = frozenset({"rms_norm", "layer_norm", "adaln", "rope", "gated_residual"})
 
 
-def inline_decomposition(graph: Graph, node: Node, fn, decompositions=None) -> None:
+def inline_decomposition(graph: Graph, node: Node, fn, decompositions=None) -> Node:
     """Replace ``node`` by the ATen graph of ``fn`` traced on the node's fake inputs (with Inductor's
-    decompositions, or the ``decompositions`` given: ``{}`` keeps ATen ops whole, as GE wants them)."""
+    decompositions, or the ``decompositions`` given: ``{}`` keeps ATen ops whole, as GE wants them);
+    returns the node that now stands for ``node``'s value."""
     flat, spec = torch.utils._pytree.tree_flatten((node.args, node.kwargs))
     tensor_pos = [i for i, a in enumerate(flat) if isinstance(a, Node)]
 
@@ -53,6 +54,7 @@ def inline_decomposition(graph: Graph, node: Node, fn, decompositions=None) -> N
                         env[sn].meta[key] = node.meta[key]
     node.replace_all_uses_with(result)
     graph.erase_node(node)
+    return result
 
 
 class DecomposeForInductor(GraphPass):

@@ -7,20 +7,33 @@ from the piece's sharded inputs) and, for each attention whose q, k and v all do
 functional collectives that Inductor can schedule. Attention from sharded queries to replicated
 keys (Wan's cross-attention to text) stays local. Head counts the degree does not divide are padded
 with zero heads (e.g. 40 heads on 3 ranks run as 42; the pad costs that share of attention compute).
+
+Joint attention over sharded image tokens and replicated text tokens (HunyuanVideo, SD3: the built-in
+plans keep text whole) is followed through the ``cat`` that joins them: each run of tokens is tracked
+as sharded or replicated (``Joint``). Around such an attention the sharded runs are all-to-all'ed and
+the replicated ones keep this rank's heads, so every rank attends over the whole sequence in the
+single-process order, and a text mask built for that order applies as it is; afterwards the text
+heads are all-gathered. Text work is repeated on every rank (a few hundred tokens against tens of
+thousands of image tokens).
 Anything else is an error, never a silent
 fallback: a skipped rewrite here would be a wrong result, so this pass is ``required``.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
-from typing import Dict, Sequence
+from typing import Dict, Sequence, Tuple, Union
 
 import torch
+import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 
 from ..lowering.decompose import inline_decomposition
 from ..ops import op_name
 from .base import GraphPass
+
+
+RESHAPE_OPS = (torch.ops.aten.view.default, torch.ops.aten.reshape.default, torch.ops.aten._unsafe_view.default)
 
 
 class SequenceParallelError(ValueError):
@@ -43,6 +56,41 @@ def heads_to_seq(x: torch.Tensor, degree: int, group: str) -> torch.Tensor:
     return x.permute(1, 2, 0, 3, 4).reshape(b, s // degree, degree * h, d)
 
 
+def _all_gather_heads(x: torch.Tensor, group: str) -> torch.Tensor:
+    """[B, S, H/P, D] on each rank -> [B, S, H, D] (a replicated run's heads back on every rank)."""
+    return funcol.all_gather_single(x.movedim(2, 0).contiguous(), 0, group).movedim(0, 2)
+
+
+def joint_ulysses_attention(q, k, v, mask, scale, layout, segments, degree, group, rank, mask_split):
+    """Attention over runs of sharded (all-to-all) and replicated (local heads) tokens, in their order;
+    ``mask_split``: the mask reached this rank as a padded chunk of its keys (runtime/sequence_parallel.py
+    MaskSplit) and is all-gathered back whole."""
+    if layout == "BHSD":
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    heads = q.shape[2]
+    local = -(-heads // degree)  # heads per rank after zero-padding (see ulysses_attention)
+    mine = slice(rank * local, (rank + 1) * local)
+
+    def gather_tokens(t):
+        t = torch.nn.functional.pad(t, (0, 0, 0, local * degree - heads))
+        runs = t.split([n for _, n in segments], dim=1)
+        return torch.cat([seq_to_heads(r, degree, group) if sharded else r[:, :, mine]
+                          for (sharded, _), r in zip(segments, runs)], dim=1)
+
+    q, k, v = (gather_tokens(t) for t in (q, k, v))
+    if mask_split:
+        keys = mask.to(torch.uint8) if mask.dtype == torch.bool else mask  # collectives take no bool
+        keys = funcol.all_gather_single(keys.movedim(-1, 0).contiguous(), 0, group).movedim(0, -1)
+        mask = keys[..., :k.shape[1]].to(mask.dtype)
+    if mask is not None and mask.dim() == 4 and mask.shape[1] > 1:  # a per-head mask: this rank's heads
+        mask = torch.cat([mask, mask[:, :1].expand(-1, local * degree - heads, -1, -1)], 1)[:, mine]
+    out = torch.ops.mindiesd_compile.attention(q, k, v, mask, scale, "BSHD")
+    runs = out.split([n * degree if sharded else n for sharded, n in segments], dim=1)
+    out = torch.cat([heads_to_seq(r, degree, group) if sharded else _all_gather_heads(r, group)
+                     for (sharded, _), r in zip(segments, runs)], dim=1)[:, :, :heads]
+    return out.transpose(1, 2) if layout == "BHSD" else out
+
+
 def ulysses_attention(q, k, v, mask, scale, layout, degree, group):
     if layout == "BHSD":
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
@@ -56,6 +104,35 @@ def ulysses_attention(q, k, v, mask, scale, layout, degree, group):
     return out.transpose(1, 2) if layout == "BHSD" else out
 
 
+@dataclasses.dataclass(frozen=True)
+class Joint:
+    """A value whose token dim ``dim`` holds runs of sharded and replicated tokens: ``segments`` are
+    (sharded, local length) in order; ``outer`` > 1 while a view has merged the batch into that dim."""
+    segments: Tuple[Tuple[bool, int], ...]
+    dim: int
+    outer: int = 1
+
+    @property
+    def length(self) -> int:
+        return sum(n for _, n in self.segments)
+
+
+State = Union[bool, Joint]  # False: replicated, True: sharded
+
+
+def _val(node):
+    return node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+
+
+def _runs(segments) -> Union[bool, Tuple]:
+    """Runs of one kind collapse to that kind (all sharded: one rank's slice of one stream only)."""
+    if all(not sharded for sharded, _ in segments):
+        return False
+    if len(segments) == 1:
+        return True
+    return tuple(segments)
+
+
 class UlyssesPass(GraphPass):
     name = "sequence_parallel"
     required = True  # a failure must stop the compile: the unrewritten graph would compute garbage
@@ -64,11 +141,14 @@ class UlyssesPass(GraphPass):
         super().__init__(report)
         self.degree, self.group, self.sharded_inputs = degree, group, frozenset(sharded_inputs)
 
-    def uuid(self) -> bytes:
-        return hashlib.sha256(super().uuid() + repr((self.degree, sorted(self.sharded_inputs))).encode()).digest()
+    def uuid(self) -> bytes:  # the rank too: joint attention bakes this rank's heads into the graph
+        return hashlib.sha256(super().uuid() + repr((self.degree, self._rank(), sorted(self.sharded_inputs))).encode()).digest()
+
+    def _rank(self) -> int:
+        return dist.get_rank(dist.distributed_c10d._resolve_process_group(self.group))
 
     def __call__(self, graph: torch.fx.Graph) -> None:
-        sharded: Dict[torch.fx.Node, bool] = {}
+        sharded: Dict[torch.fx.Node, State] = {}
         placeholders = [n for n in graph.nodes if n.op == "placeholder"]
         for i, n in enumerate(placeholders):
             sharded[n] = i in self.sharded_inputs
@@ -78,26 +158,118 @@ class UlyssesPass(GraphPass):
             if op_name(node.target) == "attention":
                 q, k, v, mask = node.args[:4]
                 flags = [sharded.get(t, False) for t in (q, k, v)]
-                if all(flags):
-                    self._rewrite(graph, node)
-                    sharded[node] = True
+                if all(f is True for f in flags):
+                    sharded[self._rewrite(graph, node)] = True
+                    continue
+                if all(isinstance(f, Joint) for f in flags):
+                    sharded[self._rewrite_joint(graph, node, flags, sharded.get(mask, False))] = flags[0]
                     continue
                 if flags == [True, False, False]:  # sharded queries, replicated keys: local
                     sharded[node] = True
                     continue
                 if any(flags):
                     raise SequenceParallelError(
-                        f"attention {node.name} mixes sharded and replicated tokens (q, k, v sharded: {flags}); "
+                        f"attention {node.name} mixes sharded and replicated tokens (q, k, v: {flags}); "
                         "shard every sequence that enters it (list it in the parallel plan)")
-            sharded[node] = any(sharded.get(a, False) for a in node.all_input_nodes)
+            sharded[node] = self._propagate(node, sharded)
 
-    def _rewrite(self, graph, node):
+    def _propagate(self, node, sharded) -> State:
+        """Which tokens of ``node`` are sharded: a cat of sharded and replicated runs starts a Joint,
+        slices at run boundaries end it, anything else carries it along its token dim."""
+        states = [sharded.get(a, False) for a in node.all_input_nodes]
+        joint = next((s for s in states if isinstance(s, Joint)), None)
+        if node.target is torch.ops.aten.cat.default:
+            return self._cat(node, sharded)
+        if joint is None:
+            return any(s is True for s in states)
+        if node.target is torch.ops.aten.slice.Tensor and node.args[0] in sharded and sharded[node.args[0]] is joint:
+            return self._slice(node, joint)
+        return self._follow(joint, node)
+
+    def _follow(self, joint: Joint, node) -> Joint:
+        """The joint token dim in ``node``'s output: the same dim, else the one dim of that length (or of a
+        multiple of it, where a view merged the batch in)."""
+        val = _val(node)
+        if not isinstance(val, torch.Tensor):
+            return joint  # a tuple (var_mean, split): each getitem finds its own dim
+        total = joint.length
+        if joint.dim < val.dim() and val.shape[joint.dim] == total * joint.outer:
+            return joint
+        for outer in (1, joint.outer) + ((val.numel() // total,) if node.target in RESHAPE_OPS else ()):
+            dims = [d for d, n in enumerate(val.shape) if n == total * outer]
+            if len(dims) == 1:
+                return Joint(joint.segments, dims[0], outer)
+        raise SequenceParallelError(
+            f"cannot follow the joint image+text sequence ({total} tokens) through {node.name} "
+            f"({node.target}, shape {tuple(val.shape)}); this model's joint attention is not supported "
+            "with text kept whole: pass a parallel_plan that splits the text too")
+
+    def _cat(self, node, sharded) -> State:
+        tensors, dim = node.args[0], node.args[1] if len(node.args) > 1 else 0
+        states = [sharded.get(t, False) for t in tensors]
+        dim %= _val(node).dim()
+        if not any(isinstance(s, Joint) for s in states) and len(set(states)) < 2:
+            return bool(states and states[0])
+        joints = [s for s in states if isinstance(s, Joint)]
+        if joints and joints[0].dim != dim:  # joined along features: same runs
+            if any(s != joints[0] for s in states):
+                raise SequenceParallelError(f"{node.name} joins tensors with different token runs along dim {dim}")
+            return self._follow(joints[0], node)
+        segments = []
+        for t, s in zip(tensors, states):
+            if isinstance(s, Joint):
+                if s.outer != 1:
+                    raise SequenceParallelError(f"{node.name} joins a batch-merged joint sequence")
+                segments.extend(s.segments)
+            else:
+                segments.append((s, _val(t).shape[dim]))
+        runs = _runs(segments)
+        return Joint(runs, dim) if isinstance(runs, tuple) else runs
+
+    def _slice(self, node, joint: Joint) -> State:
+        _, dim, start, end, step = (list(node.args) + [0, None, None, 1][len(node.args) - 1:])[:5]
+        if dim % _val(node).dim() != joint.dim or joint.outer != 1:
+            return self._follow(joint, node)
+        total = joint.length
+        start, end, _ = slice(start, end, step).indices(total)
+        if step != 1:
+            raise SequenceParallelError(f"{node.name} takes every {step}th token of a joint sequence")
+        segments, at = [], 0
+        for sharded, n in joint.segments:
+            lo, hi = max(start, at), min(end, at + n)
+            if lo < hi:
+                if sharded and (lo, hi) != (at, at + n):
+                    raise SequenceParallelError(f"{node.name} cuts into a sharded run of a joint sequence "
+                                                f"(tokens {lo - at}..{hi - at} of {n} on this rank)")
+                segments.append((sharded, hi - lo))
+            at += n
+        runs = _runs(segments)
+        return Joint(runs, joint.dim) if isinstance(runs, tuple) else runs
+
+    def _rewrite_joint(self, graph, node, flags, mask_state) -> torch.fx.Node:
+        q, layout = flags[0], node.args[5]
+        seq_dim = 1 if layout == "BSHD" else 2
+        if any(f != q for f in flags) or q.dim != seq_dim or q.outer != 1:
+            raise SequenceParallelError(f"attention {node.name}: q, k and v join sharded and replicated tokens "
+                                        f"differently ({flags}); only joint self-attention is supported")
+        if isinstance(mask_state, Joint):
+            raise SequenceParallelError(f"attention {node.name}: its mask is built from the joint tokens inside "
+                                        "the block; only masks built before the blocks can follow the split")
+        self.report.found(self.name)
+        degree, group, rank, segments = self.degree, self.group, self._rank(), q.segments
+        result = inline_decomposition(graph, node, lambda q, k, v, mask, scale, layout: joint_ulysses_attention(
+            q, k, v, mask, scale, layout, segments, degree, group, rank, mask_state))
+        self.report.rewritten(self.name)
+        return result
+
+    def _rewrite(self, graph, node) -> torch.fx.Node:
         self.report.found(self.name)
         q, k, v, mask, scale, layout = node.args
         if mask is not None:
             raise SequenceParallelError(f"attention {node.name} has a mask; masked attention is not supported "
                                         "under sequence_parallel yet")
         degree, group = self.degree, self.group
-        inline_decomposition(graph, node, lambda q, k, v, mask, scale, layout: ulysses_attention(
+        result = inline_decomposition(graph, node, lambda q, k, v, mask, scale, layout: ulysses_attention(
             q, k, v, mask, scale, layout, degree, group))
         self.report.rewritten(self.name)
+        return result

@@ -7,7 +7,11 @@ diffusers ships on Wan, Flux, Qwen-Image, LTX, ...) is mapped onto the partition
 - other split entries (Wan's ``rope`` outputs, ``blocks.0``'s ``hidden_states``) name values that enter
   the first block: they are split where the prologue hands them over, for every block that reads them;
 - what comes out of the last block sharded is gathered before the epilogue (the epilogue of these
-  models is token-wise up to ``proj_out``, where the plan gathers, so gathering earlier is the same).
+  models is token-wise up to ``proj_out``, where the plan gathers, so gathering earlier is the same);
+- a token count the prologue hands to the blocks as a number (a graph traced with dynamic sequence dims
+  reshapes by it) is divided like the tensors it counts.
+
+Models without a ``_cp_plan`` may have a built-in one (``parallel_plans.py``: HunyuanVideo, SD3).
 
 Which block inputs end up sharded, and along which dim, is found by running the partition on fake
 tensors twice (full and split inputs) and comparing shapes: no per-model code.
@@ -25,6 +29,27 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from ..options import OptionsError
 from ..partition import Partition, module_path
+from .parallel_plans import builtin_plan
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskSplit:
+    """How a mask over the whole joint sequence reaches a rank that holds ``local`` joint tokens: padded
+    along ``dim`` to degree x local and chunked, so the block's shapes agree on every rank; the Ulysses
+    pass all-gathers it back and drops the pad (whatever the order of the joint sequence)."""
+    dim: int
+    local: int
+
+
+def _local(x, spec, degree: int, rank: int):
+    """Rank ``rank``'s part of ``x``: a chunk along dim ``spec``, a token count (None), or a MaskSplit."""
+    if spec is None:
+        return x // degree
+    if isinstance(spec, MaskSplit):
+        pad = [0, 0] * (x.dim() - 1 - spec.dim) + [0, degree * spec.local - x.shape[spec.dim]]
+        x = torch.nn.functional.pad(x.to(torch.uint8) if x.dtype == torch.bool else x, pad).to(x.dtype)
+        spec = spec.dim
+    return x.chunk(degree, spec)[rank].contiguous()
 
 
 @dataclasses.dataclass
@@ -33,21 +58,24 @@ class ShardPlan:
     rank: int
     group: object
     model_inputs: Dict[int, int]          # top-level input index -> split dim (before the prologue)
-    split_values: Dict[torch.fx.Node, int]  # prologue outputs split for every consumer -> split dim
+    split_values: Dict[torch.fx.Node, object]  # prologue outputs split for every consumer -> _local spec
     sharded: Dict[int, Dict[int, int]]    # block index -> {input position: token dim} arriving sharded
     gather: Dict[int, int]                # last block's output index -> gather dim
     sizes: Dict[int, Tuple[int, int]]     # size input (dynamic dim) -> (tensor input, dim) it is the size of
+    model: str = "the model"              # for messages
 
     def split_model_inputs(self, args) -> tuple:
         args = [self.split(a, self.model_inputs[i], f"model input {i}") if i in self.model_inputs else a
                 for i, a in enumerate(args)]
         return local_sizes(args, self.sizes)
 
-    def split(self, x: torch.Tensor, dim: int, what: str) -> torch.Tensor:
-        if x.shape[dim] % self.degree:
-            raise OptionsError(f"{what} has {x.shape[dim]} tokens along dim {dim}, not divisible by "
-                               f"sequence_parallel={self.degree}; choose a resolution or degree that divides it")
-        return x.chunk(self.degree, dim)[self.rank].contiguous()
+    def split(self, x, dim, what: str):
+        """This rank's part of ``x`` (``dim``: see ``_local``)."""
+        tokens = int(x) if dim is None else x.shape[dim] if isinstance(dim, int) else None
+        if tokens is not None and tokens % self.degree:
+            raise OptionsError(f"{self.model}: {what} has {tokens} tokens, not divisible by sequence_parallel="
+                               f"{self.degree}; choose a resolution (or frame count) whose token count it divides")
+        return _local(x, dim, self.degree, self.rank)
 
     def gather_dim(self, x: torch.Tensor, dim: int) -> torch.Tensor:
         parts = [torch.empty_like(x) for _ in range(self.degree)]
@@ -79,23 +107,47 @@ def mark_sequence_dynamic(model: torch.nn.Module, kwargs: dict) -> dict:
     """Mark the inputs the model's ``_cp_plan`` splits as dynamic along their split dim, before the first
     compiled call: models whose traced graph would otherwise fix token counts (joint text+image attention
     split back by length: Flux, SD3, Qwen-Image) then run on a slice of the sequence. Returns ``kwargs``."""
-    plan = getattr(type(getattr(model, "_orig_mod", model)), "_cp_plan", None) or {}  # compiled or not
-    for name, spec in (plan.get("") or {}).items():
+    model = getattr(model, "_orig_mod", model)  # compiled or not
+    plan = getattr(type(model), "_cp_plan", None)
+    dims = {}
+    if plan is None:  # a built-in plan splits after the prologue: mark what the image token count follows
+        blocks = next((m for m in model.children() if isinstance(m, torch.nn.ModuleList) and len(m)), None)
+        builtin = builtin_plan(type(blocks[0])) if blocks is not None else None
+        dims = dict(builtin.dynamic) if builtin else {}
+    for name, spec in ((plan or {}).get("") or {}).items():
         t = kwargs.get(name)
         if isinstance(t, torch.Tensor) and (spec.expected_dims is None or t.dim() == spec.expected_dims):
-            torch._dynamo.mark_dynamic(t, spec.split_dim % t.dim())
+            dims[name] = spec.split_dim % t.dim()
+    for name, dim in dims.items():
+        if isinstance(kwargs.get(name), torch.Tensor):
+            torch._dynamo.mark_dynamic(kwargs[name], dim)
     return kwargs
 
 
 def find_cp_plan(partition: Partition) -> Optional[dict]:
-    """The ``_cp_plan`` of the model class that owns the blocks (looked up in the block class's module)."""
-    sub = partition.graph_module.get_submodule(partition.blocks[0].name)
-    for node in sub.graph.nodes:
-        for _, cls in (node.meta.get("nn_module_stack") or {}).values():
-            module = sys.modules.get(getattr(cls, "__module__", ""))
-            for value in vars(module).values() if module else ():
-                if isinstance(value, type) and isinstance(getattr(value, "_cp_plan", None), dict):
-                    return value._cp_plan
+    """The ``_cp_plan`` of the model class that owns the blocks (looked up in the block class's module),
+    else the built-in plan for the block class."""
+    owner = _plan_owner(partition)
+    return owner[1] if owner else None
+
+
+def _plan_owner(partition: Partition) -> Optional[Tuple[str, dict]]:
+    """(model class name, plan) as ``find_cp_plan`` finds it."""
+    block = _block_class(partition)
+    module = sys.modules.get(getattr(block, "__module__", ""))
+    for value in vars(module).values() if module else ():
+        if isinstance(value, type) and isinstance(getattr(value, "_cp_plan", None), dict):
+            return value.__name__, value._cp_plan
+    builtin = builtin_plan(block) if block is not None else None
+    return (builtin.model, builtin.plan) if builtin else None
+
+
+def _block_class(partition: Partition) -> Optional[type]:
+    first = partition.blocks[0]
+    for node in partition.graph_module.get_submodule(first.name).graph.nodes:
+        for raw, cls in (node.meta.get("nn_module_stack") or {}).values():
+            if module_path(raw) == first.label:
+                return cls
     return None
 
 
@@ -107,8 +159,9 @@ def _top_input_index(placeholders, name: str) -> Optional[int]:
     return None
 
 
-def _run_shapes(partition: Partition, args, split_values=None, degree=1):
-    """Run the partition on fake tensors: every block's input shapes and the last block's output shapes."""
+def _run_shapes(partition: Partition, args, split_values=None, degree=1, masks=None):
+    """Run the partition on fake tensors: every block's input shapes and the last block's output shapes
+    (``masks``: collects, per block node, the inputs that are masks over the whole joint sequence)."""
     gm = partition.graph_module
     block_names = [p.name for p in partition.blocks]
     env, it, ins, out = {}, iter(args), {}, None
@@ -123,12 +176,45 @@ def _run_shapes(partition: Partition, args, split_values=None, degree=1):
             if node.op == "call_module" and node.target in block_names:
                 ins[block_names.index(node.target)] = [tuple(t.shape) if isinstance(t, torch.Tensor) else None
                                                        for t in inputs]
+                fn = _MaskProbe(fn, masks.setdefault(node, {})).run if masks is not None else fn
             env[node] = fn(*inputs)
             if split_values and node in split_values:
-                env[node] = env[node].chunk(degree, split_values[node])[0]
+                env[node] = _local(env[node], split_values[node], degree, 0)
             if node.op == "call_module" and node.target == block_names[-1]:
                 out = [tuple(t.shape) for t in env[node]]
     return ins, out
+
+
+_SDPA = (torch._C._nn.scaled_dot_product_attention, torch.nn.functional.scaled_dot_product_attention)
+
+
+class _MaskProbe(torch.fx.Interpreter):
+    """Runs a block on a rank's slice; an attention mask built for the whole joint sequence (in the
+    prologue, which runs unsplit) cannot apply there: it is recorded (block input -> MaskSplit) and
+    left out of this shape-only run."""
+
+    def __init__(self, block, masks: dict):
+        super().__init__(block)
+        self.masks = masks
+        self.inputs = [n for n in block.graph.nodes if n.op == "placeholder"]
+
+    def run_node(self, n):
+        if n.target not in _SDPA:
+            return super().run_node(n)
+        args, kwargs = self.fetch_args_kwargs_from_env(n)
+        names = ("query", "key", "value", "attn_mask")
+        q, k, v, mask = (kwargs.get(name, args[i] if len(args) > i else None) for i, name in enumerate(names))
+        if mask is None or mask.shape[-1] == k.shape[-2]:
+            return super().run_node(n)
+        source = n.kwargs.get("attn_mask", n.args[3] if len(n.args) > 3 else None)
+        while source.op != "placeholder" and len(source.all_input_nodes) == 1:
+            source = source.all_input_nodes[0]
+        if source.op != "placeholder" or mask.dim() < 2 or mask.shape[-2] != 1:
+            raise OptionsError(f"sequence_parallel: attention {n.name} takes a mask over the whole joint sequence "
+                               f"{tuple(mask.shape)} that is not a [..., 1, keys] block input; only key-padding "
+                               "masks built before the blocks can follow the split")
+        self.masks[self.inputs.index(source)] = MaskSplit(mask.dim() - 1, k.shape[-2])
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v)
 
 
 def _differing_dim(full, local) -> Optional[int]:
@@ -161,12 +247,19 @@ def plan_sequence_parallel(partition: Partition, args, degree: int, group, cp_pl
         fake = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
         full_in, full_out = _run_shapes(partition, fake)
         first = next(n for n in partition.graph_module.graph.nodes if n.target == partition.blocks[0].name)
-        split_values = {first.args[p]: dim for p, dim in _block_entries(partition, cp_plan, full_in[0], full_out).items()}
+        entries = _block_entries(partition, cp_plan, full_in[0], full_out)
+        entries.update(_token_counts(partition, entries))
+        split_values = {first.args[p]: dim for p, dim in entries.items()}
         sizes = size_inputs(partition)
         local_args = local_sizes([a.chunk(degree, model_inputs[i])[0] if i in model_inputs else a
                                   for i, a in enumerate(fake)], sizes)
         try:
-            local_in, local_out = _run_shapes(partition, local_args, split_values, degree)
+            masks = {}
+            local_in, local_out = _run_shapes(partition, local_args, split_values, degree, masks)
+            for node, found in masks.items():
+                split_values.update({node.args[p]: spec for p, spec in found.items()})
+            if any(masks.values()):  # again, with the masks as the ranks will get them
+                local_in, local_out = _run_shapes(partition, local_args, split_values, degree)
         except RuntimeError as err:
             raise OptionsError(
                 "sequence_parallel: this model's traced graph fixes token counts (e.g. joint text+image "
@@ -178,7 +271,19 @@ def plan_sequence_parallel(partition: Partition, args, degree: int, group, cp_pl
     gather = {k: d for k, (a, b) in enumerate(zip(full_out, local_out)) if (d := _differing_dim(a, b)) is not None}
     if not sharded[0]:
         raise OptionsError("the parallel plan shards nothing that reaches the transformer blocks")
-    return ShardPlan(degree, dist.get_rank(group), group, model_inputs, split_values, sharded, gather, sizes)
+    owner = _plan_owner(partition)
+    return ShardPlan(degree, dist.get_rank(group), group, model_inputs, split_values, sharded, gather, sizes,
+                     owner[0] if owner else type(partition.graph_module).__name__)
+
+
+def _token_counts(partition: Partition, entries: Dict[int, int]) -> Dict[int, None]:
+    """First-block inputs that are a split tensor's token count as a number (SymInts of a dynamic trace)."""
+    placeholders = [n for n in partition.graph_module.get_submodule(partition.blocks[0].name).graph.nodes
+                    if n.op == "placeholder"]
+    values = [p.meta.get("example_value", p.meta.get("val")) for p in placeholders]
+    split = {values[p].shape[d].node.expr for p, d in entries.items()
+             if isinstance(values[p], torch.Tensor) and isinstance(values[p].shape[d], torch.SymInt)}
+    return {p: None for p, v in enumerate(values) if isinstance(v, torch.SymInt) and v.node.expr in split}
 
 
 def _block_entries(partition: Partition, cp_plan: dict, in_shapes, out_shapes) -> Dict[int, int]:

@@ -1,0 +1,46 @@
+"""Sequence-parallel plans for diffusers models that ship no ``_cp_plan`` (same format as diffusers').
+
+Used only when neither the model class nor ``options["parallel_plan"]`` gives one. Keyed by the class of
+the model's transformer blocks: Dynamo's graph records the modules traced inside the model, never the
+model's own class (and SD3's blocks live in ``diffusers.models.attention``).
+
+These models build RoPE, position embeddings and the text mask in their forward from the whole video, so
+their image tokens are split where they enter the first block, not at the model's input. Text tokens stay
+whole on every rank: joint attention slices the text heads locally (``passes/ulysses.py``), so the key
+order, and the text mask, are the single-process ones. Their blocks read the image token count from
+shapes (RoPE reshapes, the split of the joint output), so they are traced with that count dynamic:
+``dynamic`` names the model input and dim that ``mark_sequence_dynamic`` marks.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Dict, Optional
+
+
+@dataclasses.dataclass(frozen=True)
+class BuiltinPlan:
+    model: str                # the diffusers model class, for messages
+    plan: dict                # diffusers _cp_plan format
+    dynamic: Dict[str, int]   # model input -> dim to trace dynamic (the image token count follows it)
+
+
+@functools.lru_cache(maxsize=None)
+def _plans() -> Dict[str, BuiltinPlan]:
+    from diffusers.models._modeling_parallel import ContextParallelInput as Split, ContextParallelOutput as Gather
+    image = {"hidden_states": Split(split_dim=1, expected_dims=3, split_output=False)}
+    rope = {i: Split(split_dim=0, expected_dims=2, split_output=True) for i in (0, 1)}  # (cos, sin), image only
+    gather = Gather(gather_dim=1, expected_dims=3)
+    return {
+        "HunyuanVideoTransformerBlock": BuiltinPlan(
+            "HunyuanVideoTransformer3DModel",
+            {"transformer_blocks.0": image, "rope": rope, "proj_out": gather},
+            dynamic={"hidden_states": 3}),   # [B, C, T, H, W]: H (T may be 1)
+        "JointTransformerBlock": BuiltinPlan(
+            "SD3Transformer2DModel", {"transformer_blocks.0": image, "proj_out": gather},
+            dynamic={"hidden_states": 2}),   # [B, C, H, W]
+    }
+
+
+def builtin_plan(block_class: type) -> Optional[BuiltinPlan]:
+    return _plans().get(block_class.__name__)
