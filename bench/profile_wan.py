@@ -1,11 +1,12 @@
 """Where the time of one Wan2.1 forward goes, by kernel class, next to each class's floor.
 
-    python bench/profile_wan.py --configs 1.3b,14b            # 832x480x81, bf16, backend="mindiesd", on cuda
+    python bench/profile_wan.py --configs 1.3b,14b --variants inductor,mindiesd-sdpa,mindiesd,mindiesd+graph
     python bench/profile_wan.py --configs tiny --device cpu   # smoke run (CPU: op classes, no floors)
 
-Per config: median wall ms of the compiled forward (CUDA events), then one profiled call whose GPU kernels
+Per config and variant (Inductor; mindiesd with SDPA only; mindiesd with FA3 where installed; the latter
+captured whole in one CUDA graph): median wall ms of the compiled forward (CUDA events), then one profiled call whose GPU kernels
 are classed as attention, GEMM, convolution, copies and norm/elementwise (everything else Inductor
-generates); "launch gaps" = wall time minus the sum of kernel time (one stream). Floors use rates measured
+generates); "GPU idle" = wall time minus the time any kernel ran (union of kernel intervals). Floors use rates measured
 in the same run on the same card: a large bf16 GEMM (TFLOP/s) and a large device copy (GB/s).
 - attention FLOPs: 4 B H S_q S_kv D per attention (self: S_kv = S; cross: S_kv = text tokens);
 - GEMM FLOPs: 2 x input elements x out_features of every nn.Linear, counted with hooks in an eager call;
@@ -14,6 +15,7 @@ in the same run on the same card: a large bf16 GEMM (TFLOP/s) and a large device
   read and written once: 19 S dim + 2 S ffn elements of 2 bytes (what a perfectly fused block must move).
 """
 import argparse
+import contextlib
 import re
 import statistics
 import sys
@@ -59,21 +61,105 @@ def linear_flops(model, inputs):
 
 
 def kernel_times(fn, dev):
+    """(ms per kernel name, ms the GPU was busy: union of kernel intervals) of one profiled call."""
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CUDA] if dev.type == "cuda" else [ProfilerActivity.CPU]) as prof:
         fn()
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
-    times = {}
-    for e in prof.key_averages():
+    times, spans = {}, []
+    for e in prof.events():
         if dev.type == "cuda" and e.device_type != torch.autograd.DeviceType.CUDA:
             continue
         t = e.self_device_time_total if dev.type == "cuda" else e.self_cpu_time_total
-        times[e.key] = times.get(e.key, 0.0) + t / 1e3  # ms
-    return times
+        times[e.name] = times.get(e.name, 0.0) + t / 1e3  # ms
+        if dev.type == "cuda":
+            spans.append((e.time_range.start, e.time_range.end))
+    busy, reach = 0.0, float("-inf")  # union of [start, end) intervals, us
+    for a, b in sorted(spans):
+        busy += max(0.0, b - max(a, reach))
+        reach = max(reach, b)
+    return times, busy / 1e3 if spans else sum(times.values())
 
 
-def profile_config(name, dev, dtype, iters):
+@contextlib.contextmanager
+def attention_kernel(name):
+    """"sdpa": hide FA3 from the CUDA attention kernel chooser for this variant."""
+    from mindiesd_compile.ops import attention_kernels as K
+    saved = K.flash_attn_3
+    if name == "sdpa":
+        K.flash_attn_3 = lambda: None
+    try:
+        yield
+    finally:
+        K.flash_attn_3 = saved
+
+
+def whole_call_graph(call, dev):
+    """Capture the whole forward in one CUDA graph (an upper bound on what CUDA graphs save)."""
+    side = torch.cuda.Stream(dev)
+    side.wait_stream(torch.cuda.current_stream(dev))
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            call()
+    torch.cuda.current_stream(dev).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = call()
+    return lambda: (graph.replay(), out)[1]
+
+
+@contextlib.contextmanager
+def persistent_reductions_up_to(numel):
+    """Experiment: Inductor keeps row reductions up to ``numel`` in registers (its default: 1024)."""
+    from torch._inductor.choices import InductorChoices
+    from torch._inductor.runtime.hints import ReductionHint
+    from torch._inductor.virtualized import V
+    original = InductorChoices.should_use_persistent_reduction
+
+    def wider(features, cooperative_reduction):
+        if (not cooperative_reduction and features.get_reduction_hint() == ReductionHint.INNER
+                and V.graph.sizevars.statically_known_leq(features.reduction_numel, numel)):
+            return True
+        return original(features, cooperative_reduction)
+    InductorChoices.should_use_persistent_reduction = staticmethod(wider)
+    try:
+        yield
+    finally:
+        InductorChoices.should_use_persistent_reduction = staticmethod(original)
+
+
+NO_GELU = [p for p in mindiesd_compile.PATTERNS if p != "gelu_epilogue"]
+VARIANTS = {  # name: (backend options or None for Inductor, attention kernel, capture whole call, context)
+    "inductor": (None, "auto", False, None),
+    "mindiesd": ({}, "auto", False, None),
+    "mindiesd-sdpa": ({"patterns": NO_GELU}, "sdpa", False, None),
+    "mindiesd-nogelu": ({"patterns": NO_GELU}, "auto", False, None),
+    "mindiesd+graph": ({}, "auto", True, None),
+    "mindiesd+persistent": ({}, "auto", False, lambda: persistent_reductions_up_to(8192)),
+    "mindiesd+multikernel": ({"inductor_config": {"triton.multi_kernel": 1}}, "auto", False, None),
+}
+
+
+def profile_variant(variant, model, inputs, dev, iters):
+    options, kernel, graphed, context = VARIANTS[variant]
+    torch._dynamo.reset()
+    fresh = getattr(torch._inductor.utils, "fresh_cache", None) or torch._inductor.utils.fresh_inductor_cache
+    with fresh(), torch.no_grad(), attention_kernel(kernel), (context or contextlib.nullcontext)():
+        fast = torch.compile(model) if options is None else \
+            torch.compile(model, backend="mindiesd", options={"target": dev.type, **options})
+        call = lambda: fast(**inputs, return_dict=False)[0]  # noqa: E731
+        for _ in range(2):
+            out = call()
+        if graphed:
+            call = whole_call_graph(call, dev)
+        wall = statistics.median(time_calls(call, dev, iters))
+        times, busy = kernel_times(call, dev)
+        out = call().float().clone()
+    return wall, times, busy, out
+
+
+def profile_config(name, dev, dtype, iters, variants):
     cfg, lat, txt = CONFIGS[name]
     model = build_model(cfg, dev, dtype, 0)
     g = torch.Generator(dev).manual_seed(0)
@@ -81,32 +167,60 @@ def profile_config(name, dev, dtype, iters):
                   encoder_hidden_states=torch.randn(txt, generator=g, device=dev, dtype=dtype),
                   timestep=torch.tensor([500.0], device=dev))
     gemm_flops = linear_flops(model, inputs)
-    torch._dynamo.reset()
-    fast = torch.compile(model, backend="mindiesd", options={"target": dev.type})
     with torch.no_grad():
-        call = lambda: fast(**inputs, return_dict=False)[0]  # noqa: E731
-        for _ in range(2):
-            call()
-        wall = statistics.median(time_calls(call, dev, iters))
-        times = kernel_times(call, dev)
-    by_class = dict.fromkeys([c for c, _ in CLASSES], 0.0)
-    for k, t in times.items():
-        by_class[next(c for c, test in CLASSES if test(k))] += t
+        ref = model(**inputs, return_dict=False)[0].float()
     heads, head_dim, layers = cfg["num_attention_heads"], cfg["attention_head_dim"], cfg["num_layers"]
     p = cfg["patch_size"]
     seq = lat[2] // p[0] * (lat[3] // p[1]) * (lat[4] // p[2])
     dim, text = heads * head_dim, txt[1]
-    attn_flops = layers * 4 * heads * head_dim * seq * (seq + text)
-    elem_bytes = layers * (19 * seq * dim + 2 * seq * cfg["ffn_dim"]) * 2
-    del model, fast
-    return dict(config=name, wall=wall, kernels=sum(times.values()), by_class=by_class,
-                flops={"attention": attn_flops, "GEMM": gemm_flops}, bytes={"norm/elementwise": elem_bytes},
-                top=sorted(times.items(), key=lambda kv: -kv[1])[:8])
+    work = dict(flops={"attention": layers * 4 * heads * head_dim * seq * (seq + text), "GEMM": gemm_flops},
+                bytes={"norm/elementwise": layers * (19 * seq * dim + 2 * seq * cfg["ffn_dim"]) * 2})
+    results = {}
+    for variant in variants:
+        try:
+            wall, times, busy, out = profile_variant(variant, model, inputs, dev, iters)
+        except Exception as err:  # noqa: BLE001 - report the variant as failed, keep the others
+            print(f"{name} {variant}: FAILED {type(err).__name__}: {err}", flush=True)
+            continue
+        by_class = dict.fromkeys([c for c, _ in CLASSES], 0.0)
+        top = {c: [] for c in by_class}
+        for k, t in sorted(times.items(), key=lambda kv: -kv[1]):
+            c = next(c for c, test in CLASSES if test(k))
+            by_class[c] += t
+            top[c].append((k, t))
+        rel = float((out - ref).norm() / ref.norm())
+        results[variant] = dict(wall=wall, busy=busy, by_class=by_class, top=top, rel=rel)
+        print(f"{name} {variant}: {wall:.1f} ms, busy {busy:.1f} ms, rel err vs eager {rel:.2e}", flush=True)
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    from mindiesd_compile.ops.attention_kernels import CHOICES
+    print(f"attention kernel choices: {CHOICES}")
+    del model
+    return dict(config=name, variants=results, **work)
+
+
+def class_table(r, floors):
+    """Rows: kernel classes + idle + wall; columns per variant: ms and x floor (or achieved rate)."""
+    names = list(r["variants"])
+    head = "| class | floor ms | " + " | ".join(f"{v} ms | x floor" for v in names) + " |"
+    lines = [head, "|" + "---|" * (2 + 2 * len(names))]
+    classes = list(next(iter(r["variants"].values()))["by_class"]) + ["GPU idle", "**forward**"]
+    total_floor = sum(v for v in floors.values() if v == v)
+    for c in classes:
+        floor = total_floor if c == "**forward**" else floors.get(c)
+        cells = []
+        for v in names:
+            x = r["variants"][v]
+            t = {"GPU idle": x["wall"] - x["busy"], "**forward**": x["wall"]}.get(c, x["by_class"].get(c, 0.0))
+            cells.append(f"{t:.1f} | {'-' if not floor or floor != floor else f'{t / floor:.2f}x'}")
+        lines.append(f"| {c} | {'-' if floor is None or floor != floor else f'{floor:.1f}'} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--configs", default="1.3b,14b")
+    ap.add_argument("--variants", default="inductor,mindiesd-sdpa,mindiesd", help=", ".join(VARIANTS))
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--iters", type=int, default=5)
     args = ap.parse_args()
@@ -116,26 +230,18 @@ def main():
     card = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     lines = [f"card {card}, torch {torch.__version__}: measured bf16 GEMM {tflops:.0f} TFLOP/s, copy {gbs:.0f} GB/s"]
     for name in args.configs.split(","):
-        r = profile_config(name, dev, dtype, args.iters)
+        r = profile_config(name, dev, dtype, args.iters, args.variants.split(","))
         floors = {c: f / tflops / 1e9 for c, f in r["flops"].items()}
         floors.update({c: b / gbs / 1e6 for c, b in r["bytes"].items()})
-        lines += ["", f"### Wan2.1-{name}: {r['wall']:.1f} ms per forward (backend mindiesd), kernels {r['kernels']:.1f} ms",
-                  "", "| class | ms | share of wall | work | achieved | floor ms | x floor |", "|---|---|---|---|---|---|---|"]
-        for c, t in list(r["by_class"].items()) + [("launch gaps", r["wall"] - r["kernels"])]:
-            work = (f"{r['flops'][c] / 1e12:.0f} TFLOP" if c in r["flops"] else
-                    f"{r['bytes'][c] / 1e9:.0f} GB" if c in r["bytes"] else "-")
-            rate = (f"{r['flops'][c] / t / 1e9:.0f} TFLOP/s" if c in r["flops"] and t else
-                    f"{r['bytes'][c] / t / 1e6:.0f} GB/s" if c in r["bytes"] and t else "-")
-            floor = floors.get(c)
-            lines.append(f"| {c} | {t:.1f} | {100 * t / r['wall']:.1f} % | {work} | {rate} | "
-                         f"{'-' if floor is None else f'{floor:.1f}'} | "
-                         f"{'-' if floor is None or not floor == floor else f'{t / floor:.2f}x'} |")
-        total_floor = sum(v for v in floors.values() if v == v)
-        lines.append(f"\nfloor of the whole forward (sum of class floors): {total_floor:.1f} ms; "
-                     f"measured {r['wall']:.1f} ms = {r['wall'] / total_floor:.2f}x" if total_floor else "")
-        lines.append("top kernels: " + "; ".join(f"{k[:60]} {t:.1f} ms" for k, t in r["top"]))
-        if dev.type == "cuda":
-            torch.cuda.empty_cache()
+        lines += ["", f"### Wan2.1-{name} (attention {r['flops']['attention'] / 1e12:.0f} TFLOP, "
+                  f"GEMM {r['flops']['GEMM'] / 1e12:.0f} TFLOP)", ""] + class_table(r, floors)
+        for v, x in r["variants"].items():
+            base = r["variants"].get("inductor")
+            vs = f", {x['wall'] / base['wall']:.3f}x Inductor" if base else ""
+            lines.append(f"\n{v}: {x['wall']:.1f} ms{vs}, rel err vs eager {x['rel']:.2e}; top kernels per class:")
+            for c, ks in x["top"].items():
+                if ks:
+                    lines.append(f"  {c}: " + "; ".join(f"{k[:70]} {t:.1f}" for k, t in ks[:4]))
     print("\n".join(lines))
 
 

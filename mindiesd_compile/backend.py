@@ -29,7 +29,7 @@ def infer_target(example_inputs) -> str:
 
 def build_manager(options: CompileOptions, target: str, report: Report, sharded: frozenset = frozenset(),
                   offline: bool = False) -> PassManager:
-    passes = [PASSES[name](report) for name in options.patterns]
+    passes = [PASSES[name](report) for name in options.patterns if name in PASSES]
     if sharded:  # this piece sees a slice of the sequence: all-to-all around its attention
         from .passes.ulysses import UlyssesPass
         group = options.parallel_group or torch.distributed.group.WORLD
@@ -38,6 +38,9 @@ def build_manager(options: CompileOptions, target: str, report: Report, sharded:
     if target in ("cuda", "cpu"):
         from .lowering.decompose import INDUCTOR_FUSES, DecomposeForInductor
         passes.append(DecomposeForInductor(report, INDUCTOR_FUSES | {"attention"} if offline else INDUCTOR_FUSES))
+    if target == "cuda" and "gelu_epilogue" in options.patterns and not offline:  # cuBLASLt epilogue: CUDA only
+        from .lowering.gelu_epilogue import GeluIntoGemm
+        passes.append(GeluIntoGemm(report))
     if target == "npu":
         from .lowering.legalize_npu import LegalizeForNpu
         passes.append(LegalizeForNpu(report))

@@ -20,7 +20,8 @@ settings.load_profile("ci")
 
 
 class OpCounter(GraphPass):
-    """Appended after the passes: counts mindiesd_compile ops in the final graph (independent of the report)."""
+    """Appended after the passes: counts the ops of the final graph (independent of the report), mindiesd_compile
+    ops by their short name ("rms_norm"), ATen ops by their overload packet ("aten.tanh")."""
     name = "count_ops"
 
     def __init__(self, counts):
@@ -29,8 +30,8 @@ class OpCounter(GraphPass):
 
     def __call__(self, graph):
         for n in graph.nodes:
-            if n.op == "call_function" and op_name(n.target):
-                self.counts[op_name(n.target)] += 1
+            if n.op == "call_function":
+                self.counts[op_name(n.target) or str(getattr(n.target, "overloadpacket", n.target))] += 1
 
 
 class Compiled:

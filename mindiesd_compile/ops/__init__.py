@@ -93,6 +93,11 @@ def gated_residual_ref(x: Tensor, y: Tensor, gate: Tensor) -> Tensor:
     return x + y * gate
 
 
+def addmm_gelu_ref(bias: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """``gelu(bias + a @ b, approximate="tanh")``: a linear layer and its activation in one op."""
+    return torch.nn.functional.gelu(torch.addmm(bias, a, b), approximate="tanh")
+
+
 # --- registration ---------------------------------------------------------------------------------
 
 _lib = torch.library.Library(NAMESPACE, "DEF")
@@ -103,6 +108,7 @@ _lib.define("adaln(Tensor x, Tensor? weight, Tensor? bias, Tensor scale, Tensor 
             "ScalarType out_dtype) -> Tensor")
 _lib.define("rope(Tensor x, Tensor cos, Tensor sin, bool interleaved) -> Tensor")
 _lib.define("gated_residual(Tensor x, Tensor y, Tensor gate) -> Tensor")
+_lib.define("addmm_gelu(Tensor bias, Tensor a, Tensor b) -> Tensor")
 
 REFERENCE = {
     "attention": attention_ref,
@@ -111,6 +117,7 @@ REFERENCE = {
     "adaln": adaln_ref,
     "rope": rope_ref,
     "gated_residual": gated_residual_ref,
+    "addmm_gelu": addmm_gelu_ref,
 }
 
 for _name, _fn in REFERENCE.items():
@@ -119,12 +126,17 @@ for _name, _fn in REFERENCE.items():
     torch.library.register_fake(f"{NAMESPACE}::{_name}", _fn, lib=_lib)
 
 
-
 def _attention_cuda(q, k, v, mask, scale, layout):  # FA3 where it applies, else SDPA: attention_kernels.py
     return attention_cuda(q, k, v, mask, scale, layout, attention_ref)
 
 
+def _addmm_gelu_cuda(bias, a, b):
+    # cuBLASLt's bias+GELU epilogue (tanh GELU on CUDA; on the CPU this ATen op means exact GELU)
+    return torch._addmm_activation(bias, a, b, use_gelu=True)
+
+
 _lib.impl("attention", _attention_cuda, "CUDA")
+_lib.impl("addmm_gelu", _addmm_gelu_cuda, "CUDA")
 
 ops = getattr(torch.ops, NAMESPACE)
 

@@ -1,30 +1,53 @@
 """Which kernel runs ``attention`` on CUDA: FlashAttention-3 where it is installed and applies, else SDPA.
 
-FA3 (``flash_attn_interface``, built from the flash-attention repo's ``hopper/`` folder; no wheel on the
-package index) ran 1.22x cuDNN per Wan2.1 attention call on an H100 (ARCHITECTURE.md). It takes the
+FA3 ran 1.22x cuDNN per Wan2.1 attention call on an H100 (ARCHITECTURE.md). Two builds are recognised:
+``fa3_fwd_interface`` from the ``fa3-fwd`` package (forward only, the ``fa3`` extra; its build may leave out
+fp16) and ``flash_attn_interface`` built from the flash-attention repo's ``hopper/`` folder. FA3 takes the
 model's [B, S, H, D] layout directly, so BSHD sites need no copy and its output has the memory layout our
-op promises. It applies on Hopper (sm90), bf16/fp16, head dim <= 256, without a mask; everything else, and
-any FA3 failure, runs SDPA (cuDNN / flash, PyTorch's pick), which always works. ``CHOICES`` records, per
-(card, head dim, dtype), what ran and why.
+op promises. It applies on Hopper (sm90), to the dtypes the build has, head dim <= 256, without a mask;
+everything else, and any FA3 failure, runs SDPA (cuDNN / flash, PyTorch's pick), which always works.
+``CHOICES`` records, per (card, head dim, dtype), what ran and why.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
+import importlib
 import warnings
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, FrozenSet, Optional, Tuple
 
 import torch
 
 CHOICES: Dict[Tuple[str, int, torch.dtype], str] = {}
 
 
+@dataclasses.dataclass(frozen=True)
+class FlashAttention3:
+    module: str
+    func: Callable            # flash_attn_func(q, k, v, softmax_scale=...) on [B, S, H, D]
+    dtypes: FrozenSet[torch.dtype]
+
+
+def _fa3_fwd_dtypes() -> FrozenSet[torch.dtype]:
+    try:  # the package records its build flags; fp16 kernels are left out of the published wheels
+        from fa3_fwd_config import CONFIG
+        no_fp16 = CONFIG["build_flags"].get("FLASHATTENTION_DISABLE_FP16", False)
+    except (ImportError, KeyError, TypeError):
+        no_fp16 = True
+    return frozenset({torch.bfloat16} if no_fp16 else {torch.bfloat16, torch.float16})
+
+
 @functools.lru_cache(None)
-def flash_attn_3() -> Optional[Callable]:
-    try:
-        from flash_attn_interface import flash_attn_func
-    except ImportError:
-        return None
-    return flash_attn_func
+def flash_attn_3() -> Optional[FlashAttention3]:
+    """The installed FA3 build, ``fa3-fwd`` first; None when neither imports."""
+    for module, dtypes in (("fa3_fwd_interface", _fa3_fwd_dtypes),
+                           ("flash_attn_interface", lambda: frozenset({torch.bfloat16, torch.float16}))):
+        try:
+            func = importlib.import_module(module).flash_attn_func
+        except Exception:  # noqa: BLE001 - ImportError, or a build that does not load on this torch/driver
+            continue
+        return FlashAttention3(module, func, dtypes())
+    return None
 
 
 @functools.lru_cache(None)
@@ -33,12 +56,13 @@ def capability(device: torch.device) -> Tuple[Tuple[int, int], str]:
 
 
 def why_not_fa3(q, k, v, mask, cap) -> Optional[str]:
-    if flash_attn_3() is None:
-        return "flash_attn_interface not installed"
+    fa3 = flash_attn_3()
+    if fa3 is None:
+        return "FA3 not installed (pip install 'mindiesd-compile[fa3]')"
     if cap[0] != 9:
         return f"sm{cap[0]}{cap[1]} is not Hopper"
-    if q.dtype not in (torch.bfloat16, torch.float16):
-        return f"{q.dtype} (FA3 takes bf16/fp16)"
+    if q.dtype not in fa3.dtypes:
+        return f"{q.dtype} (this FA3 build takes {sorted(str(d) for d in fa3.dtypes)})"
     if mask is not None:
         return "attention with a mask"
     if q.dim() != 4 or max(q.shape[-1], v.shape[-1]) > 256:
@@ -53,7 +77,7 @@ def attention_cuda(q, k, v, mask, scale, layout, reference):
     if why is None:
         try:
             qs, ks, vs = (t if layout == "BSHD" else t.transpose(1, 2) for t in (q, k, v))
-            out = flash_attn_3()(qs, ks, vs, softmax_scale=scale)
+            out = flash_attn_3().func(qs, ks, vs, softmax_scale=scale)
             out = out[0] if isinstance(out, tuple) else out  # some versions also return the logsumexp
             CHOICES[key] = "fa3"
             return out if layout == "BSHD" else out.transpose(1, 2)
