@@ -24,10 +24,14 @@ def _worker(rank, name, options, overrides, store, out_dir):
         model.eval()
         cache = mindiesd_compile.StepCache(options.pop("cache", None))
         steps = options.pop("steps", 1)
-        if options.pop("dynamic", False):
-            mindiesd_compile.mark_sequence_dynamic(model, kwargs)
         if "hidden_states_shape" in options:
             kwargs["hidden_states"] = torch.randn(options.pop("hidden_states_shape"))
+        if options.pop("dynamic", False):
+            mindiesd_compile.mark_sequence_dynamic(model, kwargs)
+        unmasked, padding = dict(kwargs), options.pop("text_padding", 0)
+        if padding:  # the last text tokens are padding (HunyuanVideo's encoder_attention_mask)
+            kwargs["encoder_attention_mask"] = kwargs["encoder_attention_mask"].clone()
+            kwargs["encoder_attention_mask"][:, -padding:] = 0
         with torch.no_grad():
             fn = torch.compile(model, backend="mindiesd", fullgraph=True,
                                options={"target": "eager", "cache": cache, "sequence_parallel": WORLD, **options})
@@ -39,10 +43,11 @@ def _worker(rank, name, options, overrides, store, out_dir):
                 kw = dict(kwargs, timestep=kwargs["timestep"] - 100 * step)
                 ref, out = one(**kw)[0], fn(**kw)[0]
                 rels.append(float((out - ref).norm() / ref.norm()))
-            dense = model(**kwargs)[0]
+            dense, plain = model(**kwargs)[0], model(**unmasked)[0]
             result_dense = float((out - dense).norm() / dense.norm())
+            rel_to_unmasked = float((out - plain).norm() / plain.norm())
         runner = cache.runners[0]
-        result = dict(rel=rels[0], rels=rels, rel_to_dense=result_dense, shape_ok=out.shape == ref.shape, skipped=cache.stats["skipped"],
+        result = dict(rel=rels[0], rels=rels, rel_to_dense=result_dense, rel_to_unmasked=rel_to_unmasked, shape_ok=out.shape == ref.shape, skipped=cache.stats["skipped"],
                       all_to_all=runner.compiler.report.stats("sequence_parallel").rewritten,
                       attention=runner.compiler.report.stats("attention").rewritten, compiles=runner.compiler.compiles)
     except Exception as err:  # reported to the test, which asserts on it
@@ -91,6 +96,32 @@ def test_joint_attention_with_dynamic_sequence_dims_matches_one_process(tmp_path
         assert "error" not in result, result
         assert result["shape_ok"] and result["rel"] <= 1e-5
         assert result["all_to_all"] == 2 == result["attention"]  # the double-stream and the single-stream block
+
+
+def test_hunyuan_video_with_text_padding_matches_one_process(tmp_path):
+    """HunyuanVideo ships no _cp_plan: the built-in one splits the image tokens where they enter the blocks and
+    keeps text whole. Its key mask (built in the prologue, last 3 text tokens padding) reaches each rank as a
+    padded chunk and is gathered back whole; joint attention runs in the single-process key order."""
+    for result in run_two_ranks(tmp_path, "hunyuan", dynamic=True, text_padding=3):
+        assert "error" not in result, result
+        assert result["shape_ok"] and result["rel"] <= 1e-5
+        assert result["rel_to_unmasked"] > 1e-3  # the padding mask really changes the output
+        assert result["all_to_all"] == 2  # the double- and the single-stream block
+        assert result["attention"] == 3  # + the token refiner's text self-attention (prologue, unsplit)
+
+
+def test_indivisible_image_tokens_are_a_clear_error(tmp_path):
+    """1 x 3 x 3 = 9 image tokens on 2 ranks."""
+    for result in run_two_ranks(tmp_path, "hunyuan", dynamic=True, hidden_states_shape=(1, 4, 1, 3, 3)):
+        assert ("HunyuanVideoTransformer3DModel: the sequence entering the blocks has 9 tokens, not divisible by "
+                "sequence_parallel=2") in result["error"], result
+
+
+def test_per_block_plan_entries_are_a_clear_error(tmp_path):
+    """Qwen-Image's _cp_plan splits the text mask and modulation index again at every block."""
+    for result in run_two_ranks(tmp_path, "qwen"):
+        assert "QwenImageTransformer2DModel's parallel plan splits inputs of every block" in result["error"], result
+        assert "transformer_blocks.*" in result["error"]
 
 
 def test_heads_not_divisible_are_padded(tmp_path):

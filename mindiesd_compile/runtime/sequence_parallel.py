@@ -52,6 +52,12 @@ def _local(x, spec, degree: int, rank: int):
     return x.chunk(degree, spec)[rank].contiguous()
 
 
+def check_divisible(model: str, what: str, tokens: int, degree: int) -> None:
+    if tokens % degree:
+        raise OptionsError(f"{model}: {what} has {tokens} tokens, not divisible by sequence_parallel={degree}; "
+                           "choose a resolution (or frame count) whose token count the degree divides")
+
+
 @dataclasses.dataclass
 class ShardPlan:
     degree: int
@@ -71,10 +77,8 @@ class ShardPlan:
 
     def split(self, x, dim, what: str):
         """This rank's part of ``x`` (``dim``: see ``_local``)."""
-        tokens = int(x) if dim is None else x.shape[dim] if isinstance(dim, int) else None
-        if tokens is not None and tokens % self.degree:
-            raise OptionsError(f"{self.model}: {what} has {tokens} tokens, not divisible by sequence_parallel="
-                               f"{self.degree}; choose a resolution (or frame count) whose token count it divides")
+        if not isinstance(dim, MaskSplit):
+            check_divisible(self.model, what, int(x) if dim is None else x.shape[dim], self.degree)
         return _local(x, dim, self.degree, self.rank)
 
     def gather_dim(self, x: torch.Tensor, dim: int) -> torch.Tensor:
@@ -225,9 +229,17 @@ def _differing_dim(full, local) -> Optional[int]:
 
 
 def plan_sequence_parallel(partition: Partition, args, degree: int, group, cp_plan: Optional[dict]) -> ShardPlan:
+    owner = _plan_owner(partition)
+    model = owner[0] if owner else f"the model of {getattr(_block_class(partition), '__name__', 'these')} blocks"
     if cp_plan is None:
-        raise OptionsError("sequence_parallel needs a context-parallel plan: the model class has no diffusers "
-                           "`_cp_plan`; pass one as options['parallel_plan'] (same format)")
+        raise OptionsError(f"sequence_parallel needs a context-parallel plan: {model} has no diffusers `_cp_plan` "
+                           "and no built-in one; pass one as options['parallel_plan'] (same format)")
+    per_block = {m: sorted(map(str, e)) for m, e in cp_plan.items() if m.endswith("*") and isinstance(e, dict)}
+    if per_block:  # e.g. Qwen-Image's text mask and modulation index, split again at every block
+        raise OptionsError(f"sequence_parallel: {model}'s parallel plan splits inputs of every block by name "
+                           f"({per_block}); the sequence is split once, where it enters the first block, and "
+                           "per-block entries are not supported; pass options['parallel_plan'] without them "
+                           "(the blocks must then take those inputs unsplit), or run without sequence_parallel")
     world = dist.get_world_size(group) if dist.is_initialized() else 1
     if world != degree:
         raise OptionsError(f"sequence_parallel={degree} but the process group has {world} rank(s); "
@@ -241,6 +253,7 @@ def plan_sequence_parallel(partition: Partition, args, degree: int, group, cp_pl
         if spec.expected_dims is not None and args[index].dim() != spec.expected_dims:
             continue
         model_inputs[index] = spec.split_dim % args[index].dim()
+        check_divisible(model, f"input {name!r}", args[index].shape[model_inputs[index]], degree)
 
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     with mode:
@@ -248,6 +261,8 @@ def plan_sequence_parallel(partition: Partition, args, degree: int, group, cp_pl
         full_in, full_out = _run_shapes(partition, fake)
         first = next(n for n in partition.graph_module.graph.nodes if n.target == partition.blocks[0].name)
         entries = _block_entries(partition, cp_plan, full_in[0], full_out)
+        for p, dim in entries.items():  # before the shape run below would fail on an uneven chunk
+            check_divisible(model, "the sequence entering the blocks", full_in[0][p][dim], degree)
         entries.update(_token_counts(partition, entries))
         split_values = {first.args[p]: dim for p, dim in entries.items()}
         sizes = size_inputs(partition)
@@ -261,19 +276,20 @@ def plan_sequence_parallel(partition: Partition, args, degree: int, group, cp_pl
             if any(masks.values()):  # again, with the masks as the ranks will get them
                 local_in, local_out = _run_shapes(partition, local_args, split_values, degree)
         except RuntimeError as err:
+            fix = ("trace the sequence dims dynamically: call mindiesd_compile.mark_sequence_dynamic(model, kwargs) "
+                   "before the first compiled call") if not sizes else (
+                  "it was traced with dynamic sequence dims, yet a block still derives a token count from the "
+                  "model's input sizes (which every rank passes whole): not supported")
             raise OptionsError(
-                "sequence_parallel: this model's traced graph fixes token counts (e.g. joint text+image "
-                "attention split back by the traced text length), so it cannot run on a slice of the sequence; "
-                "trace the sequence dims dynamically: call mindiesd_compile.mark_sequence_dynamic(model, kwargs) "
-                f"before the first compiled call ({str(err).splitlines()[0][:160]})") from err
+                f"sequence_parallel: {model}'s traced graph fixes token counts (e.g. joint text+image attention "
+                f"split back by the traced text length), so it cannot run on a slice of the sequence; {fix} "
+                f"({str(err).splitlines()[0][:160]})") from err
     sharded = {j: {p: d for p, (a, b) in enumerate(zip(full_in[j], local_in[j]))
                    if (d := _differing_dim(a, b)) is not None} for j in full_in}
     gather = {k: d for k, (a, b) in enumerate(zip(full_out, local_out)) if (d := _differing_dim(a, b)) is not None}
     if not sharded[0]:
-        raise OptionsError("the parallel plan shards nothing that reaches the transformer blocks")
-    owner = _plan_owner(partition)
-    return ShardPlan(degree, dist.get_rank(group), group, model_inputs, split_values, sharded, gather, sizes,
-                     owner[0] if owner else type(partition.graph_module).__name__)
+        raise OptionsError(f"{model}: the parallel plan shards nothing that reaches the transformer blocks")
+    return ShardPlan(degree, dist.get_rank(group), group, model_inputs, split_values, sharded, gather, sizes, model)
 
 
 def _token_counts(partition: Partition, entries: Dict[int, int]) -> Dict[int, None]:
