@@ -193,6 +193,8 @@ class UlyssesPass(GraphPass):
         if not isinstance(val, torch.Tensor):
             return joint  # a tuple (var_mean, split): each getitem finds its own dim
         total = joint.length
+        if node.target is torch.ops.aten.permute.default:  # exact: sizes may repeat (tokens = head dim)
+            return Joint(joint.segments, [d % val.dim() for d in node.args[1]].index(joint.dim), joint.outer)
         if joint.dim < val.dim() and val.shape[joint.dim] == total * joint.outer:
             return joint
         for outer in (1, joint.outer) + ((val.numel() // total,) if node.target in RESHAPE_OPS else ()):

@@ -194,14 +194,15 @@ class PartitionRunner:
         return self.shard_plan.split_model_inputs(args)
 
     def _shard_piece_inputs(self, node: Node, inputs: list) -> list:
-        """Gather what leaves the last block sharded, before the epilogue (see sequence_parallel.py)."""
+        """Gather what leaves the last block sharded, before the epilogue; token counts split for the blocks
+        are whole again there (see sequence_parallel.py)."""
         plan = self.shard_plan
         if node in self.block_index:
             return inputs
         last = self.block_nodes[-1]
         return [plan.gather_dim(t, plan.gather[a.args[1]])
                 if isinstance(a, Node) and a.target is operator.getitem and a.args[0] is last and a.args[1] in plan.gather
-                else t for a, t in zip(node.args, inputs)]
+                else plan.whole(a, t) for a, t in zip(node.args, inputs)]
 
     def _begin(self, args) -> BranchState:
         state = self.step_cache.begin_call(*call_key(args, self.timestep_index))

@@ -8,8 +8,8 @@ diffusers ships on Wan, Flux, Qwen-Image, LTX, ...) is mapped onto the partition
   the first block: they are split where the prologue hands them over, for every block that reads them;
 - what comes out of the last block sharded is gathered before the epilogue (the epilogue of these
   models is token-wise up to ``proj_out``, where the plan gathers, so gathering earlier is the same);
-- a token count the prologue hands to the blocks as a number (a graph traced with dynamic sequence dims
-  reshapes by it) is divided like the tensors it counts.
+- a token count (or a size it is a multiple of) that the prologue hands to the blocks as a number (a
+  graph traced with dynamic sequence dims reshapes and slices by it) is divided like the tokens.
 
 Models without a ``_cp_plan`` may have a built-in one (``parallel_plans.py``: HunyuanVideo, SD3).
 
@@ -80,6 +80,11 @@ class ShardPlan:
         if not isinstance(dim, MaskSplit):
             check_divisible(self.model, what, int(x) if dim is None else x.shape[dim], self.degree)
         return _local(x, dim, self.degree, self.rank)
+
+    def whole(self, arg: torch.fx.Node, value):
+        """A value as the pieces outside the blocks see it: a token count split for the blocks, whole again."""
+        split = isinstance(arg, torch.fx.Node) and arg in self.split_values and self.split_values[arg] is None
+        return value * self.degree if split else value
 
     def gather_dim(self, x: torch.Tensor, dim: int) -> torch.Tensor:
         parts = [torch.empty_like(x) for _ in range(self.degree)]
@@ -168,13 +173,11 @@ def _run_shapes(partition: Partition, args, split_values=None, degree=1, masks=N
     (``masks``: collects, per block node, the inputs that are masks over the whole joint sequence)."""
     gm = partition.graph_module
     block_names = [p.name for p in partition.blocks]
-    env, it, ins, out = {}, iter(args), {}, None
+    env, it, ins = {}, iter(args), {}
     for node in gm.graph.nodes:
         if node.op == "placeholder":
             env[node] = next(it)
-        elif node.op == "output":
-            break
-        else:
+        elif node.op != "output":
             fn = gm.get_submodule(node.target) if node.op == "call_module" else node.target
             inputs = list(torch.fx.map_arg(node.args, env.__getitem__))
             if node.op == "call_module" and node.target in block_names:
@@ -185,8 +188,8 @@ def _run_shapes(partition: Partition, args, split_values=None, degree=1, masks=N
             if split_values and node in split_values:
                 env[node] = _local(env[node], split_values[node], degree, 0)
             if node.op == "call_module" and node.target == block_names[-1]:
-                out = [tuple(t.shape) for t in env[node]]
-    return ins, out
+                return ins, [tuple(t.shape) for t in env[node]]  # the epilogue gets the gathered outputs
+    raise AssertionError("no blocks")
 
 
 _SDPA = (torch._C._nn.scaled_dot_product_attention, torch.nn.functional.scaled_dot_product_attention)
@@ -293,13 +296,18 @@ def plan_sequence_parallel(partition: Partition, args, degree: int, group, cp_pl
 
 
 def _token_counts(partition: Partition, entries: Dict[int, int]) -> Dict[int, None]:
-    """First-block inputs that are a split tensor's token count as a number (SymInts of a dynamic trace)."""
-    placeholders = [n for n in partition.graph_module.get_submodule(partition.blocks[0].name).graph.nodes
-                    if n.op == "placeholder"]
-    values = [p.meta.get("example_value", p.meta.get("val")) for p in placeholders]
-    split = {values[p].shape[d].node.expr for p, d in entries.items()
-             if isinstance(values[p], torch.Tensor) and isinstance(values[p].shape[d], torch.SymInt)}
-    return {p: None for p, v in enumerate(values) if isinstance(v, torch.SymInt) and v.node.expr in split}
+    """First-block inputs that the prologue computes as numbers from the sizes a split token count depends
+    on (SymInts of a dynamic trace: HunyuanVideo's token count, SD3's latent height in patches, which its
+    blocks multiply back into a token count): the blocks must see this rank's share. Checked by the
+    shape run on a slice that follows."""
+    top = partition.graph_module
+    first = next(n for n in top.graph.nodes if n.target == partition.blocks[0].name)
+    values = [p.meta.get("example_value", p.meta.get("val"))
+              for p in top.get_submodule(first.target).graph.nodes if p.op == "placeholder"]
+    symbols = set().union(*(values[p].shape[d].node.expr.free_symbols for p, d in entries.items()
+                            if isinstance(values[p], torch.Tensor) and isinstance(values[p].shape[d], torch.SymInt)))
+    return {p: None for p, v in enumerate(values) if isinstance(v, torch.SymInt) and first.args[p].op != "placeholder"
+            and v.node.expr.free_symbols and v.node.expr.free_symbols <= symbols}
 
 
 def _block_entries(partition: Partition, cp_plan: dict, in_shapes, out_shapes) -> Dict[int, int]:
