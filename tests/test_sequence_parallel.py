@@ -110,6 +110,16 @@ def test_hunyuan_video_with_text_padding_matches_one_process(tmp_path):
         assert result["attention"] == 3  # + the token refiner's text self-attention (prologue, unsplit)
 
 
+def test_sd3_two_ranks_match_one_process(tmp_path):
+    """SD3 ships no _cp_plan: the built-in one splits the image tokens where they enter the blocks, text stays
+    whole (joint attention, no mask). Its blocks multiply the latent height in patches, handed over by the
+    prologue, back into the image token count: each rank's blocks get their share, the epilogue the whole."""
+    for result in run_two_ranks(tmp_path, "sd3", dynamic=True):
+        assert "error" not in result, result
+        assert result["shape_ok"] and result["rel"] <= 1e-5
+        assert result["all_to_all"] == 3  # joint attention in both blocks + block 0's image-only attn2 (dual attention)
+
+
 def test_indivisible_image_tokens_are_a_clear_error(tmp_path):
     """1 x 3 x 3 = 9 image tokens on 2 ranks."""
     for result in run_two_ranks(tmp_path, "hunyuan", dynamic=True, hidden_states_shape=(1, 4, 1, 3, 3)):
