@@ -136,6 +136,8 @@ VARIANTS = {  # name: (backend options or None for Inductor, attention kernel, c
     "mindiesd-sdpa": ({"patterns": NO_GELU}, "sdpa", False, None),
     "mindiesd-nogelu": ({"patterns": NO_GELU}, "auto", False, None),
     "mindiesd+graph": ({}, "auto", True, None),
+    "mindiesd+fp8attn": ({"fp8": {"attention": True}}, "auto", False, None),
+    "mindiesd+fp8": ({"fp8": {"attention": True, "linear": True}}, "auto", False, None),
     "mindiesd+persistent": ({}, "auto", False, lambda: persistent_reductions_up_to(8192)),
     "mindiesd+multikernel": ({"inductor_config": {"triton.multi_kernel": 1}}, "auto", False, None),
 }

@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from .options import CompileOptions, OptionsError
+from .options import CompileOptions, Fp8Config, OptionsError
 from .partition import partition_at_blocks
 from .passes import PASSES, PassManager
 from .passes.sparse_attention import resolve_video_grid, with_sparse_runtime
@@ -38,6 +38,9 @@ def build_manager(options: CompileOptions, target: str, report: Report, sharded:
     if target in ("cuda", "cpu"):
         from .lowering.decompose import INDUCTOR_FUSES, DecomposeForInductor
         passes.append(DecomposeForInductor(report, INDUCTOR_FUSES | {"attention"} if offline else INDUCTOR_FUSES))
+    if options.fp8.linear and not offline and target != "npu":  # before the GELU epilogue: FP8 GEMMs win
+        from .lowering.fp8_linear import LinearToFp8
+        passes.append(LinearToFp8(report))
     if target == "cuda" and "gelu_epilogue" in options.patterns and not offline:  # cuBLASLt epilogue: CUDA only
         from .lowering.gelu_epilogue import GeluIntoGemm
         passes.append(GeluIntoGemm(report))
@@ -48,7 +51,10 @@ def build_manager(options: CompileOptions, target: str, report: Report, sharded:
     if options.sparse_attention is not None and not offline and target != "npu":
         from .passes.sparse_attention import SparseAttentionPass
         passes.append(SparseAttentionPass(report, options.sparse_attention))
-    key = repr((target, options.patterns, options.strict, offline))  # what changes the compiled code
+    if options.fp8.attention and not offline and target != "npu":  # last: after every pass that reads attention
+        from .lowering.fp8_attention import AttentionToFp8
+        passes.append(AttentionToFp8(report))
+    key = repr((target, options.patterns, options.strict, offline, options.fp8))  # what changes the compiled code
     return PassManager(passes, report, strict=options.strict, dump_graphs=options.dump_graphs, config_key=key)
 
 
@@ -74,6 +80,9 @@ def mindiesd_backend(gm: torch.fx.GraphModule, example_inputs, options=None, mod
     opts = CompileOptions.from_dict(options)  # bad options fail here, before any tracing work
     opts = resolve_video_grid(opts, gm)  # sparse attention: the grid is in the prologue, not in the blocks
     target = opts.target or infer_target(example_inputs)
+    if target == "npu" and opts.fp8 != Fp8Config():
+        raise OptionsError("options['fp8'] has no NPU kernels here (FA3's FP8 attention and torch._scaled_mm are "
+                           "CUDA's); remove it for an NPU model")
     if target == "npu":
         from .lowering.torchair import import_torchair
         import_torchair()  # no torch_npu: say what to install before any piece is compiled

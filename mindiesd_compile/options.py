@@ -57,6 +57,26 @@ class NpuConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class Fp8Config:
+    """Opt-in FP8, never on by default (``options["fp8"]``).
+
+    attention: q, k, v in float8_e4m3fn with per-(batch, head) scales through FlashAttention-3's FP8 kernel
+               (Hopper); where that kernel does not apply, CUDA runs bf16 attention and the CPU simulates the
+               rounding (ops/fp8_attention.py). Sites with a mask stay bf16.
+    linear:    W8A8 linear layers of a bf16 model: weights per output channel, activations per token, through
+               ``torch._scaled_mm`` (sm89+); elsewhere bf16 (CUDA) or simulated (CPU) (ops/fp8_linear.py).
+    """
+
+    attention: bool = False
+    linear: bool = False
+
+    def __post_init__(self):
+        for flag in ("attention", "linear"):
+            if not isinstance(getattr(self, flag), bool):
+                raise OptionsError(f"options['fp8']['{flag}'] must be True or False, got {getattr(self, flag)!r}")
+
+
+@dataclasses.dataclass(frozen=True)
 class CompileOptions:
     """Typed compile options.
 
@@ -76,6 +96,7 @@ class CompileOptions:
     sparse_attention: block-sparse self-attention over video tokens: a dict of ``SparseAttentionConfig``
                fields (sparse/config.py), e.g. ``{"sparsity": 0.8, "start_step": 10}``; None: dense.
     npu:       torchair choices for target "npu": a dict of ``NpuConfig`` fields.
+    fp8:       opt-in FP8: a dict of ``Fp8Config`` fields, e.g. ``{"attention": True}``.
     """
 
     target: Optional[str] = None
@@ -90,6 +111,7 @@ class CompileOptions:
     parallel_group: Any = None
     sparse_attention: Any = None
     npu: Any = None
+    fp8: Any = None
 
     def __post_init__(self):
         if self.target is not None and self.target not in TARGETS:
@@ -100,6 +122,13 @@ class CompileOptions:
             object.__setattr__(self, "npu", from_mapping(NpuConfig, self.npu, "options['npu'] key"))
         else:
             raise OptionsError(f"options['npu'] must be a dict of NpuConfig fields, got {type(self.npu).__name__}")
+        if not isinstance(self.fp8, Fp8Config):
+            if self.fp8 is not None and not isinstance(self.fp8, Mapping):
+                raise OptionsError(f"options['fp8'] must be a dict of Fp8Config fields, got {type(self.fp8).__name__}")
+            object.__setattr__(self, "fp8", from_mapping(Fp8Config, self.fp8 or {}, "options['fp8'] key"))
+        if self.fp8 != Fp8Config() and self.target == "npu":
+            raise OptionsError("options['fp8'] has no NPU kernels here (FA3's FP8 attention and torch._scaled_mm "
+                               "are CUDA's); remove it for target 'npu'")
         if self.npu != NpuConfig() and self.target not in (None, "npu"):
             raise OptionsError(f"options['npu'] configures target 'npu', but options['target']={self.target!r}")
         patterns = (self.patterns,) if isinstance(self.patterns, str) else tuple(self.patterns)
