@@ -26,6 +26,9 @@ def _worker(rank, name, options, overrides, store, out_dir):
         steps = options.pop("steps", 1)
         if "hidden_states_shape" in options:
             kwargs["hidden_states"] = torch.randn(options.pop("hidden_states_shape"))
+        for key, t in list(kwargs.items()) if options.pop("batch2", False) else ():  # two different samples
+            if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == 1:
+                kwargs[key] = torch.cat([t, torch.randn_like(t) if t.is_floating_point() and key != "encoder_attention_mask" else t])
         if options.pop("dynamic", False):
             mindiesd_compile.mark_sequence_dynamic(model, kwargs)
         unmasked, padding = dict(kwargs), options.pop("text_padding", 0)
@@ -101,8 +104,9 @@ def test_joint_attention_with_dynamic_sequence_dims_matches_one_process(tmp_path
 def test_hunyuan_video_with_text_padding_matches_one_process(tmp_path):
     """HunyuanVideo ships no _cp_plan: the built-in one splits the image tokens where they enter the blocks and
     keeps text whole. Its key mask (built in the prologue, last 3 text tokens padding) reaches each rank as a
-    padded chunk and is gathered back whole; joint attention runs in the single-process key order."""
-    for result in run_two_ranks(tmp_path, "hunyuan", dynamic=True, text_padding=3):
+    padded chunk and is gathered back whole; joint attention runs in the single-process key order. Batch 2:
+    the joint sequence is followed through the projections' [B*S, C] views."""
+    for result in run_two_ranks(tmp_path, "hunyuan", dynamic=True, text_padding=3, batch2=True):
         assert "error" not in result, result
         assert result["shape_ok"] and result["rel"] <= 1e-5
         assert result["rel_to_unmasked"] > 1e-3  # the padding mask really changes the output

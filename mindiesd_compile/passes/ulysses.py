@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 from typing import Dict, Sequence, Tuple, Union
 
 import torch
@@ -61,21 +62,28 @@ def _all_gather_heads(x: torch.Tensor, group: str) -> torch.Tensor:
     return funcol.all_gather_single(x.movedim(2, 0).contiguous(), 0, group).movedim(0, 2)
 
 
-def joint_ulysses_attention(q, k, v, mask, scale, layout, segments, degree, group, rank, mask_split):
-    """Attention over runs of sharded (all-to-all) and replicated (local heads) tokens, in their order;
-    ``mask_split``: the mask reached this rank as a padded chunk of its keys (runtime/sequence_parallel.py
-    MaskSplit) and is all-gathered back whole."""
+def ulysses_attention(q, k, v, mask, scale, layout, degree, group, segments=None, rank=0, mask_split=False):
+    """Attention over tokens split across ranks. ``segments``: runs of (sharded, local length) along the
+    sequence, default one sharded run; a sharded run is all-to-all'ed (all its tokens, this rank's heads),
+    a replicated run keeps this rank's heads, in their order, and after attention the inverse (the
+    replicated heads all-gathered). ``mask_split``: the mask reached this rank as a padded chunk of its
+    keys (runtime/sequence_parallel.py MaskSplit) and is all-gathered back whole."""
     if layout == "BHSD":
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     heads = q.shape[2]
-    local = -(-heads // degree)  # heads per rank after zero-padding (see ulysses_attention)
-    mine = slice(rank * local, (rank + 1) * local)
+    segments = segments or ((True, q.shape[1]),)
+    local = -(-heads // degree)  # any head count: zero heads up to a multiple of the degree, dropped after
+    mine = slice(rank * local, (rank + 1) * local)  # (a zero head attends uniformly to zero values: zeros)
+
+    def join(parts):
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
     def gather_tokens(t):
-        t = torch.nn.functional.pad(t, (0, 0, 0, local * degree - heads))
-        runs = t.split([n for _, n in segments], dim=1)
-        return torch.cat([seq_to_heads(r, degree, group) if sharded else r[:, :, mine]
-                          for (sharded, _), r in zip(segments, runs)], dim=1)
+        if local * degree > heads:
+            t = torch.nn.functional.pad(t, (0, 0, 0, local * degree - heads))
+        runs = t.split([n for _, n in segments], dim=1) if len(segments) > 1 else (t,)
+        return join([seq_to_heads(r, degree, group) if sharded else r[:, :, mine]
+                     for (sharded, _), r in zip(segments, runs)])
 
     q, k, v = (gather_tokens(t) for t in (q, k, v))
     if mask_split:
@@ -85,22 +93,9 @@ def joint_ulysses_attention(q, k, v, mask, scale, layout, segments, degree, grou
     if mask is not None and mask.dim() == 4 and mask.shape[1] > 1:  # a per-head mask: this rank's heads
         mask = torch.cat([mask, mask[:, :1].expand(-1, local * degree - heads, -1, -1)], 1)[:, mine]
     out = torch.ops.mindiesd_compile.attention(q, k, v, mask, scale, "BSHD")
-    runs = out.split([n * degree if sharded else n for sharded, n in segments], dim=1)
-    out = torch.cat([heads_to_seq(r, degree, group) if sharded else _all_gather_heads(r, group)
-                     for (sharded, _), r in zip(segments, runs)], dim=1)[:, :, :heads]
-    return out.transpose(1, 2) if layout == "BHSD" else out
-
-
-def ulysses_attention(q, k, v, mask, scale, layout, degree, group):
-    if layout == "BHSD":
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-    heads = q.shape[2]
-    pad = -heads % degree  # any head count: zero heads up to a multiple of the degree, dropped after
-    if pad:  # (a zero head attends uniformly to zero values: its output is zeros, never NaN)
-        q, k, v = (torch.nn.functional.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
-    q, k, v = (seq_to_heads(t, degree, group) for t in (q, k, v))
-    out = torch.ops.mindiesd_compile.attention(q, k, v, mask, scale, "BSHD")
-    out = heads_to_seq(out, degree, group)[:, :, :heads]
+    runs = out.split([n * degree if sharded else n for sharded, n in segments], dim=1) if len(segments) > 1 else (out,)
+    out = join([heads_to_seq(r, degree, group) if sharded else _all_gather_heads(r, group)
+                for (sharded, _), r in zip(segments, runs)])[:, :, :heads]
     return out.transpose(1, 2) if layout == "BHSD" else out
 
 
@@ -125,7 +120,7 @@ def _val(node):
 
 
 def _runs(segments) -> Union[bool, Tuple]:
-    """Runs of one kind collapse to that kind (all sharded: one rank's slice of one stream only)."""
+    """One sharded run is plainly sharded, replicated runs are replicated, anything else stays runs."""
     if all(not sharded for sharded, _ in segments):
         return False
     if len(segments) == 1:
@@ -182,7 +177,7 @@ class UlyssesPass(GraphPass):
             return self._cat(node, sharded)
         if joint is None:
             return any(s is True for s in states)
-        if node.target is torch.ops.aten.slice.Tensor and node.args[0] in sharded and sharded[node.args[0]] is joint:
+        if node.target is torch.ops.aten.slice.Tensor and sharded.get(node.args[0]) is joint:
             return self._slice(node, joint)
         return self._follow(joint, node)
 
@@ -197,14 +192,18 @@ class UlyssesPass(GraphPass):
             return Joint(joint.segments, [d % val.dim() for d in node.args[1]].index(joint.dim), joint.outer)
         if joint.dim < val.dim() and val.shape[joint.dim] == total * joint.outer:
             return joint
-        for outer in (1, joint.outer) + ((val.numel() // total,) if node.target in RESHAPE_OPS else ()):
+        outers = [1, joint.outer]
+        if node.target in RESHAPE_OPS:  # [B, S, C] -> [B*S, C]: leading dims merged into the token dim
+            shape = _val(node.args[0]).shape
+            outers += [math.prod(shape[j:joint.dim]) * joint.outer for j in range(joint.dim)]
+        for outer in outers:
             dims = [d for d, n in enumerate(val.shape) if n == total * outer]
             if len(dims) == 1:
                 return Joint(joint.segments, dims[0], outer)
         raise SequenceParallelError(
-            f"cannot follow the joint image+text sequence ({total} tokens) through {node.name} "
-            f"({node.target}, shape {tuple(val.shape)}); this model's joint attention is not supported "
-            "with text kept whole: pass a parallel_plan that splits the text too")
+            f"cannot follow the joint image+text sequence ({total} tokens on this rank) through {node.name} "
+            f"({node.target}, shape {tuple(val.shape)}): its token dim is merged away or ambiguous; joint "
+            "attention with text kept whole is not supported for this model")
 
     def _cat(self, node, sharded) -> State:
         tensors, dim = node.args[0], node.args[1] if len(node.args) > 1 else 0
@@ -259,17 +258,18 @@ class UlyssesPass(GraphPass):
                                         "the block; only masks built before the blocks can follow the split")
         self.report.found(self.name)
         degree, group, rank, segments = self.degree, self.group, self._rank(), q.segments
-        result = inline_decomposition(graph, node, lambda q, k, v, mask, scale, layout: joint_ulysses_attention(
-            q, k, v, mask, scale, layout, segments, degree, group, rank, mask_state))
+        result = inline_decomposition(graph, node, lambda q, k, v, mask, scale, layout: ulysses_attention(
+            q, k, v, mask, scale, layout, degree, group, segments, rank, mask_state))
         self.report.rewritten(self.name)
         return result
 
     def _rewrite(self, graph, node) -> torch.fx.Node:
         self.report.found(self.name)
         q, k, v, mask, scale, layout = node.args
-        if mask is not None:
-            raise SequenceParallelError(f"attention {node.name} has a mask; masked attention is not supported "
-                                        "under sequence_parallel yet")
+        if mask is not None:  # the all-to-all interleaves the ranks' runs ([img_0|txt_0|img_1|...]); a mask does not
+            raise SequenceParallelError(f"attention {node.name} has a mask and all its tokens are split; a mask "
+                                        "does not follow the all-to-all's key order: keep the masked (text) "
+                                        "tokens whole, splitting only the image tokens as the built-in plans do")
         degree, group = self.degree, self.group
         result = inline_decomposition(graph, node, lambda q, k, v, mask, scale, layout: ulysses_attention(
             q, k, v, mask, scale, layout, degree, group))
