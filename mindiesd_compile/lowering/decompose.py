@@ -20,19 +20,19 @@ from ..passes.base import GraphPass
 INDUCTOR_FUSES = frozenset({"rms_norm", "layer_norm", "adaln", "rope", "gated_residual"})
 
 
-def inline_decomposition(graph: Graph, node: Node, fn, decompositions=None) -> Node:
-    """Replace ``node`` by the ATen graph of ``fn`` traced on the node's fake inputs (with Inductor's
-    decompositions, or the ``decompositions`` given: ``{}`` keeps ATen ops whole, as GE wants them);
-    returns the node that now stands for ``node``'s value."""
-    flat, spec = torch.utils._pytree.tree_flatten((node.args, node.kwargs))
+def insert_traced(graph: Graph, before: Node, fn, args: tuple, kwargs=None, decompositions=None, like=None):
+    """Insert before ``before`` the ATen graph of ``fn(*args, **kwargs)`` traced on the args' fake values
+    (with Inductor's decompositions, or the ``decompositions`` given: ``{}`` keeps ATen ops whole, as GE wants
+    them); nodes among the args become its inputs. Returns the node(s) standing for fn's output(s)."""
+    flat, spec = torch.utils._pytree.tree_flatten((args, kwargs or {}))
     tensor_pos = [i for i, a in enumerate(flat) if isinstance(a, Node)]
 
     def call(*tensors):
         leaves = list(flat)
         for i, t in zip(tensor_pos, tensors):
             leaves[i] = t
-        args, kwargs = torch.utils._pytree.tree_unflatten(leaves, spec)
-        return fn(*args, **kwargs)
+        a, kw = torch.utils._pytree.tree_unflatten(leaves, spec)
+        return fn(*a, **kw)
 
     fakes = [flat[i].meta["val"] for i in tensor_pos]
     mode = torch._guards.detect_fake_mode(fakes)
@@ -41,17 +41,26 @@ def inline_decomposition(graph: Graph, node: Node, fn, decompositions=None) -> N
                        **({} if decompositions is None else {"get_decomp_fn": lambda: decompositions}))
     env = {}
     placeholders = iter(flat[i] for i in tensor_pos)
-    with graph.inserting_before(node):
+    like = like if like is not None else before
+    with graph.inserting_before(before):
         for sn in sub.graph.nodes:
             if sn.op == "placeholder":
                 env[sn] = next(placeholders)
             elif sn.op == "output":
-                result = env[sn.args[0]] if isinstance(sn.args[0], Node) else env[sn.args[0][0]]
+                result = torch.fx.map_arg(sn.args[0], env.__getitem__)
             else:
                 env[sn] = graph.node_copy(sn, lambda a: env[a])
                 for key in ("nn_module_stack", "stack_trace"):
-                    if key in node.meta:
-                        env[sn].meta[key] = node.meta[key]
+                    if key in like.meta:
+                        env[sn].meta[key] = like.meta[key]
+    return result
+
+
+def inline_decomposition(graph: Graph, node: Node, fn, decompositions=None) -> Node:
+    """Replace ``node`` by the ATen graph of ``fn`` (see ``insert_traced``); returns the node that now stands
+    for ``node``'s value."""
+    result = insert_traced(graph, node, fn, node.args, node.kwargs, decompositions)
+    result = result if isinstance(result, Node) else result[0]
     node.replace_all_uses_with(result)
     graph.erase_node(node)
     return result

@@ -1,21 +1,28 @@
-"""Opt-in FP8 linear layers: ``addmm(b, x, W^T)`` / ``mm(x, W^T)`` with a parameter ``W`` become ``linear_fp8``
-(ops/fp8_linear.py). Only where the user asked for it (``options["fp8"]["linear"]``), before the GELU epilogue
-(which then finds no bf16 GEMM to fuse into). GEMMs with few rows (timestep embeddings) stay bf16: rounding
-their activations costs more than the FP8 GEMM saves.
+"""Opt-in FP8 linear layers: ``addmm(b, x, W^T)`` / ``mm(x, W^T)`` with a parameter ``W`` become
+``scaled_linear(quantize_rows(x), W, b)`` (ops/fp8_linear.py), the rounding as ATen ops Inductor fuses into
+the kernel producing ``x``, once per distinct ``x`` (q, k and v share theirs). Only where the user asked for it
+(``options["fp8"]["linear"]``), before the GELU epilogue (which then finds no bf16 GEMM to fuse into).
+GEMMs with few rows (timestep embeddings) stay bf16: rounding costs more there than the FP8 GEMM saves.
 """
 from __future__ import annotations
 
 import torch
 from torch.fx import Graph, Node
 
-from ..ops import ops
-from ..passes.base import FusionPass, aten, insert_call, is_call, replace, require, val
+from ..ops import attention_kernels, ops
+from ..ops.fp8_linear import quantize_rows
+from ..passes.base import RESHAPES, FusionPass, aten, insert_call, is_call, replace, require, val
+from .decompose import insert_traced
 
 MIN_ROWS = 16
 
 
 class LinearToFp8(FusionPass):
     name = "fp8_linear"
+
+    def __call__(self, graph: Graph) -> None:
+        self.rounded = {}  # activation (its source if reshaped, shape) -> (e4m3 node, scale node)
+        super().__call__(graph)
 
     def anchors(self, graph: Graph):
         return [n for n in graph.nodes if is_call(n, aten.addmm.default, aten.mm.default)]
@@ -28,8 +35,17 @@ class LinearToFp8(FusionPass):
         w = wt.args[0]
         require(w.op in ("placeholder", "get_attr"), "weight is computed in the graph, not a parameter")
         require(bias is None or val(bias).dim() == 1, "bias is not a vector")
-        require(val(x).dtype == torch.bfloat16 == val(w).dtype,
-                f"{val(x).dtype} model (FP8 GEMMs here write bf16; run the model in bf16)")
-        rows = val(x).shape[0]
+        xv, wv = val(x), val(w)
+        require(xv.dtype == torch.bfloat16 == wv.dtype,
+                f"{xv.dtype} model (FP8 GEMMs here write bf16; run the model in bf16)")
+        require(xv.shape[1] % 16 == 0 and wv.shape[0] % 16 == 0, "K or N not a multiple of 16 (cuBLASLt FP8)")
+        rows = xv.shape[0]
         require(not isinstance(rows, int) or rows >= MIN_ROWS, f"{rows} rows: too few for an FP8 GEMM to pay")
-        replace(mm, insert_call(graph, mm, ops.linear_fp8.default, (x, w, bias), like=mm))
+        if xv.device.type == "cuda":
+            (major, minor), _ = attention_kernels.capability(xv.device)
+            require((major, minor) >= (8, 9), f"sm{major}{minor} has no FP8 tensor cores")
+        key = (x.args[0] if is_call(x, *RESHAPES) else x, tuple(xv.shape))  # q, k, v each reshape the same input
+        if key not in self.rounded:
+            self.rounded[key] = insert_traced(graph, mm, quantize_rows, (x,), like=mm)
+        x8, scale = self.rounded[key]
+        replace(mm, insert_call(graph, mm, ops.scaled_linear.default, (x8, scale, w, bias, xv.dtype), like=mm))

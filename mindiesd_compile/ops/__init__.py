@@ -148,5 +148,5 @@ def op_name(target) -> Optional[str]:
     return None
 
 from . import fp8_attention as _fp8_attention  # noqa: E402,F401  (registers attention_fp8)
-from . import fp8_linear as _fp8_linear  # noqa: E402,F401  (registers linear_fp8)
+from . import fp8_linear as _fp8_linear  # noqa: E402,F401  (registers scaled_linear)
 from . import sparse as _sparse  # noqa: E402,F401  (registers sparse_attention)
