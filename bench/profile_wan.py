@@ -138,6 +138,7 @@ VARIANTS = {  # name: (backend options or None for Inductor, attention kernel, c
     "mindiesd+graph": ({}, "auto", True, None),
     "mindiesd+fp8attn": ({"fp8": {"attention": True}}, "auto", False, None),
     "mindiesd+fp8": ({"fp8": {"attention": True, "linear": True}}, "auto", False, None),
+
     "mindiesd+persistent": ({}, "auto", False, lambda: persistent_reductions_up_to(8192)),
     "mindiesd+multikernel": ({"inductor_config": {"triton.multi_kernel": 1}}, "auto", False, None),
 }

@@ -2,14 +2,13 @@
 ``torch._scaled_mm`` (cuBLASLt, e4m3 x e4m3, fp32 accumulation, both scales and the bias in its epilogue,
 bf16 out). MindIE SD ships W8A8 on Ascend; this is the same trade on CUDA, measured in bench/RESULTS.md.
 
-The activations are rounded per row (token) by plain ATen ops that the pass puts in the graph
-(``quantize_rows``), so Inductor fuses the rounding into the kernel that produces the activation (the adaLN
-before q/k/v, the GELU before the FFN's down projection) and q, k and v share one rounding. The weights are
-rounded once per output channel inside ``scaled_linear`` and kept beside the bf16 weights (cached per weight
+The activations are rounded per row (token) by ``quantize_rows`` (one Triton pass on CUDA), once per distinct
+input (q, k and v share theirs); the weights are rounded once per output channel inside ``scaled_linear`` and kept beside the bf16 weights (cached per weight
 tensor and version). The reference (CPU kernel, fake kernel, oracle) is the dequantized product in fp32.
 """
 from __future__ import annotations
 
+import functools
 import warnings
 import weakref
 from typing import Dict, Optional, Tuple
@@ -26,6 +25,36 @@ def quantize_rows(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     xf = x.float()
     scale = (xf.abs().amax(dim=-1, keepdim=True) / E4M3_MAX).clamp_min(torch.finfo(torch.float32).tiny)
     return (xf / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3), scale
+
+
+@functools.lru_cache(None)
+def _row_kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def quantize_rows_kernel(x_ptr, out_ptr, scale_ptr, cols, stride, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        c = tl.arange(0, BLOCK)
+        x = tl.load(x_ptr + row * stride + c, mask=c < cols, other=0.0).to(tl.float32)
+        scale = tl.maximum(tl.max(tl.abs(x), axis=0) / 448.0, 1.1754943508222875e-38)
+        y = tl.minimum(tl.maximum(x / scale, -448.0), 448.0)
+        tl.store(out_ptr + row * cols + c, y.to(tl.float8e4nv), mask=c < cols)
+        tl.store(scale_ptr + row, scale)
+    return quantize_rows_kernel
+
+
+def quantize_rows_cuda(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One read of ``x`` with each row held whole in registers, one e4m3 write (rows up to 16384 values)."""
+    rows, cols = x.shape
+    block = 1 << (cols - 1).bit_length()
+    if block > 16384:
+        return quantize_rows(x)
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    out = torch.empty(rows, cols, dtype=E4M3, device=x.device)
+    scale = torch.empty(rows, 1, dtype=torch.float32, device=x.device)
+    _row_kernel()[(rows,)](x, out, scale, cols, x.stride(0), BLOCK=block, num_warps=min(16, max(4, block // 1024)))
+    return out, scale
 
 
 def scaled_linear_ref(x8: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -66,6 +95,11 @@ def scaled_linear_cuda(x8, x_scale, weight, bias, out_dtype):
 
 
 _lib = torch.library.Library("mindiesd_compile", "FRAGMENT")
+_lib.define("quantize_rows(Tensor x) -> (Tensor, Tensor)")
+_lib.impl("quantize_rows", quantize_rows, "CompositeExplicitAutograd")
+_lib.impl("quantize_rows", quantize_rows_cuda, "CUDA")
+torch.library.register_fake("mindiesd_compile::quantize_rows", lambda x: (
+    x.new_empty(x.shape, dtype=E4M3), x.new_empty(x.shape[0], 1, dtype=torch.float32)), lib=_lib)
 _lib.define("scaled_linear(Tensor x8, Tensor x_scale, Tensor weight, Tensor? bias, ScalarType out_dtype) -> Tensor")
 _lib.impl("scaled_linear", scaled_linear_ref, "CompositeExplicitAutograd")
 _lib.impl("scaled_linear", scaled_linear_cuda, "CUDA")
