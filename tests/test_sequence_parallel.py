@@ -105,8 +105,8 @@ def test_hunyuan_video_with_text_padding_matches_one_process(tmp_path):
     """HunyuanVideo ships no _cp_plan: the built-in one splits the image tokens where they enter the blocks and
     keeps text whole. Its key mask (built in the prologue, last 3 text tokens padding) reaches each rank as a
     padded chunk and is gathered back whole; joint attention runs in the single-process key order. Batch 2:
-    the joint sequence is followed through the projections' [B*S, C] views."""
-    for result in run_two_ranks(tmp_path, "hunyuan", dynamic=True, text_padding=3, batch2=True):
+    the joint sequence is followed through the projections' [B*S, C] views; 3 heads: padded to 4."""
+    for result in run_two_ranks(tmp_path, "hunyuan", {"num_attention_heads": 3}, dynamic=True, text_padding=3, batch2=True):
         assert "error" not in result, result
         assert result["shape_ok"] and result["rel"] <= 1e-5
         assert result["rel_to_unmasked"] > 1e-3  # the padding mask really changes the output

@@ -15,8 +15,9 @@ the replicated ones keep this rank's heads, so every rank attends over the whole
 single-process order, and a text mask built for that order applies as it is; afterwards the text
 heads are all-gathered. Text work is repeated on every rank (a few hundred tokens against tens of
 thousands of image tokens).
-Anything else is an error, never a silent
-fallback: a skipped rewrite here would be a wrong result, so this pass is ``required``.
+
+Anything else is an error, never a silent fallback: a skipped rewrite here would be a wrong result,
+so this pass is ``required``.
 """
 from __future__ import annotations
 
@@ -26,7 +27,6 @@ import math
 from typing import Dict, Sequence, Tuple, Union
 
 import torch
-import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 
 from ..lowering.decompose import inline_decomposition
@@ -62,7 +62,7 @@ def _all_gather_heads(x: torch.Tensor, group: str) -> torch.Tensor:
     return funcol.all_gather_single(x.movedim(2, 0).contiguous(), 0, group).movedim(0, 2)
 
 
-def ulysses_attention(q, k, v, mask, scale, layout, degree, group, segments=None, rank=0, mask_split=False):
+def ulysses_attention(q, k, v, mask, scale, layout, degree, group, segments=None, mask_split=False):
     """Attention over tokens split across ranks. ``segments``: runs of (sharded, local length) along the
     sequence, default one sharded run; a sharded run is all-to-all'ed (all its tokens, this rank's heads),
     a replicated run keeps this rank's heads, in their order, and after attention the inverse (the
@@ -73,7 +73,7 @@ def ulysses_attention(q, k, v, mask, scale, layout, degree, group, segments=None
     heads = q.shape[2]
     segments = segments or ((True, q.shape[1]),)
     local = -(-heads // degree)  # any head count: zero heads up to a multiple of the degree, dropped after
-    mine = slice(rank * local, (rank + 1) * local)  # (a zero head attends uniformly to zero values: zeros)
+    # (a zero head attends uniformly to zero values: its output is zeros, never NaN)
 
     def join(parts):
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
@@ -82,16 +82,16 @@ def ulysses_attention(q, k, v, mask, scale, layout, degree, group, segments=None
         if local * degree > heads:
             t = torch.nn.functional.pad(t, (0, 0, 0, local * degree - heads))
         runs = t.split([n for _, n in segments], dim=1) if len(segments) > 1 else (t,)
-        return join([seq_to_heads(r, degree, group) if sharded else r[:, :, mine]
-                     for (sharded, _), r in zip(segments, runs)])
+        # A replicated run goes through the same all-to-all: every rank sends the same head chunks, so the
+        # first of the copies a rank gets holds its own heads (no rank in the graph: one cache entry for all).
+        gathered = [seq_to_heads(r, degree, group) for r in runs]
+        return join([g if sharded else g[:, :n] for (sharded, n), g in zip(segments, gathered)])
 
     q, k, v = (gather_tokens(t) for t in (q, k, v))
     if mask_split:
         keys = mask.to(torch.uint8) if mask.dtype == torch.bool else mask  # collectives take no bool
         keys = funcol.all_gather_single(keys.movedim(-1, 0).contiguous(), 0, group).movedim(0, -1)
         mask = keys[..., :k.shape[1]].to(mask.dtype)
-    if mask is not None and mask.dim() == 4 and mask.shape[1] > 1:  # a per-head mask: this rank's heads
-        mask = torch.cat([mask, mask[:, :1].expand(-1, local * degree - heads, -1, -1)], 1)[:, mine]
     out = torch.ops.mindiesd_compile.attention(q, k, v, mask, scale, "BSHD")
     runs = out.split([n * degree if sharded else n for sharded, n in segments], dim=1) if len(segments) > 1 else (out,)
     out = join([heads_to_seq(r, degree, group) if sharded else _all_gather_heads(r, group)
@@ -136,11 +136,8 @@ class UlyssesPass(GraphPass):
         super().__init__(report)
         self.degree, self.group, self.sharded_inputs = degree, group, frozenset(sharded_inputs)
 
-    def uuid(self) -> bytes:  # the rank too: joint attention bakes this rank's heads into the graph
-        return hashlib.sha256(super().uuid() + repr((self.degree, self._rank(), sorted(self.sharded_inputs))).encode()).digest()
-
-    def _rank(self) -> int:
-        return dist.get_rank(dist.distributed_c10d._resolve_process_group(self.group))
+    def uuid(self) -> bytes:
+        return hashlib.sha256(super().uuid() + repr((self.degree, sorted(self.sharded_inputs))).encode()).digest()
 
     def __call__(self, graph: torch.fx.Graph) -> None:
         sharded: Dict[torch.fx.Node, State] = {}
@@ -182,21 +179,25 @@ class UlyssesPass(GraphPass):
         return self._follow(joint, node)
 
     def _follow(self, joint: Joint, node) -> Joint:
-        """The joint token dim in ``node``'s output: the same dim, else the one dim of that length (or of a
-        multiple of it, where a view merged the batch in)."""
+        """The joint token dim in ``node``'s output (``outer``: how many joint sequences a view merged into it)."""
         val = _val(node)
         if not isinstance(val, torch.Tensor):
             return joint  # a tuple (var_mean, split): each getitem finds its own dim
         total = joint.length
-        if node.target is torch.ops.aten.permute.default:  # exact: sizes may repeat (tokens = head dim)
+        # Exact where the op says where dims go (sizes may repeat: tokens = head dim = hidden size) ...
+        if node.target is torch.ops.aten.permute.default:
             return Joint(joint.segments, [d % val.dim() for d in node.args[1]].index(joint.dim), joint.outer)
+        if node.target is torch.ops.aten.unsqueeze.default:
+            return Joint(joint.segments, joint.dim + (node.args[1] % val.dim() <= joint.dim), joint.outer)
+        if node.target in RESHAPE_OPS:  # the dims after the tokens keep their elements; leading dims may merge in
+            after = math.prod(_val(node.args[0]).shape[joint.dim + 1:])
+            dims = [d for d in range(val.dim()) if math.prod(val.shape[d + 1:]) == after and val.shape[d] % total == 0]
+            if len(dims) == 1:
+                return Joint(joint.segments, dims[0], val.shape[dims[0]] // total)
+        # ... else the same dim (elementwise, matmul rows), else the one dim of the joint length
         if joint.dim < val.dim() and val.shape[joint.dim] == total * joint.outer:
             return joint
-        outers = [1, joint.outer]
-        if node.target in RESHAPE_OPS:  # [B, S, C] -> [B*S, C]: leading dims merged into the token dim
-            shape = _val(node.args[0]).shape
-            outers += [math.prod(shape[j:joint.dim]) * joint.outer for j in range(joint.dim)]
-        for outer in outers:
+        for outer in {1, joint.outer}:
             dims = [d for d, n in enumerate(val.shape) if n == total * outer]
             if len(dims) == 1:
                 return Joint(joint.segments, dims[0], outer)
@@ -253,13 +254,15 @@ class UlyssesPass(GraphPass):
         if any(f != q for f in flags) or q.dim != seq_dim or q.outer != 1:
             raise SequenceParallelError(f"attention {node.name}: q, k and v join sharded and replicated tokens "
                                         f"differently ({flags}); only joint self-attention is supported")
-        if isinstance(mask_state, Joint):
-            raise SequenceParallelError(f"attention {node.name}: its mask is built from the joint tokens inside "
-                                        "the block; only masks built before the blocks can follow the split")
+        mask = _val(node.args[3])
+        if isinstance(mask_state, Joint) or (mask is not None and mask.dim() == 4 and mask.shape[1] != 1):
+            raise SequenceParallelError(f"attention {node.name}: its mask {tuple(mask.shape)} is built from the "
+                                        "joint tokens inside the block or differs per head; only a key mask "
+                                        "built before the blocks can follow the split")
         self.report.found(self.name)
-        degree, group, rank, segments = self.degree, self.group, self._rank(), q.segments
+        degree, group, segments = self.degree, self.group, q.segments
         result = inline_decomposition(graph, node, lambda q, k, v, mask, scale, layout: ulysses_attention(
-            q, k, v, mask, scale, layout, degree, group, segments, rank, mask_state))
+            q, k, v, mask, scale, layout, degree, group, segments, mask_state))
         self.report.rewritten(self.name)
         return result
 
