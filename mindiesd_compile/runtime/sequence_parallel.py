@@ -34,11 +34,12 @@ from .parallel_plans import builtin_plan
 
 @dataclasses.dataclass(frozen=True)
 class MaskSplit:
-    """How a mask over the whole joint sequence reaches a rank that holds ``local`` joint tokens: padded
-    along ``dim`` to degree x local and chunked, so the block's shapes agree on every rank; the Ulysses
-    pass all-gathers it back and drops the pad (whatever the order of the joint sequence)."""
+    """How a mask over the whole joint sequence reaches a rank: padded along ``dim`` by ``pad`` and chunked,
+    so that it is as long as the rank's joint sequence (split image tokens, whole text: the pad is
+    (degree - 1) x text length, the same at every resolution); the Ulysses pass all-gathers it back and
+    drops the pad (whatever the order of the joint sequence)."""
     dim: int
-    local: int
+    pad: int
 
 
 def _local(x, spec, degree: int, rank: int):
@@ -46,7 +47,7 @@ def _local(x, spec, degree: int, rank: int):
     if spec is None:
         return x // degree
     if isinstance(spec, MaskSplit):
-        pad = [0, 0] * (x.dim() - 1 - spec.dim) + [0, degree * spec.local - x.shape[spec.dim]]
+        pad = [0, 0] * (x.dim() - 1 - spec.dim) + [0, spec.pad]
         x = torch.nn.functional.pad(x.to(torch.uint8) if x.dtype == torch.bool else x, pad).to(x.dtype)
         spec = spec.dim
     return x.chunk(degree, spec)[rank].contiguous()
@@ -183,7 +184,7 @@ def _run_shapes(partition: Partition, args, split_values=None, degree=1, masks=N
             if node.op == "call_module" and node.target in block_names:
                 ins[block_names.index(node.target)] = [tuple(t.shape) if isinstance(t, torch.Tensor) else None
                                                        for t in inputs]
-                fn = _MaskProbe(fn, masks.setdefault(node, {})).run if masks is not None else fn
+                fn = _MaskProbe(fn, masks.setdefault(node, {}), degree).run if masks is not None else fn
             env[node] = fn(*inputs)
             if split_values and node in split_values:
                 env[node] = _local(env[node], split_values[node], degree, 0)
@@ -200,9 +201,9 @@ class _MaskProbe(torch.fx.Interpreter):
     prologue, which runs unsplit) cannot apply there: it is recorded (block input -> MaskSplit) and
     left out of this shape-only run."""
 
-    def __init__(self, block, masks: dict):
+    def __init__(self, block, masks: dict, degree: int):
         super().__init__(block)
-        self.masks = masks
+        self.masks, self.degree = masks, degree
         self.inputs = [n for n in block.graph.nodes if n.op == "placeholder"]
 
     def run_node(self, n):
@@ -220,7 +221,7 @@ class _MaskProbe(torch.fx.Interpreter):
             raise OptionsError(f"sequence_parallel: attention {n.name} takes a mask over the whole joint sequence "
                                f"{tuple(mask.shape)} that is not a [..., 1, keys] block input; only key-padding "
                                "masks built before the blocks can follow the split")
-        self.masks[self.inputs.index(source)] = MaskSplit(mask.dim() - 1, k.shape[-2])
+        self.masks[self.inputs.index(source)] = MaskSplit(mask.dim() - 1, self.degree * k.shape[-2] - mask.shape[-1])
         return torch.nn.functional.scaled_dot_product_attention(q, k, v)
 
 
