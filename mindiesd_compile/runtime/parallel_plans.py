@@ -27,7 +27,10 @@ class BuiltinPlan:
 
 @functools.lru_cache(maxsize=None)
 def _plans() -> Dict[str, BuiltinPlan]:
-    from diffusers.models._modeling_parallel import ContextParallelInput as Split, ContextParallelOutput as Gather
+    try:
+        from diffusers.models._modeling_parallel import ContextParallelInput as Split, ContextParallelOutput as Gather
+    except ImportError:  # no diffusers (or an older one): no diffusers model to plan for either
+        return {}
     image = {"hidden_states": Split(split_dim=1, expected_dims=3, split_output=False)}
     rope = {i: Split(split_dim=0, expected_dims=2, split_output=True) for i in (0, 1)}  # (cos, sin), image only
     gather = Gather(gather_dim=1, expected_dims=3)

@@ -114,9 +114,10 @@ def local_sizes(args, sizes: Dict[int, Tuple[int, int]]) -> tuple:
 
 
 def mark_sequence_dynamic(model: torch.nn.Module, kwargs: dict) -> dict:
-    """Mark the inputs the model's ``_cp_plan`` splits as dynamic along their split dim, before the first
-    compiled call: models whose traced graph would otherwise fix token counts (joint text+image attention
-    split back by length: Flux, SD3, Qwen-Image) then run on a slice of the sequence. Returns ``kwargs``."""
+    """Mark the inputs the model's ``_cp_plan`` splits as dynamic along their split dim (for a built-in plan,
+    the input dim its image token count follows), before the first compiled call: models whose traced
+    graph would otherwise fix token counts (joint text+image attention split back by length: Flux,
+    HunyuanVideo, SD3) then run on a slice of the sequence. Returns ``kwargs``."""
     model = getattr(model, "_orig_mod", model)  # compiled or not
     plan = getattr(type(model), "_cp_plan", None)
     dims = {}
