@@ -28,7 +28,8 @@ def _worker(rank, name, options, overrides, store, out_dir):
             kwargs["hidden_states"] = torch.randn(options.pop("hidden_states_shape"))
         for key, t in list(kwargs.items()) if options.pop("batch2", False) else ():  # two different samples
             if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == 1:
-                kwargs[key] = torch.cat([t, torch.randn_like(t) if t.is_floating_point() and key != "encoder_attention_mask" else t])
+                random = t.is_floating_point() and key != "encoder_attention_mask"
+                kwargs[key] = torch.cat([t, torch.randn_like(t) if random else t])
         if options.pop("dynamic", False):
             mindiesd_compile.mark_sequence_dynamic(model, kwargs)
         unmasked, padding = dict(kwargs), options.pop("text_padding", 0)
@@ -50,7 +51,8 @@ def _worker(rank, name, options, overrides, store, out_dir):
             result_dense = float((out - dense).norm() / dense.norm())
             rel_to_unmasked = float((out - plain).norm() / plain.norm())
         runner = cache.runners[0]
-        result = dict(rel=rels[0], rels=rels, rel_to_dense=result_dense, rel_to_unmasked=rel_to_unmasked, shape_ok=out.shape == ref.shape, skipped=cache.stats["skipped"],
+        result = dict(rel=rels[0], rels=rels, rel_to_dense=result_dense, rel_to_unmasked=rel_to_unmasked,
+                      shape_ok=out.shape == ref.shape, skipped=cache.stats["skipped"],
                       all_to_all=runner.compiler.report.stats("sequence_parallel").rewritten,
                       attention=runner.compiler.report.stats("attention").rewritten, compiles=runner.compiler.compiles)
     except Exception as err:  # reported to the test, which asserts on it
@@ -106,7 +108,8 @@ def test_hunyuan_video_with_text_padding_matches_one_process(tmp_path):
     keeps text whole. Its key mask (built in the prologue, last 3 text tokens padding) reaches each rank as a
     padded chunk and is gathered back whole; joint attention runs in the single-process key order. Batch 2:
     the joint sequence is followed through the projections' [B*S, C] views; 3 heads: padded to 4."""
-    for result in run_two_ranks(tmp_path, "hunyuan", {"num_attention_heads": 3}, dynamic=True, text_padding=3, batch2=True):
+    heads = {"num_attention_heads": 3}
+    for result in run_two_ranks(tmp_path, "hunyuan", heads, dynamic=True, text_padding=3, batch2=True):
         assert "error" not in result, result
         assert result["shape_ok"] and result["rel"] <= 1e-5
         assert result["rel_to_unmasked"] > 1e-3  # the padding mask really changes the output
