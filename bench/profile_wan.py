@@ -130,11 +130,13 @@ def persistent_reductions_up_to(numel):
 
 
 NO_GELU = [p for p in mindiesd_compile.PATTERNS if p != "gelu_epilogue"]
+NO_NORM_ROPE = [p for p in mindiesd_compile.PATTERNS if p != "norm_rope"]
 VARIANTS = {  # name: (backend options or None for Inductor, attention kernel, capture whole call, context)
     "inductor": (None, "auto", False, None),
     "mindiesd": ({}, "auto", False, None),
-    "mindiesd-sdpa": ({"patterns": NO_GELU}, "sdpa", False, None),
+    "mindiesd-sdpa": ({"patterns": [p for p in NO_GELU if p in NO_NORM_ROPE]}, "sdpa", False, None),
     "mindiesd-nogelu": ({"patterns": NO_GELU}, "auto", False, None),
+    "mindiesd-nonormrope": ({"patterns": NO_NORM_ROPE}, "auto", False, None),
     "mindiesd+graph": ({}, "auto", True, None),
     "mindiesd+fp8attn": ({"fp8": {"attention": True}}, "auto", False, None),
     "mindiesd+fp8": ({"fp8": {"attention": True, "linear": True}}, "auto", False, None),

@@ -35,6 +35,9 @@ def build_manager(options: CompileOptions, target: str, report: Report, sharded:
         group = options.parallel_group or torch.distributed.group.WORLD
         passes.insert(passes.index(next(p for p in passes if p.name == "attention")) + 1,
                       UlyssesPass(report, options.sequence_parallel, group.group_name, sorted(sharded)))
+    if target == "cuda" and "norm_rope" in options.patterns and not offline:  # a Triton kernel: CUDA only
+        from .lowering.norm_rope import NormRopeIntoOne
+        passes.append(NormRopeIntoOne(report))
     if target in ("cuda", "cpu"):
         from .lowering.decompose import INDUCTOR_FUSES, DecomposeForInductor
         passes.append(DecomposeForInductor(report, INDUCTOR_FUSES | {"attention"} if offline else INDUCTOR_FUSES))

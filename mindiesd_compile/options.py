@@ -7,7 +7,8 @@ from typing import Any, Mapping, Optional, Tuple
 TARGETS = ("cuda", "cpu", "eager", "npu")
 # Patterns in the order the PassManager runs them (later patterns build on earlier rewrites); the last are
 # target lowerings (lowering/), run where the target has the kernel.
-PATTERNS = ("cleanup", "attention", "rope", "rms_norm", "layer_norm", "adaln", "gated_residual", "gelu_epilogue")
+PATTERNS = ("cleanup", "attention", "rope", "rms_norm", "layer_norm", "adaln", "gated_residual", "norm_rope",
+            "gelu_epilogue")
 
 
 class OptionsError(ValueError):

@@ -149,4 +149,5 @@ def op_name(target) -> Optional[str]:
 
 from . import fp8_attention as _fp8_attention  # noqa: E402,F401  (registers attention_fp8)
 from . import fp8_linear as _fp8_linear  # noqa: E402,F401  (registers scaled_linear)
+from . import norm_rope as _norm_rope  # noqa: E402,F401  (registers rms_norm_rope)
 from . import sparse as _sparse  # noqa: E402,F401  (registers sparse_attention)

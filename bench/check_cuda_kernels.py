@@ -1,0 +1,62 @@
+"""Our Triton kernels against their torch references, on a GPU (CI has none): run on every lent device.
+
+    python bench/check_cuda_kernels.py      # prints one line per kernel and shape, "FAIL" where one differs
+"""
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path[:0] = [str(Path(__file__).resolve().parents[1])]
+from mindiesd_compile.ops import fp8_attention as F8, fp8_linear as FL, norm_rope as NR  # noqa: E402
+
+dev = torch.device("cuda")
+
+
+def check(name, ok, detail):
+    return f"{'ok  ' if ok else 'FAIL'} {name}: {detail}"
+
+
+def fp8_roundings():
+    lines = []
+    for shape in [(1, 4096, 12, 128), (2, 999, 40, 64)]:
+        t = (torch.randn(shape, device=dev) * 3).to(torch.bfloat16)
+        (t8, s), (r8, rs) = F8.quantize_cuda(t), F8.quantize_torch_with_scale(t)
+        differ = float((t8.float() != r8.float()).float().mean())
+        lines.append(check(f"per-head e4m3 rounding {shape}", torch.equal(s, rs) and differ < 1e-4,
+                           f"scales equal {torch.equal(s, rs)}, values differing {differ:.1e}"))
+    for shape in [(4096, 1536), (333, 13824), (70, 48)]:
+        x = (torch.randn(shape, device=dev) * 3).to(torch.bfloat16)
+        (x8, s), (r8, rs) = FL.quantize_rows_cuda(x), FL.quantize_rows(x)
+        scale_diff = float(((s - rs).abs() / rs).max())
+        differ = float((x8.float() != r8.float()).float().mean())
+        lines.append(check(f"per-row e4m3 rounding {shape}", scale_diff < 1e-6 and differ < 1e-4,
+                           f"scales max rel diff {scale_diff:.1e}, values differing {differ:.1e}"))
+    return lines
+
+
+def norm_rope():
+    lines = []
+    for b, s, heads, d, half in [(1, 4096, 12, 128, True), (2, 333, 40, 128, True), (1, 100, 3, 64, False)]:
+        x = torch.randn(b, s, heads * d, device=dev, dtype=torch.bfloat16)
+        w = torch.randn(heads * d, device=dev, dtype=torch.bfloat16)
+        freqs = torch.rand(1, s, 1, d, device=dev) * 6  # Wan: fp32 [1, S, 1, D]; the chain slices pairs
+        cos, sin = (freqs.cos()[..., 0::2], freqs.sin()[..., 1::2]) if half else (freqs.cos(), freqs.sin())
+        for norm_dtype in (torch.bfloat16, torch.float32):
+            out = NR.rms_norm_rope_cuda(x, w, 1e-6, norm_dtype, heads, cos, sin, True)
+            ref = NR.rms_norm_rope_ref(x, w, 1e-6, norm_dtype, heads, cos, sin, True)
+            err = float((out.float() - ref.float()).norm() / ref.float().norm())
+            lines.append(check(f"rms_norm_rope {(b, s, heads, d)} cos {'pairs' if half else 'full'} norm "
+                               f"{norm_dtype}", out.dtype == ref.dtype and out.shape == ref.shape and err < 4e-3,
+                               f"rel err {err:.1e}, dtype {out.dtype}"))
+    return lines
+
+
+def main():
+    lines = fp8_roundings() + norm_rope()
+    print("\n".join(lines))
+    return 1 if any(line.startswith("FAIL") for line in lines) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
