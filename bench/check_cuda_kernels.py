@@ -43,11 +43,11 @@ def norm_rope():
         freqs = torch.rand(1, s, 1, d, device=dev) * 6  # Wan: fp32 [1, S, 1, D]; the chain slices pairs
         cos, sin = (freqs.cos()[..., 0::2], freqs.sin()[..., 1::2]) if half else (freqs.cos(), freqs.sin())
         for norm_dtype in (torch.bfloat16, torch.float32):
-            out = NR.rms_norm_rope_cuda(x, w, 1e-6, norm_dtype, heads, cos, sin, True)
-            ref = NR.rms_norm_rope_ref(x, w, 1e-6, norm_dtype, heads, cos, sin, True)
+            out = NR.rms_norm_rope_cuda(x, w, 1e-6, norm_dtype, heads, cos, sin, True, torch.bfloat16)
+            ref = NR.rms_norm_rope_ref(x, w, 1e-6, norm_dtype, heads, cos, sin, True, torch.bfloat16)
             err = float((out.float() - ref.float()).norm() / ref.float().norm())
             lines.append(check(f"rms_norm_rope {(b, s, heads, d)} cos {'pairs' if half else 'full'} norm "
-                               f"{norm_dtype}", out.dtype == ref.dtype and out.shape == ref.shape and err < 4e-3,
+                               f"{norm_dtype}", out.dtype == ref.dtype and out.shape == ref.shape and err < 8e-3,
                                f"rel err {err:.1e}, dtype {out.dtype}"))
     return lines
 

@@ -1,12 +1,13 @@
 """CUDA: ``rope(reshape(rms_norm(x), [.., H, D]))`` -> ``rms_norm_rope`` (ops/norm_rope.py), one kernel for
-the qk-norm over all heads and the RoPE after it. Runs before the norms and RoPE are handed back to Inductor.
+the qk-norm over all heads and the RoPE after it, including the cast that follows when the model keeps its
+rotary tables in fp32 (Wan). Runs before the norms and RoPE are handed back to Inductor.
 """
 from __future__ import annotations
 
 from torch.fx import Graph, Node
 
 from ..ops import ops
-from ..passes.base import RESHAPES, FusionPass, insert_call, is_call, replace, require, val
+from ..passes.base import RESHAPES, FusionPass, cast_dtype, insert_call, is_call, only_user, replace, require, val
 
 
 class NormRopeIntoOne(FusionPass):
@@ -25,7 +26,9 @@ class NormRopeIntoOne(FusionPass):
                 and heads_view.shape[-2] * heads_view.shape[-1] == normed.shape[-1],
                 "the reshape does more than split the last dim into heads")
         x, weight, eps, norm_dtype = norm.args
+        end = only_user(rope)
+        end = end if end is not None and cast_dtype(end) is not None else rope  # write the cast's dtype directly
         fused = insert_call(graph, rope, ops.rms_norm_rope.default,
-                            (x, weight, eps, norm_dtype, heads_view.shape[-2], cos, sin, interleaved), like=rope)
-        require(val(fused).dtype == val(rope).dtype, "type promotion differs from the unfused chain")
-        replace(rope, fused)
+                            (x, weight, eps, norm_dtype, heads_view.shape[-2], cos, sin, interleaved, val(end).dtype),
+                            like=rope)
+        replace(end, fused)

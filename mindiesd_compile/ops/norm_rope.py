@@ -14,10 +14,11 @@ import functools
 import torch
 
 
-def rms_norm_rope_ref(x, weight, eps: float, norm_dtype: torch.dtype, heads: int, cos, sin, interleaved: bool):
+def rms_norm_rope_ref(x, weight, eps: float, norm_dtype: torch.dtype, heads: int, cos, sin, interleaved: bool,
+                      out_dtype: torch.dtype):
     from . import rms_norm_ref, rope_ref
     y = rms_norm_ref(x, weight, eps, norm_dtype)
-    return rope_ref(y.unflatten(-1, (heads, -1)), cos, sin, interleaved)
+    return rope_ref(y.unflatten(-1, (heads, -1)), cos, sin, interleaved).to(out_dtype)
 
 
 @functools.lru_cache(None)
@@ -28,65 +29,64 @@ def _kernel():
     @triton.jit
     def rms_norm_rope(x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, seq, eps, heads,
                       cb, cs, ch, cd, sb, ss, sh, sd,
-                      C: tl.constexpr, D: tl.constexpr, HP: tl.constexpr, PP: tl.constexpr,
-                      HALF: tl.constexpr, NORM_BF16: tl.constexpr):
-        # one token: its C = heads * D values as [heads, pairs] of (even, odd) elements
+                      C: tl.constexpr, D: tl.constexpr, HP: tl.constexpr, HALF: tl.constexpr,
+                      NORM_BF16: tl.constexpr):
+        # one token: its C = heads * D values, loaded and stored contiguously as [heads, D]
         row = tl.program_id(0)
         b, s = row // seq, row % seq
         h = tl.arange(0, HP)[:, None]
-        p = tl.arange(0, PP)[None, :]
-        keep = (h < heads) & (p < D // 2)
-        even = h * D + 2 * p
-        xe = tl.load(x_ptr + row * C + even, mask=keep, other=0.0).to(tl.float32)
-        xo = tl.load(x_ptr + row * C + even + 1, mask=keep, other=0.0).to(tl.float32)
-        r = tl.rsqrt(tl.sum(tl.sum(xe * xe + xo * xo, axis=1), axis=0) / C + eps)
-        ye = xe * r * tl.load(w_ptr + even, mask=keep, other=0.0).to(tl.float32)
-        yo = xo * r * tl.load(w_ptr + even + 1, mask=keep, other=0.0).to(tl.float32)
+        d = tl.arange(0, D)[None, :]
+        keep = h < heads
+        x = tl.load(x_ptr + row * C + h * D + d, mask=keep, other=0.0).to(tl.float32)
+        r = tl.rsqrt(tl.sum(tl.sum(x * x, axis=1), axis=0) / C + eps)
+        y = x * r * tl.load(w_ptr + h * D + d, mask=keep, other=0.0).to(tl.float32)
         if NORM_BF16:  # the norm's output dtype, as the unfused chain rounds it
-            ye, yo = ye.to(tl.bfloat16).to(tl.float32), yo.to(tl.bfloat16).to(tl.float32)
-        de, do = (p, p) if HALF else (2 * p, 2 * p + 1)  # cos/sin per pair or per element
-        ce = tl.load(cos_ptr + b * cb + s * cs + h * ch + de * cd, mask=keep, other=0.0).to(tl.float32)
-        co = tl.load(cos_ptr + b * cb + s * cs + h * ch + do * cd, mask=keep, other=0.0).to(tl.float32)
-        se = tl.load(sin_ptr + b * sb + s * ss + h * sh + de * sd, mask=keep, other=0.0).to(tl.float32)
-        so = tl.load(sin_ptr + b * sb + s * ss + h * sh + do * sd, mask=keep, other=0.0).to(tl.float32)
-        oe, oo = ye * ce - yo * se, yo * co + ye * so  # rounded once, to out's dtype, by the store
-        tl.store(out_ptr + row * C + even, oe, mask=keep)
-        tl.store(out_ptr + row * C + even + 1, oo, mask=keep)
+            y = y.to(tl.bfloat16).to(tl.float32)
+        ye, yo = tl.split(tl.reshape(y, (HP, D // 2, 2)))  # interleaved pairs
+        dc = d // 2 if HALF else d  # cos/sin per pair or per element
+        c = tl.load(cos_ptr + b * cb + s * cs + h * ch + dc * cd, mask=keep, other=0.0).to(tl.float32)
+        sn = tl.load(sin_ptr + b * sb + s * ss + h * sh + dc * sd, mask=keep, other=0.0).to(tl.float32)
+        ce, co = tl.split(tl.reshape(c, (HP, D // 2, 2)))
+        se, so = tl.split(tl.reshape(sn, (HP, D // 2, 2)))
+        out = tl.reshape(tl.join(ye * ce - yo * se, yo * co + ye * so), (HP, D))
+        tl.store(out_ptr + row * C + h * D + d, out, mask=keep)  # rounded once, to out's dtype
     return rms_norm_rope
 
 
 def why_not_kernel(x, weight, norm_dtype, heads, cos, sin, interleaved):
+    d = x.shape[-1] // heads
     if not interleaved:
         return "rotation by halves"
     if x.dim() != 3 or x.stride(-1) != 1 or not x.is_contiguous():
         return "x is not a contiguous [B, S, C]"
     if weight is None or norm_dtype not in (torch.bfloat16, torch.float32):
         return "no weight, or a norm dtype other than bf16/fp32"
-    d = x.shape[-1] // heads
-    if d % 2 or cos.dim() != 4 or sin.dim() != 4 or cos.shape[-1] not in (d, d // 2) or sin.shape[-1] != cos.shape[-1]:
+    if d & (d - 1) or d < 2:
+        return f"head dim {d} is not a power of two"
+    if cos.dim() != 4 or sin.dim() != 4 or cos.shape[-1] not in (d, d // 2) or sin.shape[-1] != cos.shape[-1]:
         return "cos/sin are not [B|1, S|1, H|1, D or D/2]"
-    if x.shape[-1] > 16384:
-        return "rows wider than 16384"
+    if (1 << (heads - 1).bit_length()) * d > 16384:
+        return "rows wider than 16384 (padded to a power of two heads)"
     return None
 
 
-def rms_norm_rope_cuda(x, weight, eps, norm_dtype, heads, cos, sin, interleaved):
+def rms_norm_rope_cuda(x, weight, eps, norm_dtype, heads, cos, sin, interleaved, out_dtype):
     if why_not_kernel(x, weight, norm_dtype, heads, cos, sin, interleaved) is not None:
-        return rms_norm_rope_ref(x, weight, eps, norm_dtype, heads, cos, sin, interleaved)
+        return rms_norm_rope_ref(x, weight, eps, norm_dtype, heads, cos, sin, interleaved, out_dtype)
     b, s, c = x.shape
     d = c // heads
-    out_dtype = torch.promote_types(norm_dtype, torch.promote_types(cos.dtype, sin.dtype))
     out = torch.empty(b, s, heads, d, dtype=out_dtype, device=x.device)
     cos_e, sin_e = (t.expand(b, s, heads, t.shape[-1]) for t in (cos, sin))
-    hp, pp = 1 << (heads - 1).bit_length(), 1 << (d // 2 - 1).bit_length()
+    hp = 1 << (heads - 1).bit_length()
     _kernel()[(b * s,)](x, weight, cos_e, sin_e, out, s, eps, heads, *cos_e.stride(), *sin_e.stride(),
-                        C=c, D=d, HP=hp, PP=pp, HALF=cos.shape[-1] != d, NORM_BF16=norm_dtype == torch.bfloat16, num_warps=min(16, max(4, hp * pp // 256)))
+                        C=c, D=d, HP=hp, HALF=cos.shape[-1] != d, NORM_BF16=norm_dtype == torch.bfloat16,
+                        num_warps=min(16, max(4, hp * d // 512)))
     return out
 
 
 _lib = torch.library.Library("mindiesd_compile", "FRAGMENT")
 _lib.define("rms_norm_rope(Tensor x, Tensor? weight, float eps, ScalarType norm_dtype, int heads, Tensor cos, "
-            "Tensor sin, bool interleaved) -> Tensor")
+            "Tensor sin, bool interleaved, ScalarType out_dtype) -> Tensor")
 _lib.impl("rms_norm_rope", rms_norm_rope_ref, "CompositeExplicitAutograd")
 _lib.impl("rms_norm_rope", rms_norm_rope_cuda, "CUDA")
 torch.library.register_fake("mindiesd_compile::rms_norm_rope", rms_norm_rope_ref, lib=_lib)
