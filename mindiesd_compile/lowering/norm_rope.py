@@ -7,6 +7,7 @@ from __future__ import annotations
 from torch.fx import Graph, Node
 
 from ..ops import ops
+from ..ops.norm_rope import why_not_kernel
 from ..passes.base import RESHAPES, FusionPass, cast_dtype, insert_call, is_call, only_user, replace, require, val
 
 
@@ -26,6 +27,8 @@ class NormRopeIntoOne(FusionPass):
                 and heads_view.shape[-2] * heads_view.shape[-1] == normed.shape[-1],
                 "the reshape does more than split the last dim into heads")
         x, weight, eps, norm_dtype = norm.args
+        why = why_not_kernel(val(x), val(weight), norm_dtype, heads_view.shape[-2], val(cos), val(sin), interleaved)
+        require(why is None, f"the kernel does not apply: {why} (Inductor's fusion stays)")
         end = only_user(rope)
         end = end if end is not None and cast_dtype(end) is not None else rope  # write the cast's dtype directly
         fused = insert_call(graph, rope, ops.rms_norm_rope.default,
