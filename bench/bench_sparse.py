@@ -5,7 +5,7 @@
     python bench/bench_sparse.py --testbed       # quality on the trained testbed (testbed/checkpoint), 50 steps + CFG
     python bench/bench_sparse.py --smoke --e2e --testbed   # CPU, tiny shapes: checks the script, times nothing meaningful
 
-Attention only: dense cuDNN SDPA, flash SDPA, FlexAttention (compiled), FA3 (if ``flash_attn_interface``
+Attention only: dense cuDNN SDPA, flash SDPA, FlexAttention (compiled), FA3 (if ``fa3-fwd`` or ``flash_attn_interface``
 imports), and block-sparse at each --sparsities: "kernel" = FlexAttention with a precomputed BlockMask,
 "op" = the whole torch.ops.mindiesd_compile.sparse_attention (token reorder, pooled scores, top-k,
 BlockMask build, kernel, inverse reorder; a fresh mask every call, i.e. mask_refresh=1). Median of
@@ -61,11 +61,12 @@ def dense_kernels(q, k, v, dev):
     if dev.type == "cuda":
         kernels["cuDNN SDPA"] = sdpa(SDPBackend.CUDNN_ATTENTION)
         kernels["flash SDPA"] = sdpa(SDPBackend.FLASH_ATTENTION)
-        try:
-            from flash_attn_interface import flash_attn_func
-            kernels["FA3"] = lambda: flash_attn_func(q, k, v)
-        except ImportError:
-            print("FA3: flash_attn_interface does not import; skipped")
+        from mindiesd_compile.ops.attention_kernels import flash_attn_3
+        fa3 = flash_attn_3()  # the fa3-fwd package or a flash_attn_interface build
+        if fa3 is not None and q.dtype in fa3.dtypes:
+            kernels["FA3"] = lambda: fa3.func(q, k, v)
+        else:
+            print("FA3: not installed for this dtype; skipped")
         flex = torch.compile(flex_attention, dynamic=False, fullgraph=True)
         kernels["FlexAttention dense"] = lambda: flex(qh, kh, vh)
     else:
