@@ -21,7 +21,7 @@ def fp8_roundings():
     lines = []
     for shape in [(1, 4096, 12, 128), (2, 999, 40, 64)]:
         t = (torch.randn(shape, device=dev) * 3).to(torch.bfloat16)
-        (t8, s), (r8, rs) = F8.quantize_cuda(t), F8.quantize_torch_with_scale(t)
+        (t8, s), (r8, rs) = F8.quantize_cuda(t), F8.quantize_per_head(t)
         differ = float((t8.float() != r8.float()).float().mean())
         lines.append(check(f"per-head e4m3 rounding {shape}", torch.equal(s, rs) and differ < 1e-4,
                            f"scales equal {torch.equal(s, rs)}, values differing {differ:.1e}"))

@@ -22,14 +22,11 @@ E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
 
 
-def per_head_scale(t: torch.Tensor) -> torch.Tensor:
-    """[B, S, H, D] -> [B, H] fp32 scales mapping each head's largest |value| to e4m3's largest."""
+def quantize_per_head(t: torch.Tensor):
+    """(e4m3 copy of ``t`` [B, S, H, D], [B, H] fp32 scales): each head's largest |value| maps to e4m3's largest."""
     amax = torch.linalg.vector_norm(t, float("inf"), dim=(1, 3), dtype=torch.float32)
-    return (amax / E4M3_MAX).clamp_min(torch.finfo(torch.float32).tiny)
-
-
-def quantize_torch(t: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return (t.float() / scale[:, None, :, None]).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
+    scale = (amax / E4M3_MAX).clamp_min(torch.finfo(torch.float32).tiny)
+    return (t.float() / scale[:, None, :, None]).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3), scale
 
 
 def to_bshd(t: torch.Tensor, layout: str) -> torch.Tensor:
@@ -40,7 +37,7 @@ def attention_fp8_ref(q, k, v, mask, scale: float, layout: str):
     from . import attention_ref
     rounded = []
     for t in (q, k, v):
-        t8, s = quantize_torch_with_scale(to_bshd(t, layout))
+        t8, s = quantize_per_head(to_bshd(t, layout))
         rounded.append(to_bshd((t8.float() * s[:, None, :, None]).to(t.dtype), layout))
     return attention_ref(*rounded, mask, scale, layout)
 
@@ -80,42 +77,24 @@ def quantize_cuda(t: torch.Tensor):
     (A torch reduction over dims (1, 3) ran at ~400 GB/s here: 14 ms of a Wan2.1-1.3B forward on an H100.)"""
     b, s, h, d = t.shape
     if d & (d - 1):  # the kernels tile the head dim whole: powers of two only
-        return quantize_torch_with_scale(t)
+        return quantize_per_head(t)
     head_amax, quantize = _kernels()
     t = t.contiguous()
     hp = 1 << (h - 1).bit_length()
     tokens = max(1, 8192 // (hp * d))
     amax = torch.zeros(b, h, dtype=torch.float32, device=t.device)
-    head_amax[(b, triton_cdiv(s, tokens))](t, amax, s, h, TOKENS=tokens, HP=hp, D=d)
+    head_amax[(b, -(-s // tokens))](t, amax, s, h, TOKENS=tokens, HP=hp, D=d)
     scale = (amax / E4M3_MAX).clamp_min_(torch.finfo(torch.float32).tiny)
     out = torch.empty(t.shape, dtype=E4M3, device=t.device)
     rows, block_rows = b * s * h, 16
-    quantize[(triton_cdiv(rows, block_rows),)](t, 1.0 / scale, out, rows, s * h, h, D=d, ROWS=block_rows)
+    quantize[(-(-rows // block_rows),)](t, 1.0 / scale, out, rows, s * h, h, D=d, ROWS=block_rows)
     return out, scale
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return (a + b - 1) // b
-
-
-def quantize_torch_with_scale(t: torch.Tensor):
-    scale = per_head_scale(t)
-    return quantize_torch(t, scale), scale
-
-
-def why_not_fp8(q, k, v, mask) -> str | None:
-    why = kernels.why_not_fa3(q, k, v, mask, kernels.capability(q.device)[0])
-    if why is not None:
-        return why
-    if getattr(torch, "float8_e4m3fn", None) is None:
-        return "this torch has no float8_e4m3fn"
-    return None
 
 
 def attention_fp8_cuda(q, k, v, mask, scale, layout):
     card = kernels.capability(q.device)[1]
     key = (card, q.shape[-1], E4M3)
-    why = why_not_fp8(q, k, v, mask)
+    why = kernels.why_not_fa3(q, k, v, mask, kernels.capability(q.device)[0])
     if why is None:
         try:
             (q8, qs), (k8, ks), (v8, vs) = (quantize_cuda(to_bshd(t, layout)) for t in (q, k, v))
