@@ -5,6 +5,7 @@ from hypothesis import given, strategies as st
 
 from conftest import TOL, Compiled, rel_err
 from mindiesd_compile.ops import norm_rope as NR
+from test_rope_residual import rope_wan
 
 
 def wan_bf16():
@@ -30,13 +31,7 @@ def wan_like_chain(heads, eps, freqs_cos, freqs_sin, weight):
     """Wan's attention processor: RMSNorm across heads, split heads, rotate interleaved pairs."""
     def fn(x):
         y = torch.nn.functional.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype) * weight
-        y = y.unflatten(-1, (heads, -1))
-        x1, x2 = y.unflatten(-1, (-1, 2)).unbind(-1)
-        cos, sin = freqs_cos[..., 0::2], freqs_sin[..., 1::2]
-        out = torch.empty_like(y)
-        out[..., 0::2] = x1 * cos - x2 * sin
-        out[..., 1::2] = x1 * sin + x2 * cos
-        return out.type_as(y)
+        return rope_wan(y.unflatten(-1, (heads, -1)), freqs_cos, freqs_sin)
     return fn
 
 
@@ -60,12 +55,7 @@ def test_near_misses_stay_apart():
     weight = torch.randn(64)
 
     def rotate(y):
-        x1, x2 = y.unflatten(-1, (-1, 2)).unbind(-1)
-        c, s = cos[..., 0::2], sin[..., 1::2]
-        out = torch.empty_like(y)
-        out[..., 0::2] = x1 * c - x2 * s
-        out[..., 1::2] = x1 * s + x2 * c
-        return out
+        return rope_wan(y, cos, sin)
 
     def norm_used_twice(x):
         y = torch.nn.functional.rms_norm(x, (64,), eps=1e-6) * weight
