@@ -219,3 +219,23 @@ def test_fp8_gemm_failure_runs_the_reference_with_one_warning(scaled_mm_double, 
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         FL.scaled_linear_cuda(x8, xs, w, None, torch.bfloat16)
+
+
+def test_fp8_on_the_trained_testbed_model():
+    """The shipped testbed DiT in bf16 (bench/bench_testbed_fp8.py samples it): every attention site goes FP8,
+    the token GEMMs go W8A8 (at batch 2 the text and timestep projections have too few rows), and one
+    prediction stays close to the bf16 model's."""
+    from testbed import sample as S, videos as V
+    model = S.load(dtype=torch.bfloat16)
+    kw = dict(hidden_states=S.model_input(S.noise(2, 0).bfloat16(), model.config.in_channels),
+              timestep=torch.full((2,), 500.0), encoder_hidden_states=V.encode(V.all_conditions()[:2],
+                                                                               dtype=torch.bfloat16))
+    fn = lambda **k: model(**k, return_dict=False)[0]  # noqa: E731
+    with torch.no_grad():
+        ref = fn(**kw)
+    got = Compiled(fn, (), kw, fp8={"attention": True, "linear": True})
+    assert got.ops["attention_fp8"] == 8 and got.ops["attention"] == 0  # 4 blocks x (self, cross)
+    stats = got.report.stats("fp8_linear")
+    assert stats.rewritten == got.ops["scaled_linear"] == 33  # 4 x (q, k, v, o, cross q, o, FFN 2) + proj_out
+    assert sum("float32 model" in s["why"] for s in stats.skipped) == 2  # the fp32 time embedder
+    assert 1e-3 < rel_err(got.out, ref) < 0.1
