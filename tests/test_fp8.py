@@ -66,8 +66,7 @@ def test_fp8_for_npu_is_refused_before_any_work():
        st.floats(1e-3, 1e3), st.sampled_from([torch.float32, torch.bfloat16]))
 def test_per_head_quantisation_error_is_e4m3s(b, s, h, d, magnitude, dtype):
     t = (torch.randn(b, s, h, d) * magnitude).to(dtype)
-    scale = F8.per_head_scale(t)
-    t8 = F8.quantize_torch(t, scale)
+    t8, scale = F8.quantize_per_head(t)
     assert t8.dtype == torch.float8_e4m3fn and t8.float().abs().max() <= 448
     back = t8.float() * scale[:, None, :, None]
     bound = torch.maximum(t.float().abs() * 2 ** -4, scale[:, None, :, None] * 2 ** -10)  # half an e4m3 step
@@ -94,7 +93,7 @@ def hopper(monkeypatch):
     monkeypatch.setattr(K, "capability", lambda device: ((9, 0), "H100 (stand-in)"))
     monkeypatch.setattr(K, "flash_attn_3", lambda: K.FlashAttention3("double", fa3_fp8_double(calls),
                                                                       frozenset({torch.bfloat16})))
-    monkeypatch.setattr(F8, "quantize_cuda", F8.quantize_torch_with_scale)  # the Triton kernels need a GPU
+    monkeypatch.setattr(F8, "quantize_cuda", F8.quantize_per_head)  # the Triton kernels need a GPU
     monkeypatch.setattr(K, "CHOICES", {})
     return calls
 
