@@ -30,6 +30,15 @@ from mindiesd_compile import CacheConfig, StepCache  # noqa: E402
 from testbed import evaluate as E, sample as S, videos as V  # noqa: E402
 
 
+def write_strips(out: Path, outputs: dict, reference, cond, baseline: str) -> None:
+    """One PNG strip per variant under ``out``: six varied conditions, each baseline video above the variant's."""
+    pick = [(9 * i) % len(cond) for i in range(min(6, len(cond)))]  # varied shape, colour, direction
+    for name, videos in outputs.items():
+        if name != baseline:
+            E.write_png(out / f"strip_{name.replace(' ', '_').replace('+', 'and')}.png",
+                        E.strip([v for i in pick for v in (reference[i], videos[i])]))
+
+
 def sync(dev):
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
@@ -111,11 +120,7 @@ def main():
     print("\n".join(lines))
     if os.environ.get("OUT"):
         out = Path(os.environ["OUT"])
-        pick = [(9 * i) % len(cond) for i in range(min(6, len(cond)))]  # varied shape, colour, direction
-        for name, videos in outputs.items():
-            if name != "none":
-                E.write_png(out / f"strip_{name.replace(' ', '_')}.png",
-                            E.strip([v for i in pick for v in (reference[i], videos[i])]))
+        write_strips(out, outputs, reference, cond, "none")
         (out / "testbed_cache.json").write_text(json.dumps(dict(
             card=card, dtype=args.dtype, steps=args.steps, n=args.n, guidance=args.guidance, cold_compile_s=cold,
             eager_s=eager_s, eager_quality=eager_q, typical_change=typical, rows=rows,

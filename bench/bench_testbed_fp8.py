@@ -31,7 +31,7 @@ from pathlib import Path
 
 sys.path.append(str(Path(__file__).resolve().parent))
 sys.path.append(str(Path(__file__).resolve().parents[1]))  # repo root: testbed, mindiesd_compile uninstalled
-from bench_testbed_cache import sync  # noqa: E402
+from bench_testbed_cache import sync, write_strips  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -148,11 +148,7 @@ def main():
     if os.environ.get("OUT"):
         out = Path(os.environ["OUT"])
         out.mkdir(parents=True, exist_ok=True)
-        pick = [(9 * i) % len(cond) for i in range(min(6, len(cond)))]  # varied shape, colour, direction
-        for name, videos in outputs.items():
-            if name != "baseline":
-                E.write_png(out / f"strip_{name.replace(' ', '_').replace('+', 'and')}.png",
-                            E.strip([v for i in pick for v in (reference[i], videos[i])]))
+        write_strips(out, outputs, reference, cond, "baseline")
         (out / "testbed_fp8.json").write_text(json.dumps(dict(
             card=card, dtype=args.dtype, target=target, steps=args.steps, n=args.n, guidance=args.guidance,
             shift=args.shift, seed=args.seed, rows=rows, eager=eager,
