@@ -145,6 +145,16 @@ def follow_cast(node: Node) -> Node:
     return user if user is not None and cast_dtype(user) is not None else node
 
 
+def same_value(a: Any, b: Any) -> bool:
+    """``a is b``, or both the same pure call on the same values (two slices of one table written inline twice)."""
+    if a is b:
+        return True
+    if not (isinstance(a, Node) and isinstance(b, Node)) or a.op != "call_function" or b.op != "call_function":
+        return not isinstance(a, Node) and not isinstance(b, Node) and a == b
+    return (a.target == b.target and a.kwargs == b.kwargs and len(a.args) == len(b.args)
+            and all(same_value(x, y) for x, y in zip(a.args, b.args)))
+
+
 def other_operand(node: Node, this: Any) -> Any:
     a, b = node.args[:2]
     return b if a is this else a

@@ -19,7 +19,7 @@ from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from ..ops import _rotate, ops
 from .base import (RESHAPES, FusionPass, aten, broadcasts_to, getitem, insert_call, is_call, is_tensor, prims,
-                   require, replace, strip_upcasts, val)
+                   require, replace, same_value, strip_upcasts, val)
 
 # Ops a rotation may be spelled with; anything else on the path means "not a rotation of x".
 ROTATION_OPS = {*RESHAPES, aten.unsqueeze.default,
@@ -161,7 +161,9 @@ class RoPEPass(FusionPass):
         sin = other(_products(even)[1], x2)
         require(cos is not None and sin is not None and _products(even)[1].args[:2] in ((x2, sin), (sin, x2)),
                 "even half is not x1*cos - x2*sin")
-        ok_odd = {frozenset(p.args[:2]) for p in _products(odd)} == {frozenset((x1, sin)), frozenset((x2, cos))}
+        p1, p2 = _products(odd)
+        ok_odd = ((_is_product(p1, x1, sin) and _is_product(p2, x2, cos))
+                  or (_is_product(p1, x2, cos) and _is_product(p2, x1, sin)))
         require(ok_odd, "odd half is not x1*sin + x2*cos")
         require(2 * val(cos).shape[-1] == val(x).shape[-1] or val(cos).shape[-1] == 1, "cos/sin are not per pair")
         fused = insert_call(graph, outer, ops.rope.default, (x, cos, sin, True), like=outer)
@@ -212,6 +214,12 @@ def _pair_halves(product):
                 if len(second) == 1:
                     return pairs.args[0], t, second[0]
     return None
+
+
+def _is_product(product, a, b) -> bool:
+    """``product`` multiplies ``a`` and ``b`` (either order; equal slices count as the same factor)."""
+    u, v = product.args[:2]
+    return (same_value(u, a) and same_value(v, b)) or (same_value(u, b) and same_value(v, a))
 
 
 def other(product, factor):
