@@ -31,10 +31,7 @@ import torch.distributed._functional_collectives as funcol
 
 from ..lowering.decompose import inline_decomposition
 from ..ops import op_name
-from .base import GraphPass
-
-
-RESHAPE_OPS = (torch.ops.aten.view.default, torch.ops.aten.reshape.default, torch.ops.aten._unsafe_view.default)
+from .base import RESHAPES, GraphPass
 
 
 class SequenceParallelError(ValueError):
@@ -189,7 +186,7 @@ class UlyssesPass(GraphPass):
             return Joint(joint.segments, [d % val.dim() for d in node.args[1]].index(joint.dim), joint.outer)
         if node.target is torch.ops.aten.unsqueeze.default:
             return Joint(joint.segments, joint.dim + (node.args[1] % val.dim() <= joint.dim), joint.outer)
-        if node.target in RESHAPE_OPS:  # the dims after the tokens keep their elements; leading dims may merge in
+        if node.target in RESHAPES:  # the dims after the tokens keep their elements; leading dims may merge in
             after = math.prod(_val(node.args[0]).shape[joint.dim + 1:])
             dims = [d for d in range(val.dim()) if math.prod(val.shape[d + 1:]) == after and val.shape[d] % total == 0]
             if len(dims) == 1:
