@@ -28,6 +28,16 @@ def test_linear_then_tanh_gelu_becomes_one_gemm_with_epilogue(b, s, din, dff, dt
     assert rel_err(got.out, fn(x)) <= TOL[dtype]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_two_dim_input_the_gelu_reads_the_gemm_output_directly(dtype):
+    up, _ = ffn(16, 32, dtype)
+    fn = lambda x: F.gelu(up(x), approximate="tanh")  # noqa: E731
+    x = torch.randn(12, 16, dtype=dtype)  # no reshape between the GEMM and the GELU
+    got = Compiled(fn, (x,), target="cuda")
+    assert got.rewritten("gelu_epilogue") == 1 and got.ops["addmm_gelu"] == 1
+    assert rel_err(got.out, fn(x)) <= TOL[dtype]
+
+
 def test_diffusers_feed_forward_as_wan_uses_it():
     from diffusers.models.attention import FeedForward
     torch.manual_seed(0)

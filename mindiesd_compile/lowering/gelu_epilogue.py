@@ -3,8 +3,8 @@
 Inductor calls cuBLAS for the linear and runs GELU as a kernel of its own, so the FFN activation
 ([tokens, ffn_dim], the largest tensor of a DiT block) is written, read and written again: 12.8 ms of a
 Wan2.1-1.3B forward on an H100 (bench/RESULTS.md). ``addmm_gelu`` runs ``aten._addmm_activation(b, x, W^T,
-use_gelu=True)`` on CUDA, which applies GELU while the tile is still in registers. cuBLASLt's epilogue is the tanh approximation, so only
-``gelu(approximate="tanh")`` is taken (what Wan, Flux, SD3 and HunyuanVideo use); exact (erf) GELU stays.
+use_gelu=True)`` on CUDA, which applies GELU while the tile is still in registers. cuBLASLt's epilogue is the
+tanh approximation, so only ``gelu(approximate="tanh")`` is taken (what Wan, Flux, SD3 and HunyuanVideo use); exact (erf) GELU stays.
 The GELU is found as the decomposition Inductor's own tracing produces for it (same structure, same
 constants), so the match follows PyTorch's decomposition rather than a copy of it.
 """
@@ -56,7 +56,9 @@ class GeluIntoGemm(FusionPass):
         x = match.kwargs["x"]
         mm = x.args[0] if is_call(x, *RESHAPES) else x
         require(is_call(mm, aten.addmm.default), "GELU input is not a linear layer's output")
-        require(len(mm.users) == 1 and set(x.users) <= set(match.nodes), "the linear layer's output has other users")
+        inside = set(match.nodes)
+        require(all(u in inside or u is x for u in mm.users) and all(u in inside for u in x.users),
+                "the linear layer's output has other users")
         require(not mm.kwargs, "addmm with beta/alpha")
         bias, a, w = mm.args
         require(val(bias).dim() == 1, "bias is not a vector (cuBLASLt's epilogue adds a per-column bias)")
