@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from .options import CompileOptions, Fp8Config, OptionsError
+from .options import CompileOptions, OptionsError
 from .partition import partition_at_blocks
 from .passes import PASSES, PassManager
 from .passes.sparse_attention import resolve_video_grid, with_sparse_runtime
@@ -83,9 +83,7 @@ def mindiesd_backend(gm: torch.fx.GraphModule, example_inputs, options=None, mod
     opts = CompileOptions.from_dict(options)  # bad options fail here, before any tracing work
     opts = resolve_video_grid(opts, gm)  # sparse attention: the grid is in the prologue, not in the blocks
     target = opts.target or infer_target(example_inputs)
-    if target == "npu" and opts.fp8 != Fp8Config():
-        raise OptionsError("options['fp8'] has no NPU kernels here (FA3's FP8 attention and torch._scaled_mm are "
-                           "CUDA's); remove it for an NPU model")
+    opts.fp8.check_target(target)  # the target may come from the inputs' device
     if target == "npu":
         from .lowering.torchair import import_torchair
         import_torchair()  # no torch_npu: say what to install before any piece is compiled

@@ -76,6 +76,11 @@ class Fp8Config:
             if not isinstance(getattr(self, flag), bool):
                 raise OptionsError(f"options['fp8']['{flag}'] must be True or False, got {getattr(self, flag)!r}")
 
+    def check_target(self, target: Optional[str]) -> None:
+        if target == "npu" and self != Fp8Config():
+            raise OptionsError("options['fp8'] has no NPU kernels here (FA3's FP8 attention and torch._scaled_mm "
+                               "are CUDA's); remove it for an NPU model")
+
 
 @dataclasses.dataclass(frozen=True)
 class CompileOptions:
@@ -127,9 +132,7 @@ class CompileOptions:
             if self.fp8 is not None and not isinstance(self.fp8, Mapping):
                 raise OptionsError(f"options['fp8'] must be a dict of Fp8Config fields, got {type(self.fp8).__name__}")
             object.__setattr__(self, "fp8", from_mapping(Fp8Config, self.fp8 or {}, "options['fp8'] key"))
-        if self.fp8 != Fp8Config() and self.target == "npu":
-            raise OptionsError("options['fp8'] has no NPU kernels here (FA3's FP8 attention and torch._scaled_mm "
-                               "are CUDA's); remove it for target 'npu'")
+        self.fp8.check_target(self.target)
         if self.npu != NpuConfig() and self.target not in (None, "npu"):
             raise OptionsError(f"options['npu'] configures target 'npu', but options['target']={self.target!r}")
         patterns = (self.patterns,) if isinstance(self.patterns, str) else tuple(self.patterns)
