@@ -20,19 +20,19 @@ from ..passes.base import GraphPass
 INDUCTOR_FUSES = frozenset({"rms_norm", "layer_norm", "adaln", "rope", "gated_residual"})
 
 
-def insert_traced(graph: Graph, before: Node, fn, args: tuple, kwargs=None, decompositions=None, like=None):
-    """Insert before ``before`` the ATen graph of ``fn(*args, **kwargs)`` traced on the args' fake values
-    (with Inductor's decompositions, or the ``decompositions`` given: ``{}`` keeps ATen ops whole, as GE wants
-    them); nodes among the args become its inputs. Returns the node(s) standing for fn's output(s)."""
-    flat, spec = torch.utils._pytree.tree_flatten((args, kwargs or {}))
+def inline_decomposition(graph: Graph, node: Node, fn, decompositions=None) -> Node:
+    """Replace ``node`` by the ATen graph of ``fn`` traced on the node's fake inputs (with Inductor's
+    decompositions, or the ``decompositions`` given: ``{}`` keeps ATen ops whole, as GE wants them);
+    returns the node that now stands for ``node``'s value."""
+    flat, spec = torch.utils._pytree.tree_flatten((node.args, node.kwargs))
     tensor_pos = [i for i, a in enumerate(flat) if isinstance(a, Node)]
 
     def call(*tensors):
         leaves = list(flat)
         for i, t in zip(tensor_pos, tensors):
             leaves[i] = t
-        a, kw = torch.utils._pytree.tree_unflatten(leaves, spec)
-        return fn(*a, **kw)
+        args, kwargs = torch.utils._pytree.tree_unflatten(leaves, spec)
+        return fn(*args, **kwargs)
 
     fakes = [flat[i].meta["val"] for i in tensor_pos]
     mode = torch._guards.detect_fake_mode(fakes)
@@ -41,26 +41,17 @@ def insert_traced(graph: Graph, before: Node, fn, args: tuple, kwargs=None, deco
                        **({} if decompositions is None else {"get_decomp_fn": lambda: decompositions}))
     env = {}
     placeholders = iter(flat[i] for i in tensor_pos)
-    like = like if like is not None else before
-    with graph.inserting_before(before):
+    with graph.inserting_before(node):
         for sn in sub.graph.nodes:
             if sn.op == "placeholder":
                 env[sn] = next(placeholders)
             elif sn.op == "output":
-                result = torch.fx.map_arg(sn.args[0], env.__getitem__)
+                result = env[sn.args[0]] if isinstance(sn.args[0], Node) else env[sn.args[0][0]]
             else:
                 env[sn] = graph.node_copy(sn, lambda a: env[a])
                 for key in ("nn_module_stack", "stack_trace"):
-                    if key in like.meta:
-                        env[sn].meta[key] = like.meta[key]
-    return result
-
-
-def inline_decomposition(graph: Graph, node: Node, fn, decompositions=None) -> Node:
-    """Replace ``node`` by the ATen graph of ``fn`` (see ``insert_traced``); returns the node that now stands
-    for ``node``'s value."""
-    result = insert_traced(graph, node, fn, node.args, node.kwargs, decompositions)
-    result = result if isinstance(result, Node) else result[0]
+                    if key in node.meta:
+                        env[sn].meta[key] = node.meta[key]
     node.replace_all_uses_with(result)
     graph.erase_node(node)
     return result
