@@ -180,7 +180,7 @@ def scaled_mm_double(monkeypatch):
         calls["gemm"].append((a.dtype, b.dtype, tuple(scale_a.shape), tuple(scale_b.shape), b.stride()))
         out = (a.float() * scale_a) @ (b.float() * scale_b)
         return (out if bias is None else out + bias.float()).to(out_dtype)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "H100 (stand-in)")
+    monkeypatch.setattr(K, "capability", lambda device: ((9, 0), "H100 (stand-in)"))
     monkeypatch.setattr(torch, "_scaled_mm", scaled_mm)
     monkeypatch.setattr(FL, "_WEIGHTS", {})
     monkeypatch.setattr(FL, "CHOICES", {})

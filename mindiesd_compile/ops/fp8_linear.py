@@ -15,6 +15,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
+from . import attention_kernels as kernels
 from .fp8_attention import E4M3, E4M3_MAX
 
 CHOICES: Dict[str, str] = {}  # card -> what ran ("scaled_mm", or why not)
@@ -79,7 +80,7 @@ def weight_fp8(weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
 
 
 def scaled_linear_cuda(x8, x_scale, weight, bias, out_dtype):
-    card = torch.cuda.get_device_name(x8.device)
+    card = kernels.capability(x8.device)[1]  # cached: this runs for every linear layer of every step
     try:
         w8, ws = weight_fp8(weight)
         out = torch._scaled_mm(x8 if x8.stride(-1) == 1 else x8.contiguous(), w8.t(), scale_a=x_scale.contiguous(),
