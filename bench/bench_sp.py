@@ -3,9 +3,11 @@
     torchrun --nproc_per_node=N bench/bench_sp.py --config 1.3b [--variants mindiesd,diffusers]
 
 mindiesd: torch.compile(backend="mindiesd", options={"sequence_parallel": N}) (plain mindiesd compile
-for N=1). diffusers: the model's own context parallelism (enable_parallelism, Ulysses, eager) as the
-anchor. Rank 0 prints median ms; the output of the N=1 mindiesd run is saved and later runs report
-their relative L2 against it.
+for N=1). diffusers: the model's own context parallelism (enable_parallelism,
+Ulysses, eager) as the anchor. Rank 0 prints median ms (--profile: and one call's kernel time split
+into compute, NCCL and NCCL not overlapped by compute) and saves the output under --out-dir;
+`python bench/bench_sp.py --compare` prints each saved output's relative L2 against the 1-GPU mindiesd
+one (runs on different GPUs of one host may run at the same time).
 """
 import argparse
 import os
@@ -29,8 +31,13 @@ def main():
     ap.add_argument("--cfg-step", action="store_true",
                     help="time one CFG step (cond + uncond call); with >1 GPU: CFG 2 x Ulysses world/2")
     ap.add_argument("--iters", type=int, default=5)
-    ap.add_argument("--reference", default="/tmp/sp_reference.pt")
+    ap.add_argument("--profile", action="store_true", help="also split one call's kernel time: compute, NCCL, exposed")
+    ap.add_argument("--trace", default="", help="with --profile: rank 0 writes <trace>-<variant>-<gpus>.json")
+    ap.add_argument("--out-dir", default="/tmp/sp_out")
+    ap.add_argument("--compare", action="store_true", help="only compare the saved outputs")
     args = ap.parse_args()
+    if args.compare:
+        return compare(args.out_dir)
     dist.init_process_group("nccl")
     rank, world = dist.get_rank(), dist.get_world_size()
     dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -46,29 +53,74 @@ def main():
         return cfg_step(model, inputs, world, rank, dev, args)
     for variant in args.variants.split(","):
         with torch.no_grad():
-            if variant == "mindiesd":
-                options = {"target": "cuda"} | ({"sequence_parallel": world} if world > 1 else {})
-                fn = torch.compile(model, backend="mindiesd", options=options, fullgraph=True)
-            else:
-                if world == 1:
-                    fn = model
-                else:
-                    from diffusers import ContextParallelConfig
-                    model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=world))
-                    fn = model
+            fn = build_variant(variant, model, world)
             out = fn(**inputs)[0]
             fn(**inputs)
             ms = statistics.median(time_calls(lambda: fn(**inputs), dev, args.iters))
+            trace = args.trace and rank == 0 and f"{args.trace}-{variant}-{world}.json"
+            split = comm_split(lambda: fn(**inputs), dev, trace) if args.profile else None
         if rank == 0:
-            note = ""
-            if variant == "mindiesd" and world == 1:
-                torch.save(out.float().cpu(), args.reference)
-            elif os.path.exists(args.reference):
-                ref = torch.load(args.reference)
-                note = f" rel L2 vs 1-GPU mindiesd {float((out.float().cpu() - ref).norm() / ref.norm()):.2e}"
+            os.makedirs(args.out_dir, exist_ok=True)
+            torch.save(out.float().cpu(), os.path.join(args.out_dir, f"{args.config}-{variant}-{world}.pt"))
+            note = " | kernels ms: " + " ".join(f"{k}={v:.1f}" for k, v in split.items()) if split else ""
             print(f"RESULT {variant} gpus={world} median_ms={ms:.1f}{note}", flush=True)
         torch._dynamo.reset()
     dist.destroy_process_group()
+
+
+def compare(out_dir):
+    for name in sorted(n for n in os.listdir(out_dir) if n.endswith(".pt")):
+        ref_name = f"{name.split('-')[0]}-mindiesd-1.pt"  # <config>-<variant>-<gpus>.pt
+        if name != ref_name and os.path.exists(os.path.join(out_dir, ref_name)):
+            out, ref = (torch.load(os.path.join(out_dir, n)) for n in (name, ref_name))
+            print(f"COMPARE {name[:-3]} rel L2 vs 1-GPU mindiesd {float((out - ref).norm() / ref.norm()):.2e}")
+
+
+def build_variant(variant, model, world):
+    if variant == "mindiesd":
+        options = {"target": "cuda"} | ({"sequence_parallel": world} if world > 1 else {})
+        return torch.compile(model, backend="mindiesd", options=options, fullgraph=True)
+    if world > 1:
+        from diffusers import ContextParallelConfig
+        model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=world))
+    return model
+
+
+def _union(spans):
+    merged = []
+    for a, b in sorted(spans):
+        if merged and a <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], b)
+        else:
+            merged.append([a, b])
+    return merged
+
+
+def _length(spans):
+    return sum(b - a for a, b in spans)
+
+
+def comm_split(fn, dev, trace=None):
+    """One profiled call: ms of compute kernels (busy union), of NCCL kernels, of NCCL time with no compute
+    kernel running (exposed), and of the layout copies around the exchanges."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize(dev)
+    if trace:
+        prof.export_chrome_trace(trace)
+    comm, compute, copies = [], [], 0.0
+    for e in prof.events():
+        if e.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        span = (e.time_range.start, e.time_range.end)
+        (comm if "nccl" in e.name.lower() else compute).append(span)
+        if "clone" in e.name or "copy" in e.name.lower() or "permute" in e.name:
+            copies += e.self_device_time_total
+    comm, compute = _union(comm), _union(compute)
+    overlapped = _length(_union([(max(a, c), min(b, d)) for a, b in comm for c, d in compute if max(a, c) < min(b, d)]))
+    return {"compute": _length(compute) / 1e3, "nccl": _length(comm) / 1e3,
+            "nccl_exposed": (_length(comm) - overlapped) / 1e3, "copies": copies / 1e3}
 
 
 def cfg_step(model, inputs, world, rank, dev, args):
@@ -95,12 +147,13 @@ def cfg_step(model, inputs, world, rank, dev, args):
         ms = statistics.median(time_calls(step, dev, args.iters))
         cond, uncond = step()
     if rank == 0:
+        os.makedirs(args.out_dir, exist_ok=True)
         out = torch.stack([cond, uncond]).float().cpu()
         note = ""
         if world == 1:
-            torch.save(out, args.reference + ".cfg")
-        elif os.path.exists(args.reference + ".cfg"):
-            ref = torch.load(args.reference + ".cfg")
+            torch.save(out, os.path.join(args.out_dir, "cfg-1.pt"))
+        elif os.path.exists(os.path.join(args.out_dir, "cfg-1.pt")):
+            ref = torch.load(os.path.join(args.out_dir, "cfg-1.pt"))
             note = f" rel L2 vs 1 GPU {float((out - ref).norm() / ref.norm()):.2e}"
         print(f"RESULT cfg-step gpus={world} median_ms={ms:.1f}{note}", flush=True)
     dist.destroy_process_group()
