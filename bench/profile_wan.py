@@ -143,6 +143,7 @@ VARIANTS = {  # name: (backend options or None for Inductor, attention kernel, c
 
     "mindiesd+persistent": ({}, "auto", False, lambda: persistent_reductions_up_to(8192)),
     "mindiesd+multikernel": ({"inductor_config": {"triton.multi_kernel": 1}}, "auto", False, None),
+    "mindiesd-nocdt": ({"inductor_config": {"coordinate_descent_tuning": False}}, "auto", False, None),
 }
 
 
