@@ -19,6 +19,7 @@ import contextlib
 import re
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -155,14 +156,18 @@ def profile_variant(variant, model, inputs, dev, iters):
         fast = torch.compile(model) if options is None else \
             torch.compile(model, backend="mindiesd", options={"target": dev.type, **options})
         call = lambda: fast(**inputs, return_dict=False)[0]  # noqa: E731
-        for _ in range(2):
-            out = call()
+        start = time.perf_counter()
+        out = call()  # cold: compiles (a fresh Inductor cache per variant)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        compile_s = time.perf_counter() - start
+        out = call()
         if graphed:
             call = whole_call_graph(call, dev)
         wall = statistics.median(time_calls(call, dev, iters))
         times, busy = kernel_times(call, dev)
         out = call().float().clone()
-    return wall, times, busy, out
+    return wall, times, busy, out, compile_s
 
 
 def profile_config(name, dev, dtype, iters, variants):
@@ -184,7 +189,7 @@ def profile_config(name, dev, dtype, iters, variants):
     results = {}
     for variant in variants:
         try:
-            wall, times, busy, out = profile_variant(variant, model, inputs, dev, iters)
+            wall, times, busy, out, compile_s = profile_variant(variant, model, inputs, dev, iters)
         except Exception as err:  # noqa: BLE001 - report the variant as failed, keep the others
             print(f"{name} {variant}: FAILED {type(err).__name__}: {err}", flush=True)
             continue
@@ -195,8 +200,9 @@ def profile_config(name, dev, dtype, iters, variants):
             by_class[c] += t
             top[c].append((k, t))
         rel = float((out - ref).norm() / ref.norm())
-        results[variant] = dict(wall=wall, busy=busy, by_class=by_class, top=top, rel=rel)
-        print(f"{name} {variant}: {wall:.1f} ms, busy {busy:.1f} ms, rel err vs eager {rel:.2e}", flush=True)
+        results[variant] = dict(wall=wall, busy=busy, by_class=by_class, top=top, rel=rel, compile_s=compile_s)
+        print(f"{name} {variant}: {wall:.1f} ms, busy {busy:.1f} ms, rel err vs eager {rel:.2e}, "
+              f"first call (compile) {compile_s:.1f} s", flush=True)
         if dev.type == "cuda":
             torch.cuda.empty_cache()
     from mindiesd_compile.ops.attention_kernels import CHOICES
