@@ -1,6 +1,9 @@
 """Sequence parallelism on N GPUs: one Wan2.1 forward (832x480x81, bf16, random weights).
 
     torchrun --nproc_per_node=N bench/bench_sp.py --config 1.3b [--variants mindiesd,diffusers]
+    torchrun --nproc_per_node=N bench/bench_sp.py --config 14b --cfg-step --variants mindiesd,mindiesd+ulysses,diffusers
+    torchrun --nproc_per_node=2 bench/bench_sp.py --config tiny --device cpu --variants mindiesd   # checks the
+        script over gloo (diffusers' context parallelism needs an accelerator)
 
 mindiesd: torch.compile(backend="mindiesd", options={"sequence_parallel": N}) (plain mindiesd compile
 for N=1). diffusers: the model's own context parallelism (enable_parallelism, Ulysses, eager) as the
@@ -29,25 +32,30 @@ def main():
     ap.add_argument("--config", default="1.3b")
     ap.add_argument("--variants", default="mindiesd,diffusers")
     ap.add_argument("--cfg-step", action="store_true",
-                    help="time one CFG step (cond + uncond call); with >1 GPU: CFG 2 x Ulysses world/2")
+                    help="time one CFG step (cond + uncond call); variants mindiesd (CFG 2 x Ulysses world/2), "
+                         "mindiesd+ulysses, diffusers")
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--profile", action="store_true", help="also split one call's kernel time: compute, NCCL, exposed")
     ap.add_argument("--trace", default="", help="with --profile: rank 0 writes <trace>-<variant>-<gpus>.json")
     ap.add_argument("--out-dir", default="/tmp/sp_out")
+    ap.add_argument("--device", default="cuda", help="cpu: gloo and the tiny config, to check the script")
     ap.add_argument("--compare", action="store_true", help="only compare the saved outputs")
     args = ap.parse_args()
     if args.compare:
         return compare(args.out_dir)
-    dist.init_process_group("nccl")
+    cuda = args.device == "cuda"
+    dist.init_process_group("nccl" if cuda else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    torch.cuda.set_device(dev)
+    dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(dev)
     cfg, lat, txt = CONFIGS[args.config]
-    model = build_model(cfg, dev, torch.bfloat16, 0)
+    dtype = torch.bfloat16 if cuda else torch.float32
+    model = build_model(cfg, dev, dtype, 0)
     g = torch.Generator(dev).manual_seed(0)
-    inputs = dict(hidden_states=torch.randn(lat, generator=g, device=dev, dtype=torch.bfloat16),
+    inputs = dict(hidden_states=torch.randn(lat, generator=g, device=dev, dtype=dtype),
                   timestep=torch.tensor([500.0], device=dev),
-                  encoder_hidden_states=torch.randn(txt, generator=g, device=dev, dtype=torch.bfloat16),
+                  encoder_hidden_states=torch.randn(txt, generator=g, device=dev, dtype=dtype),
                   return_dict=False)
     if args.cfg_step:
         return cfg_step(model, inputs, world, rank, dev, args)
@@ -70,15 +78,19 @@ def main():
 
 def compare(out_dir):
     for name in sorted(n for n in os.listdir(out_dir) if n.endswith(".pt")):
-        ref_name = f"{name.split('-')[0]}-mindiesd-1.pt"  # <config>-<variant>-<gpus>.pt
+        ref_name = f"{name.split('-')[0]}-mindiesd-1.pt"  # <config>[cfg]-<variant>-<gpus>.pt
         if name != ref_name and os.path.exists(os.path.join(out_dir, ref_name)):
             out, ref = (torch.load(os.path.join(out_dir, n)) for n in (name, ref_name))
             print(f"COMPARE {name[:-3]} rel L2 vs 1-GPU mindiesd {float((out - ref).norm() / ref.norm()):.2e}")
 
 
+def _target(model):
+    return "cuda" if model.device.type == "cuda" else "eager"  # on the CPU only the script is checked
+
+
 def build_variant(variant, model, world):
     if variant == "mindiesd":
-        options = {"target": "cuda"} | ({"sequence_parallel": world} if world > 1 else {})
+        options = {"target": _target(model)} | ({"sequence_parallel": world} if world > 1 else {})
         return torch.compile(model, backend="mindiesd", options=options, fullgraph=True)
     if world > 1:
         from diffusers import ContextParallelConfig
@@ -124,38 +136,41 @@ def comm_split(fn, dev, trace=None):
 
 
 def cfg_step(model, inputs, world, rank, dev, args):
-    """One denoising step with CFG: two transformer calls (cond, uncond) as the Wan pipeline makes them."""
+    """One denoising step with CFG: two transformer calls (cond, uncond) as the Wan pipeline makes them.
+    Variants: mindiesd = CFG 2 x Ulysses world/2 (each branch on its own half of the GPUs); mindiesd+ulysses =
+    Ulysses over all GPUs, branch after branch; diffusers = its context parallelism (Ulysses, all GPUs, eager)."""
     from mindiesd_compile.pipeline import _parallel_groups
     from mindiesd_compile.runtime.cfg_parallel import CfgParallelTransformer
     negative = torch.randn_like(inputs["encoder_hidden_states"])
-    options = {"target": "cuda"}
-    if world > 1:
-        group, branch, holder = _parallel_groups(2, world // 2, options)
-        holder.value = negative
-        fn = CfgParallelTransformer(torch.compile(model, backend="mindiesd", options=options, fullgraph=True),
-                                    group, branch, holder)
-    else:
-        fn = torch.compile(model, backend="mindiesd", options=options, fullgraph=True)
+    for variant in args.variants.split(","):
+        if variant == "mindiesd+ulysses" and world == 1:
+            continue  # the same as mindiesd on one GPU
+        options = {"target": _target(model)}
+        if variant == "mindiesd" and world > 1:
+            group, branch, holder = _parallel_groups(2, world // 2, options)
+            holder.value = negative
+            fn = CfgParallelTransformer(torch.compile(model, backend="mindiesd", options=options, fullgraph=True),
+                                        group, branch, holder)
+        elif variant == "mindiesd+ulysses":
+            fn = build_variant("mindiesd", model, world)
+        else:
+            fn = build_variant(variant, model, world)
 
-    def step():
-        cond = fn(**inputs)[0]
-        uncond = fn(**{**inputs, "encoder_hidden_states": negative})[0]
-        return cond, uncond
+        def step():
+            cond = fn(**inputs)[0]
+            uncond = fn(**{**inputs, "encoder_hidden_states": negative})[0]
+            return cond, uncond
 
-    with torch.no_grad():
-        step(), step()
-        ms = statistics.median(time_calls(step, dev, args.iters))
-        cond, uncond = step()
-    if rank == 0:
-        os.makedirs(args.out_dir, exist_ok=True)
-        out = torch.stack([cond, uncond]).float().cpu()
-        note = ""
-        if world == 1:
-            torch.save(out, os.path.join(args.out_dir, "cfg-1.pt"))
-        elif os.path.exists(os.path.join(args.out_dir, "cfg-1.pt")):
-            ref = torch.load(os.path.join(args.out_dir, "cfg-1.pt"))
-            note = f" rel L2 vs 1 GPU {float((out - ref).norm() / ref.norm()):.2e}"
-        print(f"RESULT cfg-step gpus={world} median_ms={ms:.1f}{note}", flush=True)
+        with torch.no_grad():
+            step(), step()
+            ms = statistics.median(time_calls(step, dev, args.iters))
+            cond, uncond = step()
+        if rank == 0:
+            os.makedirs(args.out_dir, exist_ok=True)
+            out = torch.stack([cond, uncond]).float().cpu()
+            torch.save(out, os.path.join(args.out_dir, f"{args.config}cfg-{variant}-{world}.pt"))
+            print(f"RESULT cfg-step {variant} gpus={world} median_ms={ms:.1f}", flush=True)
+        torch._dynamo.reset()
     dist.destroy_process_group()
 
 
