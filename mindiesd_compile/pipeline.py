@@ -36,8 +36,11 @@ def optimize(pipe, cache=None, *, cfg_parallel: int = 1, sequence_parallel: int 
 
         @functools.wraps(original_encode)
         def encode_prompt(*args, **kwargs):
-            prompt, negative.value = original_encode(*args, **kwargs)
-            return prompt, negative.value
+            result = original_encode(*args, **kwargs)
+            # (prompt, negative): a pipeline that calls the transformer once per branch (Wan); anything else
+            # (SD3's four embeddings, batched into one call) leaves the negative unknown: the batch is split
+            negative.value = result[1] if isinstance(result, tuple) and len(result) == 2 else None
+            return result
 
         pipe.encode_prompt = encode_prompt
     first = cache if isinstance(cache, StepCache) else StepCache(CacheConfig.from_value(cache))
@@ -51,7 +54,8 @@ def optimize(pipe, cache=None, *, cfg_parallel: int = 1, sequence_parallel: int 
             if sequence_parallel > 1:  # joint text+image attention (Flux, ...) runs on a slice only if traced dynamic
                 compiled.register_forward_pre_hook(functools.partial(mark_dynamic_hook, module), with_kwargs=True)
             if cfg_parallel > 1:
-                compiled = CfgParallelTransformer(compiled, cfg_group, branch, negative)
+                compiled = CfgParallelTransformer(compiled, cfg_group, branch, negative,
+                                                  lambda: bool(getattr(pipe, "do_classifier_free_guidance", False)))
             setattr(pipe, name, compiled)
     if not caches:
         raise ValueError(f"{type(pipe).__name__} has no transformer to optimize (looked for {TRANSFORMERS})")

@@ -1,10 +1,13 @@
-"""optimize(pipe): a tiny WanPipeline generates on the CPU with the cache driven by its denoising loop."""
+"""optimize(pipe): tiny Wan and SD3 pipelines generate on the CPU, with the cache driven by the denoising loop and
+CFG parallelism over gloo ranks (Wan calls the transformer once per branch, SD3 batches both branches)."""
 import pytest
 import torch
-from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+from diffusers import (AutoencoderKL, AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline,
+                       WanPipeline, WanTransformer3DModel)
 
 import mindiesd_compile
 from conftest import rel_err
+from tiny_models import sd3
 
 
 def tiny_wan_pipeline():
@@ -44,18 +47,43 @@ def test_optimize_runs_a_tiny_wan_generation_with_cache():
     assert 0 < rel_err(cached, reference) < 0.5
 
 
-def _cfg_worker(rank, world, store, out_dir):
+def tiny_sd3_pipeline():
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=(8,), latent_channels=4, down_block_types=("DownEncoderBlock2D",),
+                        up_block_types=("UpDecoderBlock2D",), norm_num_groups=4, layers_per_block=1)
+    return StableDiffusion3Pipeline(transformer=sd3()[0].eval(), scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+                                    vae=vae.eval(), text_encoder=None, tokenizer=None, text_encoder_2=None,
+                                    tokenizer_2=None, text_encoder_3=None, tokenizer_3=None)
+
+
+def generate_sd3(pipe, steps=4):
+    g = torch.Generator().manual_seed(0)
+    text, pooled = torch.randn(1, 8, 32, generator=g), torch.randn(1, 32, generator=g)
+    return pipe(prompt_embeds=text, negative_prompt_embeds=torch.randn(1, 8, 32, generator=g),
+                pooled_prompt_embeds=pooled, negative_pooled_prompt_embeds=torch.randn(1, 32, generator=g),
+                height=8, width=8, num_inference_steps=steps, guidance_scale=5.0,
+                generator=torch.Generator().manual_seed(1), output_type="latent").images
+
+
+PIPELINES = {"wan": (tiny_wan_pipeline, generate, 6), "sd3": (tiny_sd3_pipeline, generate_sd3, 4)}
+
+
+def _cfg_worker(rank, world, name, store, out_dir):
     import json
     import os
     import torch.distributed as dist
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
-        pipe = tiny_wan_pipeline()
+        make, run, _ = PIPELINES[name]
+        pipe = make()
         with torch.no_grad():
-            reference = generate(pipe)
+            reference = run(pipe)
             mindiesd_compile.optimize(pipe, target="eager", cfg_parallel=2, sequence_parallel=world // 2)
-            out = generate(pipe)
-        result = dict(rel=rel_err(out, reference), calls=pipe.step_cache.runners[0].calls)
+            batches = set()  # the batch each rank's compiled transformer runs
+            pipe.transformer.inner.register_forward_pre_hook(
+                lambda _, args, kwargs: batches.add(kwargs["hidden_states"].shape[0]), with_kwargs=True)
+            out = run(pipe)
+        result = dict(rel=rel_err(out, reference), calls=pipe.step_cache.runners[0].calls, batches=sorted(batches))
     except Exception as err:  # reported to the test
         result = dict(error=f"{type(err).__name__}: {err}")
     with open(os.path.join(out_dir, f"cfg{rank}.json"), "w") as f:
@@ -63,13 +91,15 @@ def _cfg_worker(rank, world, store, out_dir):
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("world", [2, 4])  # CFG 2 alone; CFG 2 x Ulysses 2
-def test_cfg_parallel_matches_one_process(tmp_path, world):
+@pytest.mark.parametrize("name,world", [("wan", 2), ("wan", 4), ("sd3", 2), ("sd3", 4)])  # CFG 2; CFG 2 x Ulysses 2
+def test_cfg_parallel_matches_one_process(tmp_path, name, world):
+    """Wan: each group computes one of the two calls per step; SD3: each group its half of the batched call."""
     import json
     import torch.multiprocessing as mp
-    mp.spawn(_cfg_worker, args=(world, str(tmp_path / "store"), str(tmp_path)), nprocs=world, join=True)
+    mp.spawn(_cfg_worker, args=(world, name, str(tmp_path / "store"), str(tmp_path)), nprocs=world, join=True)
     for rank in range(world):
         result = json.loads((tmp_path / f"cfg{rank}.json").read_text())
         assert "error" not in result, result
         assert result["rel"] <= 1e-5
-        assert result["calls"] == 6  # one transformer forward per step per rank instead of two
+        assert result["calls"] == PIPELINES[name][2]  # one forward of one branch per step per rank
+        assert result["batches"] == [1]  # SD3 batches both branches (2 samples); each group runs its one
