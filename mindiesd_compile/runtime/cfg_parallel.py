@@ -43,12 +43,13 @@ class CfgParallelTransformer(torch.nn.Module):
         negative = self.negative.value
         if kwargs.get("return_dict", True) or args:
             return self.inner(*args, **kwargs)  # a call form we do not split
-        if negative is None:
+        prompt = kwargs.get("encoder_hidden_states")
+        if negative is None or prompt is None or prompt.shape[0] != negative.shape[0]:
+            # no negative prompt for this call's batch: both branches batched into one call (SD3), or no CFG
             batch = latents.shape[0] if isinstance(latents, torch.Tensor) else 1
             if batch % 2 == 0 and self.batched():
                 return self._split_batch(kwargs, batch)
-            return self.inner(**kwargs)  # no CFG in this generation
-        prompt = kwargs["encoder_hidden_states"]
+            return self.inner(**kwargs)
         mine = prompt if self.branch == 0 else negative.to(device=prompt.device, dtype=prompt.dtype)
         both = self._gather(self.inner(**{**kwargs, "encoder_hidden_states": mine}))
         self._pending = (latents, (both[1], *both[2:]))
