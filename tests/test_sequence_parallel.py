@@ -7,7 +7,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from tiny_models import MODELS
+from tiny_models import MODELS, ltx
+
+MODELS = {**MODELS, "ltx": ltx}
 
 WORLD = 2
 
@@ -30,12 +32,12 @@ def _worker(rank, name, options, overrides, store, out_dir):
             if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == 1:
                 random = t.is_floating_point() and key != "encoder_attention_mask"
                 kwargs[key] = torch.cat([t, torch.randn_like(t) if random else t])
-        if options.pop("dynamic", False):
-            mindiesd_compile.mark_sequence_dynamic(model, kwargs)
         unmasked, padding = dict(kwargs), options.pop("text_padding", 0)
-        if padding:  # the last text tokens are padding (HunyuanVideo's encoder_attention_mask)
+        if padding:  # the last text tokens are padding (HunyuanVideo's, LTX's encoder_attention_mask)
             kwargs["encoder_attention_mask"] = kwargs["encoder_attention_mask"].clone()
             kwargs["encoder_attention_mask"][:, -padding:] = 0
+        if options.pop("dynamic", False):  # after the inputs are final: the marks live on the tensors
+            mindiesd_compile.mark_sequence_dynamic(model, kwargs)
         with torch.no_grad():
             fn = torch.compile(model, backend="mindiesd", fullgraph=True,
                                options={"target": "eager", "cache": cache, "sequence_parallel": WORLD, **options})
@@ -115,6 +117,27 @@ def test_hunyuan_video_with_text_padding_matches_one_process(tmp_path):
         assert result["rel_to_unmasked"] > 1e-3  # the padding mask really changes the output
         assert result["all_to_all"] == 2  # the double- and the single-stream block
         assert result["attention"] == 3  # + the token refiner's text self-attention (prologue, unsplit)
+
+
+def test_ltx_text_split_with_its_padding_mask_matches_one_process(tmp_path):
+    """LTX-Video's _cp_plan splits the text (and its padding mask) with the video tokens: its cross-attention has
+    every token split, and the key mask built from each rank's text (per head, as LTX repeats it) goes through
+    the all-to-all with the keys. The last 3 of 8 text tokens are padding: all on rank 1."""
+    for result in run_two_ranks(tmp_path, "ltx", dynamic=True, text_padding=3):
+        assert "error" not in result, result
+        assert result["shape_ok"] and result["rel"] <= 1e-5
+        assert result["rel_to_unmasked"] > 1e-3  # the padding mask really changes the output
+        assert result["all_to_all"] == 4 == result["attention"]  # both blocks: self- and cross-attention, all split
+
+
+def test_a_whole_mask_over_split_keys_is_a_clear_error(tmp_path):
+    """The same plan without the mask entry: each rank's keys are a slice, its mask (built in the block, per head)
+    covers them all: a clear error, not a silently misapplied mask."""
+    plan = {k: v for k, v in ltx()[0]._cp_plan.items()}
+    plan[""] = {k: v for k, v in plan[""].items() if k != "encoder_attention_mask"}
+    for result in run_two_ranks(tmp_path, "ltx", dynamic=True, text_padding=3, parallel_plan=plan):
+        assert "takes a mask over the whole joint sequence" in result["error"], result
+        assert "only key-padding masks built before the blocks can follow the split" in result["error"]
 
 
 def test_sd3_two_ranks_match_one_process(tmp_path):

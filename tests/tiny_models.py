@@ -1,6 +1,6 @@
 import torch
 from diffusers import (WanTransformer3DModel, FluxTransformer2DModel, SD3Transformer2DModel,
-    HunyuanVideoTransformer3DModel, CogVideoXTransformer3DModel, QwenImageTransformer2DModel)
+    HunyuanVideoTransformer3DModel, CogVideoXTransformer3DModel, QwenImageTransformer2DModel, LTXVideoTransformer3DModel)
 
 def wan():
     m = WanTransformer3DModel(patch_size=(1,2,2), num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
@@ -47,6 +47,13 @@ def qwen():
     return m, kw
 
 MODELS = dict(wan=wan, flux=flux, sd3=sd3, hunyuan=hunyuan, cogvideox=cogvideox, qwen=qwen)
+
+def ltx():  # (not in MODELS: used by the sequence-parallel tests)
+    m = LTXVideoTransformer3DModel(in_channels=8, out_channels=8, num_attention_heads=2, attention_head_dim=16,
+        cross_attention_dim=32, num_layers=2, caption_channels=16)
+    kw = dict(hidden_states=torch.randn(1,32,8), encoder_hidden_states=torch.randn(1,8,16), timestep=torch.tensor([500]),
+        encoder_attention_mask=torch.ones(1,8), num_frames=2, height=4, width=4, return_dict=False)
+    return m, kw
 
 
 def wan_for_export():

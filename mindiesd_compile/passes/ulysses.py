@@ -59,12 +59,25 @@ def _all_gather_heads(x: torch.Tensor, group: str) -> torch.Tensor:
     return funcol.all_gather_single(x.movedim(2, 0).contiguous(), 0, group).movedim(0, 2)
 
 
+def _all_keys(mask: torch.Tensor, heads: int, local: int, degree: int, group: str) -> torch.Tensor:
+    """A mask over this rank's keys -> over every rank's keys, in rank order (the all-to-all's key order); a mask
+    per head ([B, H, Q, K]) also goes to this rank's heads, by the same all-to-all as q, k and v."""
+    m = mask.to(torch.uint8) if mask.dtype == torch.bool else mask  # collectives take no bool
+    if m.dim() == 4 and m.shape[1] == heads > 1:
+        m = torch.nn.functional.pad(m.permute(0, 3, 1, 2), (0, 0, 0, local * degree - heads))  # [B, K, H, Q]
+        m = seq_to_heads(m, degree, group).permute(0, 2, 3, 1)
+    else:
+        m = funcol.all_gather_single(m.movedim(-1, 0).contiguous(), 0, group).movedim(0, -1)
+    return m.to(mask.dtype)
+
+
 def ulysses_attention(q, k, v, mask, scale, layout, degree, group, segments=None, mask_split=False):
     """Attention over tokens split across ranks. ``segments``: runs of (sharded, local length) along the
     sequence, default one sharded run; a sharded run is all-to-all'ed (all its tokens, this rank's heads),
     a replicated run keeps this rank's heads, in their order, and after attention the inverse (the
-    replicated heads all-gathered). ``mask_split``: the mask reached this rank as a padded chunk of its
-    keys (runtime/sequence_parallel.py MaskSplit) and is all-gathered back whole."""
+    replicated heads all-gathered). ``mask_split``: the mask covers this rank's keys only (a padded chunk of a
+    mask built before the blocks, runtime/sequence_parallel.py MaskSplit, or a key mask built from this rank's
+    tokens) and is all-gathered along the keys, in the order the all-to-all gathers them."""
     if layout == "BHSD":
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     heads = q.shape[2]
@@ -86,9 +99,7 @@ def ulysses_attention(q, k, v, mask, scale, layout, degree, group, segments=None
 
     q, k, v = (gather_tokens(t) for t in (q, k, v))
     if mask_split:
-        keys = mask.to(torch.uint8) if mask.dtype == torch.bool else mask  # collectives take no bool
-        keys = funcol.all_gather_single(keys.movedim(-1, 0).contiguous(), 0, group).movedim(0, -1)
-        mask = keys[..., :k.shape[1]].to(mask.dtype)
+        mask = _all_keys(mask, heads, local, degree, group)[..., :k.shape[1]]
     out = torch.ops.mindiesd_compile.attention(q, k, v, mask, scale, "BSHD")
     runs = out.split([n * degree if sharded else n for sharded, n in segments], dim=1) if len(segments) > 1 else (out,)
     out = join([heads_to_seq(r, degree, group) if sharded else _all_gather_heads(r, group)
@@ -148,7 +159,7 @@ class UlyssesPass(GraphPass):
                 q, k, v, mask = node.args[:4]
                 flags = [sharded.get(t, False) for t in (q, k, v)]
                 if all(f is True for f in flags):
-                    sharded[self._rewrite(graph, node)] = True
+                    sharded[self._rewrite(graph, node, sharded.get(mask, False))] = True
                     continue
                 if all(isinstance(f, Joint) for f in flags):
                     sharded[self._rewrite_joint(graph, node, flags, sharded.get(mask, False))] = flags[0]
@@ -263,15 +274,24 @@ class UlyssesPass(GraphPass):
         self.report.rewritten(self.name)
         return result
 
-    def _rewrite(self, graph, node) -> torch.fx.Node:
+    def _rewrite(self, graph, node, mask_state) -> torch.fx.Node:
         self.report.found(self.name)
         q, k, v, mask, scale, layout = node.args
-        if mask is not None:  # the all-to-all interleaves the ranks' runs ([img_0|txt_0|img_1|...]); a mask does not
-            raise SequenceParallelError(f"attention {node.name} has a mask and all its tokens are split; a mask "
-                                        "does not follow the all-to-all's key order: keep the masked (text) "
-                                        "tokens whole, splitting only the image tokens as the built-in plans do")
+        mask_val, (keys, heads) = _val(mask), _val(k).shape[1:3] if layout == "BSHD" else _val(k).shape[2:0:-1]
+        gather_mask = mask is not None
+        key_mask = gather_mask and mask_val.shape[-1] == keys and mask_val.shape[-2] == 1 and (
+            mask_val.dim() < 4 or mask_val.shape[1] in (1, heads))
+        if gather_mask and not (mask_state is True and key_mask):
+            # a key mask built from this rank's tokens lines up with its keys, in the order the all-to-all
+            # gathers them; a mask over all keys in the single-process order does not (with several runs of split
+            # tokens joined, [img_0|txt_0|img_1|...] is not that order), nor does one that differs per query
+            raise SequenceParallelError(f"attention {node.name} has a mask {tuple(mask_val.shape)} and all its tokens "
+                                        "are split; only a key mask built from the split tokens (one entry per key "
+                                        "on this rank and head, the same for every query) follows the all-to-all: keep the "
+                                        "masked (text) tokens whole, splitting only the image tokens as the built-in "
+                                        "plans do")
         degree, group = self.degree, self.group
         result = inline_decomposition(graph, node, lambda q, k, v, mask, scale, layout: ulysses_attention(
-            q, k, v, mask, scale, layout, degree, group))
+            q, k, v, mask, scale, layout, degree, group, mask_split=gather_mask))
         self.report.rewritten(self.name)
         return result

@@ -131,7 +131,9 @@ def mark_sequence_dynamic(model: torch.nn.Module, kwargs: dict) -> dict:
             dims[name] = spec.split_dim % t.dim()
     for name, dim in dims.items():
         if isinstance(kwargs.get(name), torch.Tensor):
-            torch._dynamo.mark_dynamic(kwargs[name], dim)
+            # "maybe": a model whose forward fixes the count anyway (positions from Python ints) is traced static
+            # and the planner then says so, instead of Dynamo failing on a violated constraint
+            torch._dynamo.maybe_mark_dynamic(kwargs[name], dim)
     return kwargs
 
 
@@ -281,10 +283,14 @@ def plan_sequence_parallel(partition: Partition, args, degree: int, group, cp_pl
             if any(masks.values()):  # again, with the masks as the ranks will get them
                 local_in, local_out = _run_shapes(partition, local_args, split_values, degree)
         except RuntimeError as err:
-            fix = ("trace the sequence dims dynamically: call mindiesd_compile.mark_sequence_dynamic(model, kwargs) "
-                   "before the first compiled call") if not sizes else (
-                  "it was traced with dynamic sequence dims, yet a block still derives a token count from the "
-                  "model's input sizes (which every rank passes whole): not supported")
+            marked = any(getattr(a, "_dynamo_weak_dynamic_indices", None) or getattr(a, "_dynamo_dynamic_indices", None)
+                         for a in args if isinstance(a, torch.Tensor))
+            fix = ("it was traced with dynamic sequence dims, yet a block still derives a token count from the "
+                   "model's input sizes (which every rank passes whole): not supported") if sizes else (
+                  "its sequence dims were marked dynamic, yet its forward fixes the token count (e.g. positions "
+                  "built from Python ints such as frame/height/width arguments): not supported") if marked else (
+                  "trace the sequence dims dynamically: call mindiesd_compile.mark_sequence_dynamic(model, kwargs) "
+                  "before the first compiled call")
             raise OptionsError(
                 f"sequence_parallel: {model}'s traced graph fixes token counts (e.g. joint text+image attention "
                 f"split back by the traced text length), so it cannot run on a slice of the sequence; {fix} "
