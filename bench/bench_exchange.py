@@ -4,9 +4,10 @@
 
 all_to_all_single with equal splits also sends each rank's own chunk through NCCL (a local copy inside the
 kernel: half the bytes on 2 GPUs). The other variant sends and receives the peers' chunks only (one NCCL
-group of send/recv) and copies the own chunk with a plain copy. Buffers as the sequence-parallel compile sends them for Wan2.1 at 832x480x81: one of q, k, v or
-the output, [N, 1, 32760/N, heads/N, 128] bf16. Rank 0 prints ms per exchange (10 back to back, median of
-10 such runs) and the rate over the bytes that cross NVLink.
+group of send/recv) and copies the own chunk with a plain copy. Buffers as the sequence-parallel compile
+sends them for Wan2.1 at 832x480x81: one of q, k, v or the output, [N, 1, 32760/N, heads/N, 128] bf16.
+Rank 0 prints ms per exchange (10 back to back, median of 10 such runs) and the rate over the bytes that
+cross NVLink.
 """
 import os
 import statistics

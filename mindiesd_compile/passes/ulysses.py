@@ -277,7 +277,8 @@ class UlyssesPass(GraphPass):
     def _rewrite(self, graph, node, mask_state) -> torch.fx.Node:
         self.report.found(self.name)
         q, k, v, mask, scale, layout = node.args
-        mask_val, (keys, heads) = _val(mask), _val(k).shape[1:3] if layout == "BSHD" else _val(k).shape[2:0:-1]
+        mask_val, k_shape = _val(mask), _val(k).shape
+        keys, heads = (k_shape[1], k_shape[2]) if layout == "BSHD" else (k_shape[2], k_shape[1])
         gather_mask = mask is not None
         key_mask = gather_mask and mask_val.shape[-1] == keys and mask_val.shape[-2] == 1 and (
             mask_val.dim() < 4 or mask_val.shape[1] in (1, heads))
@@ -285,11 +286,11 @@ class UlyssesPass(GraphPass):
             # a key mask built from this rank's tokens lines up with its keys, in the order the all-to-all
             # gathers them; a mask over all keys in the single-process order does not (with several runs of split
             # tokens joined, [img_0|txt_0|img_1|...] is not that order), nor does one that differs per query
-            raise SequenceParallelError(f"attention {node.name} has a mask {tuple(mask_val.shape)} and all its tokens "
-                                        "are split; only a key mask built from the split tokens (one entry per key "
-                                        "on this rank and head, the same for every query) follows the all-to-all: keep the "
-                                        "masked (text) tokens whole, splitting only the image tokens as the built-in "
-                                        "plans do")
+            raise SequenceParallelError(
+                f"attention {node.name} has a mask {tuple(mask_val.shape)} and all its tokens are split; only a key "
+                "mask built from the split tokens (one entry per key on this rank and head, the same for every query) "
+                "follows the all-to-all: keep the masked (text) tokens whole, splitting only the image tokens as the "
+                "built-in plans do")
         degree, group = self.degree, self.group
         result = inline_decomposition(graph, node, lambda q, k, v, mask, scale, layout: ulysses_attention(
             q, k, v, mask, scale, layout, degree, group, mask_split=gather_mask))

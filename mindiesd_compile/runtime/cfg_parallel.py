@@ -57,8 +57,8 @@ class CfgParallelTransformer(torch.nn.Module):
 
     def _split_batch(self, kwargs, batch: int):
         half = batch // 2
-        mine = {k: v.narrow(0, self.branch * half, half) if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == batch
-                else v for k, v in kwargs.items()}
+        batched = [k for k, v in kwargs.items() if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == batch]
+        mine = {**kwargs, **{k: kwargs[k].narrow(0, self.branch * half, half) for k in batched}}
         both = self._gather(self.inner(**mine))
         return (torch.cat(both[:2]), *both[2:])
 
