@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.append(str(Path(__file__).resolve().parent))
-from bench_wan import CONFIGS, build_model, time_calls  # noqa: E402
+from bench_wan import CONFIGS, build_model, merge_intervals, time_calls  # noqa: E402
 
 import mindiesd_compile  # noqa: E402,F401
 
@@ -98,16 +98,6 @@ def build_variant(variant, model, world):
     return model
 
 
-def _union(spans):
-    merged = []
-    for a, b in sorted(spans):
-        if merged and a <= merged[-1][1]:
-            merged[-1][1] = max(merged[-1][1], b)
-        else:
-            merged.append([a, b])
-    return merged
-
-
 def _length(spans):
     return sum(b - a for a, b in spans)
 
@@ -129,8 +119,9 @@ def comm_split(fn, dev, trace=None):
         (comm if "nccl" in e.name.lower() else compute).append(span)
         if "clone" in e.name or "permute" in e.name:  # Inductor's layout copies (its fused norms say "_to_copy")
             copies += e.self_device_time_total
-    comm, compute = _union(comm), _union(compute)
-    overlapped = _length(_union([(max(a, c), min(b, d)) for a, b in comm for c, d in compute if max(a, c) < min(b, d)]))
+    comm, compute = merge_intervals(comm), merge_intervals(compute)
+    both = [(max(a, c), min(b, d)) for a, b in comm for c, d in compute if max(a, c) < min(b, d)]
+    overlapped = _length(merge_intervals(both))
     return {"compute": _length(compute) / 1e3, "nccl": _length(comm) / 1e3,
             "nccl_exposed": (_length(comm) - overlapped) / 1e3, "copies": copies / 1e3}
 

@@ -72,6 +72,17 @@ def build_model(cfg, dev, dtype, seed):
     return model.eval().requires_grad_(False)
 
 
+def merge_intervals(spans):
+    """The union of [start, end) intervals as sorted, disjoint [start, end] pairs (kernel timelines)."""
+    merged = []
+    for a, b in sorted(spans):
+        if merged and a <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], b)
+        else:
+            merged.append([a, b])
+    return merged
+
+
 def time_calls(fn, dev, n):
     """Wall ms per call: CUDA events on GPU, synchronize + perf_counter elsewhere."""
     out = []

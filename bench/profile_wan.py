@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
-from bench_wan import ATTN_RE, CONFIGS, NOT_ATTN_RE, build_model, time_calls  # noqa: E402
+from bench_wan import ATTN_RE, CONFIGS, NOT_ATTN_RE, build_model, merge_intervals, time_calls  # noqa: E402
 
 import mindiesd_compile  # noqa: E402,F401
 
@@ -76,10 +76,7 @@ def kernel_times(fn, dev):
         times[e.name] = times.get(e.name, 0.0) + t / 1e3  # ms
         if dev.type == "cuda":
             spans.append((e.time_range.start, e.time_range.end))
-    busy, reach = 0.0, float("-inf")  # union of [start, end) intervals, us
-    for a, b in sorted(spans):
-        busy += max(0.0, b - max(a, reach))
-        reach = max(reach, b)
+    busy = sum(b - a for a, b in merge_intervals(spans))  # us
     return times, busy / 1e3 if spans else sum(times.values())
 
 
