@@ -109,7 +109,40 @@ def attention_only(args, dev, dtype):
         add("block-sparse kernel", s, lambda: block_sparse_kernel(qp, kp, vp, keep, scale, args.block, mask))
         add("block-sparse op", s, lambda: torch.ops.mindiesd_compile.sparse_attention(
             q, k, v, scale, "BSHD", [frames, h, w], [0, 0], list(args.tile), args.block, s, 0, 1))
+    if args.flex_sweep and dev.type == "cuda":
+        flex_sweep(qp, kp, vp, select_blocks(scores, lay.dense, args.e2e_sparsity), scale, args, add)
     return rows
+
+
+FLEX_SWEEP = (  # FlexAttention kernel_options tried on the sparse kernel (--flex-sweep); {} = Inductor's choice
+    {}, {"ROWS_GUARANTEED_SAFE": True}, {"USE_TMA": True}, {"USE_TMA": True, "ROWS_GUARANTEED_SAFE": True},
+    {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2},
+    {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2, "USE_TMA": True},
+    {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3, "USE_TMA": True},
+    {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
+    {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 4, "num_stages": 3},
+    {"BACKEND": "FLASH"},
+)
+
+
+def flex_sweep(qp, kp, vp, keep, scale, args, add):
+    """The sparse kernel at one sparsity under each FLEX_SWEEP kernel_options (fresh compile each)."""
+    from torch.nn.attention.flex_attention import flex_attention
+    mask = block_mask(keep, qp.shape[-2], args.block)
+    ref = None
+    for opts in FLEX_SWEEP:
+        torch._dynamo.reset()
+        flex = torch.compile(flex_attention, dynamic=False, fullgraph=True)
+        call = lambda o=opts: flex(qp, kp, vp, block_mask=mask, scale=scale, kernel_options=o or None)  # noqa: E731
+        try:
+            with torch.no_grad():
+                out = call().float()
+        except Exception as e:  # an option this torch does not know is reported, not fatal
+            print(f"flex {opts}: FAILED ({type(e).__name__}: {str(e)[:200]})")
+            continue
+        ref = out if ref is None else ref
+        print(f"flex {opts}: rel err vs default options {float((out - ref).norm() / ref.norm()):.2e}")
+        add(f"flex {opts}", args.e2e_sparsity, call)
 
 
 def break_even(rows, dense_ms):
@@ -209,6 +242,8 @@ def main():
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--e2e-sparsity", type=float, default=0.8)
+    ap.add_argument("--flex-sweep", action="store_true", help="the sparse kernel at --e2e-sparsity under several "
+                    "FlexAttention kernel_options")
     ap.add_argument("--e2e-iters", type=int, default=3)
     ap.add_argument("--e2e-mask-refresh", type=int, default=1,
                     help="> 1: also time sparse with masks reused for this many steps (amortised per forward); "

@@ -80,6 +80,20 @@ def kernel_times(fn, dev):
     return times, busy / 1e3 if spans else sum(times.values())
 
 
+GEMM_OPS = ("aten::mm", "aten::addmm", "aten::_addmm_activation", "aten::bmm", "aten::_scaled_mm")
+
+
+def gemm_by_shape(fn, dev):
+    """{(op, input shapes): (calls, device ms)} of the matrix products in one profiled call: where two variants'
+    GEMM time differs, this says which product (bias epilogue, GELU epilogue, layout) it is."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
+        fn()
+        torch.cuda.synchronize(dev)
+    return {(e.key, e.input_shapes.__repr__()): (e.count, e.device_time_total / 1e3)
+            for e in prof.key_averages(group_by_input_shape=True) if e.key in GEMM_OPS}
+
+
 @contextlib.contextmanager
 def attention_kernel(name):
     """"sdpa": hide FA3 from the CUDA attention kernel chooser for this variant."""
@@ -141,7 +155,7 @@ VARIANTS = {  # name: (backend options or None for Inductor, attention kernel, c
 
     "mindiesd+persistent": ({}, "auto", False, lambda: persistent_reductions_up_to(8192)),
     "mindiesd+multikernel": ({"inductor_config": {"triton.multi_kernel": 1}}, "auto", False, None),
-    "mindiesd-nocdt": ({"inductor_config": {"coordinate_descent_tuning": False}}, "auto", False, None),
+    "mindiesd+cdt": ({"inductor_config": {"coordinate_descent_tuning": True}}, "auto", False, None),
 }
 
 
@@ -163,8 +177,9 @@ def profile_variant(variant, model, inputs, dev, iters):
             call = whole_call_graph(call, dev)
         wall = statistics.median(time_calls(call, dev, iters))
         times, busy = kernel_times(call, dev)
+        gemms = gemm_by_shape(call, dev) if dev.type == "cuda" else {}
         out = call().float().clone()
-    return wall, times, busy, out, compile_s
+    return wall, times, busy, out, compile_s, gemms
 
 
 def profile_config(name, dev, dtype, iters, variants):
@@ -186,7 +201,7 @@ def profile_config(name, dev, dtype, iters, variants):
     results = {}
     for variant in variants:
         try:
-            wall, times, busy, out, compile_s = profile_variant(variant, model, inputs, dev, iters)
+            wall, times, busy, out, compile_s, gemms = profile_variant(variant, model, inputs, dev, iters)
         except Exception as err:  # noqa: BLE001 - report the variant as failed, keep the others
             print(f"{name} {variant}: FAILED {type(err).__name__}: {err}", flush=True)
             continue
@@ -197,7 +212,8 @@ def profile_config(name, dev, dtype, iters, variants):
             by_class[c] += t
             top[c].append((k, t))
         rel = float((out - ref).norm() / ref.norm())
-        results[variant] = dict(wall=wall, busy=busy, by_class=by_class, top=top, rel=rel, compile_s=compile_s)
+        results[variant] = dict(wall=wall, busy=busy, by_class=by_class, top=top, rel=rel, compile_s=compile_s,
+                                gemms=gemms)
         print(f"{name} {variant}: {wall:.1f} ms, busy {busy:.1f} ms, rel err vs eager {rel:.2e}, "
               f"first call (compile) {compile_s:.1f} s", flush=True)
         if dev.type == "cuda":
@@ -251,6 +267,8 @@ def main():
             for c, ks in x["top"].items():
                 if ks:
                     lines.append(f"  {c}: " + "; ".join(f"{k[:70]} {t:.1f}" for k, t in ks[:4]))
+            for (op, shapes), (n, t) in sorted(x["gemms"].items(), key=lambda kv: -kv[1][1]):
+                lines.append(f"  gemm {op} {shapes} x{n}: {t:.1f} ms")
     print("\n".join(lines))
 
 

@@ -72,7 +72,7 @@ def lower(gm: torch.fx.GraphModule, example_inputs, options: CompileOptions, tar
         from .lowering.torchair import compile_npu
         return compile_npu(gm, example_inputs, manager, options.npu)
     from .lowering.inductor import compile_inductor
-    compiled = compile_inductor(gm, example_inputs, manager, dict(options.inductor_config), mode, target)
+    compiled = compile_inductor(gm, example_inputs, manager, dict(options.inductor_config), mode)
     if not manager.graph_id:  # Inductor found the graph in its cache: the passes never ran
         report.cache_hits += 1
     return compiled

@@ -10,7 +10,8 @@ from hypothesis import given, strategies as st
 import mindiesd_compile  # noqa: F401  (registers the ops)
 from mindiesd_compile import CompileOptions, OptionsError
 from mindiesd_compile.sparse import runtime
-from mindiesd_compile.sparse.layout import (block_mask, block_scores, kept_per_row, select_blocks, tile_layout)
+from mindiesd_compile.sparse.layout import (block_mask, block_scores, kept_per_row, pool_blocks, select_blocks,
+                                            tile_layout)
 from conftest import Compiled, rel_err
 from tiny_models import wan
 
@@ -82,6 +83,22 @@ def test_selected_blocks_per_row(b, h, n, data, sparsity):
 def test_block_mask_holds_exactly_the_kept_blocks():
     keep = torch.rand(2, 3, 5, 5) > 0.5
     assert torch.equal(block_mask(keep, 70, 16).to_dense().bool(), keep)
+
+
+@given(st.integers(1, 70), st.sampled_from([4, 16]), st.sampled_from([torch.float32, torch.bfloat16]))
+def test_pooled_blocks_are_block_means_with_a_short_last_block(seq, block, dtype):
+    x = torch.randn(2, seq, 3, 8).to(dtype).transpose(1, 2)  # the op's [B, H, S, D] view of [B, S, H, D] memory
+    blocks = x.float().split(block, dim=2)
+    assert torch.allclose(pool_blocks(x, block), torch.stack([c.mean(2) for c in blocks], 2), atol=1e-6)
+
+
+@pytest.mark.parametrize("capability, tma, options", [((9, 0), True, {"USE_TMA": True}), ((9, 0), False, None),
+                                                      ((8, 0), True, None)])
+def test_flex_loads_blocks_by_tma_on_hopper_only(monkeypatch, capability, tma, options):
+    import torch.utils._triton
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.utils._triton, "has_triton_tma_device", lambda: tma)
+    assert runtime.flex_kernel_options(torch.device("cuda", 0)) == options
 
 
 # --- the op ---------------------------------------------------------------------------------------

@@ -72,14 +72,14 @@ def tile_layout(grid: Sequence[int], text: Sequence[int], tile: Sequence[int], b
 
 
 def pool_blocks(x: Tensor, block: int) -> Tensor:
-    """[B, H, S, D] -> [B, H, ceil(S/block), D]: fp32 mean over each block (the short last one too)."""
+    """[B, H, S, D] -> [B, H, ceil(S/block), D]: mean over each block (the short last one too), summed in fp32
+    straight from ``x`` (no fp32 or padded copy of the whole tensor: that copy was most of the op's overhead)."""
     b, h, s, d = x.shape
-    n = math.ceil(s / block)
-    padded = torch.nn.functional.pad(x.float(), (0, 0, 0, n * block - s))
-    sums = padded.view(b, h, n, block, d).sum(3)
-    counts = torch.full((n, 1), float(block), device=x.device)
-    counts[-1] = s - (n - 1) * block
-    return sums / counts
+    full = s // block * block
+    sums = [x[:, :, :full].reshape(b, h, full // block, block, d).sum(3, dtype=torch.float32) / block]
+    if full < s:
+        sums.append(x[:, :, full:].sum(2, keepdim=True, dtype=torch.float32) / (s - full))
+    return torch.cat(sums, 2) if len(sums) > 1 else sums[0]
 
 
 def kept_per_row(n_blocks: int, n_dense: int, sparsity: float) -> int:

@@ -107,12 +107,21 @@ def _flex():
     return torch.compile(flex_attention, dynamic=False, fullgraph=True)
 
 
+def flex_kernel_options(device: torch.device) -> Optional[dict]:
+    """Hopper: K/V blocks loaded by the tensor memory accelerator (H100, Wan2.1-1.3B shapes, sparsity 0.8: the
+    kernel 5.21 -> 4.80 ms, bench/RESULTS.md); elsewhere FlexAttention's own choice."""
+    from torch.utils._triton import has_triton_tma_device
+    return {"USE_TMA": True} if torch.cuda.get_device_capability(device) >= (9, 0) and has_triton_tma_device() \
+        else None
+
+
 def block_sparse_kernel(q: Tensor, k: Tensor, v: Tensor, keep: Tensor, scale: float, block: int,
                         mask=None) -> Tensor:
     """Attention of permuted [B, H, S, D] tensors restricted to the kept blocks; returns [B, H, S, D]."""
     seq = q.shape[-2]
     if q.device.type == "cuda":
-        return _flex()(q, k, v, block_mask=mask if mask is not None else block_mask(keep, seq, block), scale=scale)
+        return _flex()(q, k, v, block_mask=mask if mask is not None else block_mask(keep, seq, block), scale=scale,
+                       kernel_options=flex_kernel_options(q.device))
     return F.scaled_dot_product_attention(q, k, v, attn_mask=expand_mask(keep, seq, block), scale=scale)
 
 
