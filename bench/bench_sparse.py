@@ -34,7 +34,7 @@ import torch.nn.functional as F
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 import mindiesd_compile  # noqa: E402,F401  (registers the ops)
 from mindiesd_compile.sparse.layout import block_mask, block_scores, select_blocks, tile_layout  # noqa: E402
-from bench_wan import time_calls  # noqa: E402
+from bench_wan import profile_attention, time_calls  # noqa: E402
 
 
 def timer(dev, iters, warmup):
@@ -107,8 +107,12 @@ def attention_only(args, dev, dtype):
         mask = block_mask(keep, seq, args.block) if dev.type == "cuda" else None
         print(f"sparsity {s}: {keep.float().mean().item():.3f} of the blocks kept (dense first frame included)")
         add("block-sparse kernel", s, lambda: block_sparse_kernel(qp, kp, vp, keep, scale, args.block, mask))
-        add("block-sparse op", s, lambda: torch.ops.mindiesd_compile.sparse_attention(
-            q, k, v, scale, "BSHD", [frames, h, w], [0, 0], list(args.tile), args.block, s, 0, 1))
+        op = lambda s=s: torch.ops.mindiesd_compile.sparse_attention(  # noqa: E731
+            q, k, v, scale, "BSHD", [frames, h, w], [0, 0], list(args.tile), args.block, s, 0, 1)
+        add("block-sparse op", s, op)
+        if s == args.e2e_sparsity:  # where the op's time beyond the kernel goes
+            _, top = profile_attention(op, dev)
+            print("op kernels: " + "; ".join(f"{k[:60]} {ms:.3f} ms" for k, ms, _ in top), flush=True)
     if args.flex_sweep and dev.type == "cuda":
         flex_sweep(qp, kp, vp, select_blocks(scores, lay.dense, args.e2e_sparsity), scale, args, add)
     return rows
