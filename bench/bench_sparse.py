@@ -193,6 +193,13 @@ def end_to_end(args, dev, dtype):
             ms = time_it(lambda: [call() for _ in range(group)]) / group
         rows.append(dict(name=name, ms=ms, cold_s=cold))
         print(f"{name}: {ms:.1f} ms per forward (first call incl. compile {cold:.1f} s)", flush=True)
+        if dev.type == "cuda":  # where a forward's time goes: kernels by name, and the GPU's idle time
+            from profile_wan import kernel_times
+            with torch.no_grad():
+                times, busy = kernel_times(lambda: [call() for _ in range(group)], dev)
+            top = sorted(times.items(), key=lambda kv: -kv[1])[:6]
+            print(f"  per forward: GPU busy {busy / group:.1f} ms; " +
+                  "; ".join(f"{k[:50]} {t / group:.1f}" for k, t in top), flush=True)
     d, s = list(outs.values())[:2]
     rel = ((s.float() - d.float()).norm() / d.float().norm()).item()
     return rows, rel

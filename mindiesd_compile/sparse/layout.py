@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -33,6 +33,7 @@ class TileLayout:
     inverse: Tensor       # [S] long: the model's token j sits at permuted position inverse[j]
     dense: Tensor         # [n_blocks] bool: the block holds a first-frame or text token
     block: int
+    n_dense: int          # dense.sum(), kept on the host
 
     @property
     def seq_len(self) -> int:
@@ -68,7 +69,7 @@ def tile_layout(grid: Sequence[int], text: Sequence[int], tile: Sequence[int], b
     position = torch.arange(n_blocks * block)
     dense_pos = (position >= n_video - per_frame) & (position < seq)  # first frame and text: the tail
     dense = dense_pos.view(n_blocks, block).any(-1)
-    return TileLayout(perm.to(device), inverse.to(device), dense.to(device), block)
+    return TileLayout(perm.to(device), inverse.to(device), dense.to(device), block, int(dense.sum()))
 
 
 def pool_blocks(x: Tensor, block: int) -> Tensor:
@@ -88,15 +89,15 @@ def kept_per_row(n_blocks: int, n_dense: int, sparsity: float) -> int:
     return min(k, n_blocks - n_dense)
 
 
-def select_blocks(scores: Tensor, dense: Tensor, sparsity: float) -> Tensor:
-    """[B, H, nq, nk] block scores -> bool keep mask with the dense rows and columns forced on."""
-    k = kept_per_row(scores.shape[-1], int(dense.sum()), sparsity)
+def select_blocks(scores: Tensor, dense: Tensor, sparsity: float, n_dense: Optional[int] = None) -> Tensor:
+    """[B, H, nq, nk] block scores -> bool keep mask with the dense rows and columns forced on.
+    ``n_dense`` (= ``dense.sum()``, known to the layout) spares a device sync per call."""
+    n_dense = int(dense.sum()) if n_dense is None else n_dense
+    k = kept_per_row(scores.shape[-1], n_dense, sparsity)
     free = scores.masked_fill(dense, float("-inf"))
     keep = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
     keep.scatter_(-1, free.topk(k, dim=-1).indices, True)
-    keep |= dense
-    keep[..., dense, :] = True
-    return keep
+    return keep | dense | dense.unsqueeze(-1)  # dense columns, dense rows (broadcast: no boolean indexing, no sync)
 
 
 def block_scores(q: Tensor, k: Tensor, block: int, scale: float) -> Tensor:

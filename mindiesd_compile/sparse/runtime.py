@@ -145,7 +145,7 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, layout: str,
         if entry is not None and entry[0].shape[:2] != q.shape[:2]:
             entry = None
     if entry is None:
-        keep = select_blocks(block_scores(q, k, block, scale), lay.dense, sparsity)
+        keep = select_blocks(block_scores(q, k, block, scale), lay.dense, sparsity, lay.n_dense)
         entry = (keep, block_mask(keep, lay.seq_len, block) if q.device.type == "cuda" else None)
         if runtime is not None:
             runtime.masks[site] = entry
