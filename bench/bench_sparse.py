@@ -99,22 +99,27 @@ def attention_only(args, dev, dtype):
         add(name, 0.0, fn)
     lay = tile_layout((frames, h, w), (0, 0), tuple(args.tile), args.block, str(dev))
     scale = 1 / math.sqrt(dim)
-    qp, kp, vp = (t.index_select(1, lay.perm).transpose(1, 2) for t in (q, k, v))
-    scores = block_scores(qp, kp, args.block, scale)
-    from mindiesd_compile.sparse.runtime import block_sparse_kernel
+    qp, kp, vp = (t.transpose(1, 2).index_select(2, lay.padded_perm) for t in (q, k, v))  # as the op lays them out
+    scores = block_scores(qp[:, :, :seq], kp[:, :, :seq], args.block, scale)
+    from mindiesd_compile.sparse import kernels
+    kinds = list(dict.fromkeys([kernels.choose(qp), "flex"])) if dev.type == "cuda" else ["reference"]
     for s in args.sparsities:
-        keep = select_blocks(scores, lay.dense, s)
-        mask = block_mask(keep, seq, args.block) if dev.type == "cuda" else None
+        keep = select_blocks(scores, lay.dense, s, lay.n_dense)
         print(f"sparsity {s}: {keep.float().mean().item():.3f} of the blocks kept (dense first frame included)")
-        add("block-sparse kernel", s, lambda: block_sparse_kernel(qp, kp, vp, keep, scale, args.block, mask))
+        for kind in kinds:
+            prepared = kernels.prepare(kind, keep, args.block, seq)
+            add(f"block-sparse kernel ({kind})", s,
+                lambda: kernels.attend(kind, qp, kp, vp, keep, prepared, scale, args.block, seq))
         op = lambda s=s: torch.ops.mindiesd_compile.sparse_attention(  # noqa: E731
             q, k, v, scale, "BSHD", [frames, h, w], [0, 0], list(args.tile), args.block, s, 0, 1)
         add("block-sparse op", s, op)
         if s == args.e2e_sparsity:  # where the op's time beyond the kernel goes
             _, top = profile_attention(op, dev)
             print("op kernels: " + "; ".join(f"{k[:60]} {ms:.3f} ms" for k, ms, _ in top), flush=True)
+    print(f"block-sparse kernel choices: {kernels.CHOICES}")
     if args.flex_sweep and dev.type == "cuda":
-        flex_sweep(qp, kp, vp, select_blocks(scores, lay.dense, args.e2e_sparsity), scale, args, add)
+        keep = select_blocks(scores, lay.dense, args.e2e_sparsity, lay.n_dense)
+        flex_sweep(*(t[:, :, :seq] for t in (qp, kp, vp)), keep, scale, args, add)
     return rows
 
 

@@ -52,8 +52,23 @@ def norm_rope():
     return lines
 
 
+def token_gather():
+    from mindiesd_compile.sparse.reorder import gather_tokens
+    lines = []
+    for b, s, heads, d in [(1, 32760, 12, 128), (2, 333, 5, 64), (1, 100, 3, 48)]:
+        x = torch.randn(b, s, heads, d, device=dev, dtype=torch.bfloat16)  # the model's [B, S, H, D]
+        perm = torch.randperm(s, device=dev)
+        padded = torch.cat([perm, perm[:7]])
+        tiles = gather_tokens(x.transpose(1, 2), padded)  # -> [B, H, S + 7, D], tile order
+        back = x.new_empty(b, s, heads, d)
+        gather_tokens(tiles, torch.argsort(perm), back.transpose(1, 2))  # -> [B, S, H, D], model order
+        ok = torch.equal(tiles, x.transpose(1, 2)[:, :, padded]) and torch.equal(back, x)
+        lines.append(check(f"gather_tokens {(b, s, heads, d)}", ok, "tile order and back: exact"))
+    return lines
+
+
 def main():
-    lines = fp8_roundings() + norm_rope()
+    lines = fp8_roundings() + norm_rope() + token_gather()
     print("\n".join(lines))
     return 1 if any(line.startswith("FAIL") for line in lines) else 0
 

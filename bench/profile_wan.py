@@ -96,11 +96,16 @@ def gemm_by_shape(fn, dev):
 
 @contextlib.contextmanager
 def attention_kernel(name):
-    """"sdpa": hide FA3 from the CUDA attention kernel chooser for this variant."""
+    """"sdpa": hide FA3 from the CUDA attention kernel chooser for this variant; "fa3src": use the FA3 built
+    from source (``flash_attn_interface``, bench/build_fa3.sh) even where the fa3-fwd wheel is installed."""
     from mindiesd_compile.ops import attention_kernels as K
     saved = K.flash_attn_3
     if name == "sdpa":
         K.flash_attn_3 = lambda: None
+    elif name == "fa3src":
+        import flash_attn_interface
+        build = K.FlashAttention3("flash_attn_interface", flash_attn_interface.flash_attn_func, frozenset({torch.bfloat16}))
+        K.flash_attn_3 = lambda: build
     try:
         yield
     finally:
@@ -146,6 +151,7 @@ NO_NORM_ROPE = [p for p in mindiesd_compile.PATTERNS if p != "norm_rope"]
 VARIANTS = {  # name: (backend options or None for Inductor, attention kernel, capture whole call, context)
     "inductor": (None, "auto", False, None),
     "mindiesd": ({}, "auto", False, None),
+    "mindiesd-fa3src": ({}, "fa3src", False, None),
     "mindiesd-sdpa": ({"patterns": [p for p in NO_GELU if p in NO_NORM_ROPE]}, "sdpa", False, None),
     "mindiesd-nogelu": ({"patterns": NO_GELU}, "auto", False, None),
     "mindiesd-nonormrope": ({"patterns": NO_NORM_ROPE}, "auto", False, None),

@@ -1,6 +1,8 @@
 """Block-sparse attention: tile layout and block selection properties, op numerics against dense and
 masked references, the pass on a video DiT (rewrites, near-misses), per-step runtime, options."""
+import contextlib
 import math
+import warnings
 
 import pytest
 import torch
@@ -9,7 +11,7 @@ from hypothesis import given, strategies as st
 
 import mindiesd_compile  # noqa: F401  (registers the ops)
 from mindiesd_compile import CompileOptions, OptionsError
-from mindiesd_compile.sparse import runtime
+from mindiesd_compile.sparse import kernels, runtime
 from mindiesd_compile.sparse.layout import (block_mask, block_scores, kept_per_row, pool_blocks, select_blocks,
                                             tile_layout)
 from conftest import Compiled, rel_err
@@ -98,7 +100,7 @@ def test_flex_loads_blocks_by_tma_on_hopper_only(monkeypatch, capability, tma, o
     import torch.utils._triton
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     monkeypatch.setattr(torch.utils._triton, "has_triton_tma_device", lambda: tma)
-    assert runtime.flex_kernel_options(torch.device("cuda", 0)) == options
+    assert kernels.flex_kernel_options(torch.device("cuda", 0)) == options
 
 
 # --- the op ---------------------------------------------------------------------------------------
@@ -124,13 +126,46 @@ def test_sparsity_zero_is_dense_attention(grid, text, tile, layout):
     assert rel_err(out, dense(q, k, v, layout, 0.3)) <= 1e-5
 
 
-@given(grids, texts, st.sampled_from(["BSHD", "BHSD"]), st.sampled_from([0.5, 0.7, 0.9]))
-def test_sparse_matches_block_masked_attention_in_model_order(grid, text, layout, sparsity):
-    """Oracle without any reordering: the selected blocks, mapped back to model positions, as an SDPA mask."""
+def paged_kv_attention(q, k_cache, v_cache, cache_seqlens, page_table, softmax_scale):
+    """FA3's ``flash_attn_with_kvcache`` with a page table, as documented, in plain torch: sequence ``row`` of
+    the batch reads the first ``cache_seqlens[row]`` tokens of its pages ``page_table[row]`` in order."""
+    page, outs = k_cache.shape[1], []
+    for row in range(q.shape[0]):
+        n = int(cache_seqlens[row])
+        pages = page_table[row, :-(-n // page)].long()
+        k, v = (c[pages].flatten(0, 1)[:n].transpose(0, 1) for c in (k_cache, v_cache))
+        outs.append(F.scaled_dot_product_attention(q[row].transpose(0, 1), k, v, scale=softmax_scale).transpose(0, 1))
+    return torch.stack(outs)
+
+
+@contextlib.contextmanager
+def block_sparse_kernel(kind, paged=paged_kv_attention):
+    """Run the op's ``kind`` kernel on the CPU (until a failure records a fallback, as ``choose`` does on CUDA);
+    "fa3-paged" with ``paged`` standing in for FA3's kernel."""
+    saved = kernels.choose, kernels.fa3_paged, dict(kernels.CHOICES)
+    kernels.CHOICES.clear()
+    if kind == "fa3-paged":
+        kernels.choose = lambda q: kernels.CHOICES.get(kernels._key(q), kind).split(":")[0]
+        kernels.fa3_paged = lambda: paged
+    try:
+        yield
+    finally:
+        kernels.choose, kernels.fa3_paged = saved[:2]
+        kernels.CHOICES.clear()
+        kernels.CHOICES.update(saved[2])
+
+
+@given(grids, texts, st.sampled_from(["BSHD", "BHSD"]), st.sampled_from([0.5, 0.7, 0.9]),
+       st.sampled_from(["reference", "fa3-paged"]))
+def test_sparse_matches_block_masked_attention_in_model_order(grid, text, layout, sparsity, kind):
+    """Oracle without any reordering: the selected blocks, mapped back to model positions, as an SDPA mask.
+    "fa3-paged": the page table and sequence lengths the op gives FA3 (pages = kept blocks; a short last
+    block) reproduce the same attention through the paged-KV semantics."""
     tile, block = (2, 2), 4
     seq = math.prod(grid) + sum(text)
     q, k, v = qkv(1, 2, seq, 8, layout)
-    out = sparse_op(q, k, v, 0.3, layout, list(grid), list(text), list(tile), block, sparsity, 0, 1)
+    with block_sparse_kernel(kind):
+        out = sparse_op(q, k, v, 0.3, layout, list(grid), list(text), list(tile), block, sparsity, 0, 1)
     lay = tile_layout(grid, text, tile, block)
     bhsd = (lambda x: x.transpose(1, 2)) if layout == "BSHD" else (lambda x: x)
     qh, kh, vh = (bhsd(t) for t in (q, k, v))
@@ -144,6 +179,29 @@ def test_sparse_matches_block_masked_attention_in_model_order(grid, text, layout
     dense_rows = torch.cat([torch.arange(text[0] + h * w), torch.arange(seq - text[1], seq)])  # text, frame 0
     o, d = bhsd(out), bhsd(dense(q, k, v, layout, 0.3))
     assert rel_err(o[:, :, dense_rows], d[:, :, dense_rows]) <= 1e-5
+
+
+def test_failing_fa3_paged_kernel_falls_back_with_one_warning():
+    def broken(*args, **kwargs):
+        raise RuntimeError("This flash attention build does not support paged KV.")
+    q, k, v = qkv(1, 2, 3 * 16, 8, "BSHD")
+    call = lambda: sparse_op(q, k, v, 0.3, "BSHD", [3, 4, 4], [0, 0], [2, 2], 4, 0.5, 0, 1)  # noqa: E731
+    expected = call()
+    with block_sparse_kernel("fa3-paged", paged=broken), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first, second = call(), call()
+        assert kernels.CHOICES[("cpu", 8, torch.float32)].startswith("reference: FA3 paged KV failed")
+    assert len([w for w in caught if "paged KV" in str(w.message)]) == 1
+    assert torch.equal(first, expected) and torch.equal(second, expected)
+
+
+def test_page_table_lists_kept_blocks_in_order_and_stops_at_the_last_token():
+    keep = torch.tensor([[[[True, False, True], [True, True, True]]]])  # 1 x 1 x 2 query blocks x 3 key blocks
+    table, lengths = kernels.page_table(keep, block=4, seq_len=10)   # the last block holds 2 tokens
+    assert table[:, :2].tolist() == [[0, 2], [0, 1]] and table[1, 2] == 2
+    assert lengths.tolist() == [4 + 2, 4 + 4 + 2]
+    table, lengths = kernels.page_table(torch.stack([keep, ~keep]).view(2, 1, 2, 3), block=4, seq_len=12)
+    assert table[2, 0] == 3 + 1 and lengths.tolist() == [8, 12, 4, 0]  # batch 1's pages start after batch 0's
 
 
 # --- the pass on a video DiT ------------------------------------------------------------------------

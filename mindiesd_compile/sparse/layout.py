@@ -34,6 +34,7 @@ class TileLayout:
     dense: Tensor         # [n_blocks] bool: the block holds a first-frame or text token
     block: int
     n_dense: int          # dense.sum(), kept on the host
+    padded_perm: Tensor   # [n_blocks * block] long: perm, its tail repeated up to whole blocks (rows nobody reads)
 
     @property
     def seq_len(self) -> int:
@@ -69,7 +70,8 @@ def tile_layout(grid: Sequence[int], text: Sequence[int], tile: Sequence[int], b
     position = torch.arange(n_blocks * block)
     dense_pos = (position >= n_video - per_frame) & (position < seq)  # first frame and text: the tail
     dense = dense_pos.view(n_blocks, block).any(-1)
-    return TileLayout(perm.to(device), inverse.to(device), dense.to(device), block, int(dense.sum()))
+    padded = torch.cat([perm, perm[:n_blocks * block - seq]])
+    return TileLayout(perm.to(device), inverse.to(device), dense.to(device), block, int(dense.sum()), padded.to(device))
 
 
 def pool_blocks(x: Tensor, block: int) -> Tensor:

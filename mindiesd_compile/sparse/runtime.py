@@ -16,26 +16,26 @@ steps is decided inside the op, on the host, so nothing is ever recompiled:
 - Without an active runtime (the op called directly, ``mindiesd_compile.report``) every call is sparse
   with a fresh mask.
 
-Kernels: CUDA runs ``flex_attention`` (compiled once per shape) with a ``BlockMask`` of full blocks;
-other devices run the reference: SDPA with the block mask expanded to tokens, the oracle of the tests.
-NPU: no block-sparse kernel exists there, so the backend does not add the pass for target "npu"
-(attention stays dense FlashAttentionScore).
+Kernels (``kernels.py``): FA3's paged KV on Hopper where such a build is installed, FlexAttention on other
+CUDA devices, SDPA with the expanded block mask elsewhere (the oracle of the tests). NPU: no block-sparse
+kernel exists there, so the backend does not add the pass for target "npu" (attention stays dense
+FlashAttentionScore).
 """
 from __future__ import annotations
 
 import collections
 import contextlib
-import functools
 import weakref
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ..ops import attention_ref
 from ..runtime.cache import StepCache, call_key, timestep_position
-from .layout import block_mask, block_scores, expand_mask, select_blocks, tile_layout
+from . import kernels
+from .layout import block_scores, select_blocks, tile_layout
+from .reorder import gather_tokens
 
 _ACTIVE: Optional["SparseRuntime"] = None
 _LATEST: Optional[weakref.ref] = None
@@ -101,30 +101,6 @@ def with_runtime(fn, gm: torch.fx.GraphModule):
     return call
 
 
-@functools.lru_cache(1)
-def _flex():
-    from torch.nn.attention.flex_attention import flex_attention
-    return torch.compile(flex_attention, dynamic=False, fullgraph=True)
-
-
-def flex_kernel_options(device: torch.device) -> Optional[dict]:
-    """Hopper: K/V blocks loaded by the tensor memory accelerator (H100, Wan2.1-1.3B shapes, sparsity 0.8: the
-    kernel 5.21 -> 4.80 ms, bench/RESULTS.md); elsewhere FlexAttention's own choice."""
-    from torch.utils._triton import has_triton_tma_device
-    return {"USE_TMA": True} if torch.cuda.get_device_capability(device) >= (9, 0) and has_triton_tma_device() \
-        else None
-
-
-def block_sparse_kernel(q: Tensor, k: Tensor, v: Tensor, keep: Tensor, scale: float, block: int,
-                        mask=None) -> Tensor:
-    """Attention of permuted [B, H, S, D] tensors restricted to the kept blocks; returns [B, H, S, D]."""
-    seq = q.shape[-2]
-    if q.device.type == "cuda":
-        return _flex()(q, k, v, block_mask=mask if mask is not None else block_mask(keep, seq, block), scale=scale,
-                       kernel_options=flex_kernel_options(q.device))
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=expand_mask(keep, seq, block), scale=scale)
-
-
 def sparse_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, layout: str, grid, text, tile, block: int,
                      sparsity: float, start_step: int, mask_refresh: int) -> Tensor:
     """The op: dense before ``start_step`` (as told by the active runtime), block-sparse after.
@@ -135,27 +111,33 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, layout: str,
         runtime.stats["dense"] += 1
         return attention_ref(q, k, v, None, scale, layout)
     lay = tile_layout(tuple(grid), tuple(text), tuple(tile), block, str(q.device))
-    if layout == "BHSD":
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-    # gather whole [H, D] rows of the [B, S, H, D] tensors, then view them as [B, H, S, D] for the kernel
-    q, k, v = (t.index_select(1, lay.perm).transpose(1, 2) for t in (q, k, v))
+    seq = lay.seq_len
+    # [B, H, S_pad, D] in tile order, contiguous: a block is one page for FA3, a row range for the others
+    q, k, v = (gather_tokens(t.transpose(1, 2) if layout == "BSHD" else t, lay.padded_perm) for t in (q, k, v))
+    kind = kernels.choose(q)
     entry = None
     if runtime is not None and (runtime.step - start_step) % mask_refresh:
         entry = runtime.masks.get(site)
         if entry is not None and entry[0].shape[:2] != q.shape[:2]:
             entry = None
     if entry is None:
-        keep = select_blocks(block_scores(q, k, block, scale), lay.dense, sparsity, lay.n_dense)
-        entry = (keep, block_mask(keep, lay.seq_len, block) if q.device.type == "cuda" else None)
+        keep = select_blocks(block_scores(q[:, :, :seq], k[:, :, :seq], block, scale), lay.dense, sparsity,
+                             lay.n_dense)
+        entry = (keep, kind, kernels.prepare(kind, keep, block, seq))
         if runtime is not None:
             runtime.masks[site] = entry
         _count(runtime, "masks_computed")
     else:
         _count(runtime, "masks_reused")
+    keep, prepared_for, prepared = entry
+    if prepared_for != kind:  # the kernel changed since (a fallback): its block list, from the kept mask
+        prepared = kernels.prepare(kind, keep, block, seq)
     _count(runtime, "sparse")
-    out = block_sparse_kernel(q, k, v, entry[0], scale, block, entry[1])
-    out = out.transpose(1, 2).index_select(1, lay.inverse)  # model token order, [B, S, H, D] memory
-    return out if layout == "BSHD" else out.transpose(1, 2)
+    out = kernels.attend(kind, q, k, v, keep, prepared, scale, block, seq)
+    b, h, _, dv = out.shape
+    result = out.new_empty(b, seq, h, dv)  # model token order, [B, S, H, D] memory
+    gather_tokens(out, lay.inverse, result.transpose(1, 2))
+    return result if layout == "BSHD" else result.transpose(1, 2)
 
 
 def sparse_attention_fake(q: Tensor, k: Tensor, v: Tensor, scale: float, layout: str, *static) -> Tensor:
