@@ -210,6 +210,40 @@ def end_to_end(args, dev, dtype):
     return rows, rel
 
 
+def denoise(args, dev, dtype):
+    """A whole CFG denoising loop of the 1.3B transformer (--denoise-steps steps, two calls each, timesteps from
+    999 down, an Euler update): wall seconds, dense vs sparse with each of --denoise-start-steps dense steps."""
+    from bench_wan import CONFIGS, build_model
+    cfg, lat, txt = CONFIGS["tiny" if args.smoke else "1.3b"]
+    model = build_model(cfg, dev, dtype, 0)
+    g = torch.Generator(dev).manual_seed(0)
+    noise, text, negative = (torch.randn(shape, generator=g, device=dev, dtype=dtype) for shape in (lat, txt, txt))
+    sparse = dict(sparsity=args.e2e_sparsity, block=args.block, tile=tuple(args.tile), mask_refresh=args.e2e_mask_refresh)
+    if args.smoke:
+        sparse.update(block=4, tile=(2, 2))
+    variants = [("dense", {})] + [(f"sparse {args.e2e_sparsity}, first {n} steps dense",
+                                   {"sparse_attention": dict(sparse, start_step=n)}) for n in args.denoise_start_steps]
+    rows = []
+    for name, extra in variants:
+        torch._dynamo.reset()
+        fn = torch.compile(model, backend="mindiesd", options={"target": "eager" if args.smoke else dev.type, **extra})
+
+        def loop(steps):
+            x = noise.clone()
+            for t in torch.linspace(999, 0, steps + 1)[:-1].tolist():
+                step = torch.tensor([t], device=dev)
+                cond = fn(hidden_states=x, timestep=step, encoder_hidden_states=text, return_dict=False)[0]
+                uncond = fn(hidden_states=x, timestep=step, encoder_hidden_states=negative, return_dict=False)[0]
+                x = x - (uncond + 5.0 * (cond - uncond)) / steps
+            return x
+        with torch.no_grad():
+            loop(2)  # compiles
+            seconds = statistics.median(time_calls(lambda: loop(args.denoise_steps), dev, 1)) / 1e3
+        rows.append(dict(name=name, seconds=seconds))
+        print(f"{args.denoise_steps}-step CFG loop, {name}: {seconds:.2f} s", flush=True)
+    return rows
+
+
 def testbed_quality(args, dev, dtype):
     from testbed import evaluate as E, sample as S, videos as V
     if args.smoke:
@@ -264,6 +298,9 @@ def main():
     ap.add_argument("--e2e-mask-refresh", type=int, default=1,
                     help="> 1: also time sparse with masks reused for this many steps (amortised per forward); "
                          "the testbed run reuses masks as long")
+    ap.add_argument("--denoise-start-steps", type=int, nargs="*", default=[],
+                    help="time whole CFG denoising loops: dense, and sparse with each of these dense steps first")
+    ap.add_argument("--denoise-steps", type=int, default=50)
     ap.add_argument("--start-step", type=int, default=10, help="dense steps (50-step estimate, testbed)")
     ap.add_argument("--testbed", action="store_true", help="quality on the trained testbed model")
     ap.add_argument("--checkpoint", default=None, help="testbed checkpoint (default: testbed/checkpoint)")
@@ -307,6 +344,10 @@ def main():
             notes.append(f"50 steps, {args.start_step} dense, {r['name']}: {est / 1e3:.1f} s vs {50 * d_ms / 1e3:.1f} s "
                          f"dense ({50 * d_ms / est:.2f}x)")
         notes.append(f"sparse vs dense output rel err {rel:.3e} (random weights)")
+    if args.denoise_start_steps:
+        rows = denoise(args, dev, dtype)
+        lines += ["", f"| {args.denoise_steps}-step CFG denoising, Wan2.1-1.3B | s | speedup |", "|---|---|---|"]
+        lines += [f"| {r['name']} | {r['seconds']:.2f} | {rows[0]['seconds'] / r['seconds']:.2f}x |" for r in rows]
     if args.testbed:
         tb = testbed_quality(args, dev, dtype)
         lines += ["", f"| testbed sparsity (dense first {args.start_step} steps, mask_refresh {args.e2e_mask_refresh}) | "

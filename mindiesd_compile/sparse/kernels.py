@@ -113,8 +113,7 @@ def attend(kind: str, q: Tensor, k: Tensor, v: Tensor, keep: Tensor, prepared, s
                           f"{err}); it runs {kind} from now on", RuntimeWarning, stacklevel=2)
             prepared = prepare(kind, keep, block, seq_len)
     q, k, v = (t[:, :, :seq_len] for t in (q, k, v))
-    if kind == "flex":
-        CHOICES.setdefault(_key(q), kind)
-        return _flex()(q, k, v, block_mask=prepared, scale=scale, kernel_options=flex_kernel_options(q.device))
     CHOICES.setdefault(_key(q), kind)
+    if kind == "flex":
+        return _flex()(q, k, v, block_mask=prepared, scale=scale, kernel_options=flex_kernel_options(q.device))
     return F.scaled_dot_product_attention(q, k, v, attn_mask=expand_mask(keep, seq_len, block), scale=scale)
