@@ -2,13 +2,15 @@
 
     python bench/bench_sparse.py                 # attention only: B=1, 21x30x52 = 32760 tokens, 12 heads x 128, bf16
     python bench/bench_sparse.py --e2e           # + Wan2.1-1.3B transformer forward (random weights, 832x480x81)
+    python bench/bench_sparse.py --denoise-start-steps 10 5   # + whole 50-step CFG loops, dense vs sparse
     python bench/bench_sparse.py --testbed       # quality on the trained testbed (testbed/checkpoint), 50 steps + CFG
     python bench/bench_sparse.py --smoke --e2e --testbed   # CPU, tiny shapes: checks the script, times nothing meaningful
 
 Attention only: dense cuDNN SDPA, flash SDPA, FlexAttention (compiled), FA3 (if ``fa3-fwd`` or ``flash_attn_interface``
-imports), and block-sparse at each --sparsities: "kernel" = FlexAttention with a precomputed BlockMask,
-"op" = the whole torch.ops.mindiesd_compile.sparse_attention (token reorder, pooled scores, top-k,
-BlockMask build, kernel, inverse reorder; a fresh mask every call, i.e. mask_refresh=1). Median of
+imports), and block-sparse at each --sparsities: "kernel (fa3-paged / flex)" = the kernel alone with its block
+list precomputed (fa3-paged where a flash-attention hopper build with paged KV imports, bench/build_fa3.sh),
+"op" = the whole torch.ops.mindiesd_compile.sparse_attention (token reorder, pooled scores, top-k, block list,
+kernel, inverse reorder; a fresh mask every call, i.e. mask_refresh=1). Median of
 CUDA-event timings. Effective TFLOP/s counts the dense FLOPs (4 B H S^2 D), so it is comparable across rows.
 Break-even sparsity: the op's time is fitted as a + b * (1 - sparsity) and solved for the dense time.
 
