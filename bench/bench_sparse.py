@@ -220,7 +220,8 @@ def denoise(args, dev, dtype):
     model = build_model(cfg, dev, dtype, 0)
     g = torch.Generator(dev).manual_seed(0)
     noise, text, negative = (torch.randn(shape, generator=g, device=dev, dtype=dtype) for shape in (lat, txt, txt))
-    sparse = dict(sparsity=args.e2e_sparsity, block=args.block, tile=tuple(args.tile), mask_refresh=args.e2e_mask_refresh)
+    sparse = dict(sparsity=args.e2e_sparsity, block=args.block, tile=tuple(args.tile),
+                  mask_refresh=args.e2e_mask_refresh)
     if args.smoke:
         sparse.update(block=4, tile=(2, 2))
     variants = [("dense", {})] + [(f"sparse {args.e2e_sparsity}, first {n} steps dense",

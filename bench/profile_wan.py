@@ -90,7 +90,7 @@ def gemm_by_shape(fn, dev):
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
         fn()
         torch.cuda.synchronize(dev)
-    return {(e.key, e.input_shapes.__repr__()): (e.count, e.device_time_total / 1e3)
+    return {(e.key, repr(e.input_shapes)): (e.count, e.device_time_total / 1e3)
             for e in prof.key_averages(group_by_input_shape=True) if e.key in GEMM_OPS}
 
 
@@ -104,7 +104,8 @@ def attention_kernel(name):
         K.flash_attn_3 = lambda: None
     elif name == "fa3src":
         import flash_attn_interface
-        build = K.FlashAttention3("flash_attn_interface", flash_attn_interface.flash_attn_func, frozenset({torch.bfloat16}))
+        build = K.FlashAttention3("flash_attn_interface", flash_attn_interface.flash_attn_func,
+                                  frozenset({torch.bfloat16}))
         K.flash_attn_3 = lambda: build
     try:
         yield
