@@ -244,6 +244,14 @@ def denoise(args, dev, dtype):
             seconds = statistics.median(time_calls(lambda: loop(args.denoise_steps), dev, 1)) / 1e3
         rows.append(dict(name=name, seconds=seconds))
         print(f"{args.denoise_steps}-step CFG loop, {name}: {seconds:.2f} s", flush=True)
+        if args.denoise_profile and dev.type == "cuda":  # GPU idle inside the loop, and where the time goes
+            from profile_wan import kernel_times
+            with torch.no_grad():
+                wall = time_calls(lambda: loop(args.denoise_steps), dev, 1)[0]
+                times, busy = kernel_times(lambda: loop(args.denoise_steps), dev)
+            top = sorted(times.items(), key=lambda kv: -kv[1])[:8]
+            print(f"  profiled loop: wall {wall:.0f} ms, GPU busy {busy:.0f} ms; " +
+                  "; ".join(f"{k[:45]} {t:.0f}" for k, t in top), flush=True)
     return rows
 
 
@@ -304,6 +312,7 @@ def main():
     ap.add_argument("--denoise-start-steps", type=int, nargs="*", default=[],
                     help="time whole CFG denoising loops: dense, and sparse with each of these dense steps first")
     ap.add_argument("--denoise-steps", type=int, default=50)
+    ap.add_argument("--denoise-profile", action="store_true", help="also profile one loop per variant")
     ap.add_argument("--start-step", type=int, default=10, help="dense steps (50-step estimate, testbed)")
     ap.add_argument("--testbed", action="store_true", help="quality on the trained testbed model")
     ap.add_argument("--checkpoint", default=None, help="testbed checkpoint (default: testbed/checkpoint)")

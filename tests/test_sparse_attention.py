@@ -250,6 +250,18 @@ def test_dense_before_start_step_sparse_after_without_recompiling():
     assert 1e-4 < rel_err(outs[1], refs[1]) < 0.1                        # sparse: close, not equal
 
 
+def test_dense_steps_run_the_attention_op_and_its_kernel_choice():
+    """Before start_step the op is the ``attention`` op (FA3 on Hopper), not a fixed SDPA call."""
+    from torch.profiler import profile
+    q, k, v = qkv(1, 2, 3 * 16, 8, "BSHD")
+    sparse = runtime.SparseRuntime()
+    sparse.begin_call(999.0, ("signature",))
+    with sparse.active(), profile() as prof:
+        out = sparse_op(q, k, v, 0.3, "BSHD", [3, 4, 4], [0, 0], [2, 2], 4, 0.8, 1, 1)
+    assert "mindiesd_compile::attention" in {e.name for e in prof.events()} and sparse.stats["dense"] == 1
+    assert torch.equal(out, torch.ops.mindiesd_compile.attention(q, k, v, None, 0.3, "BSHD"))
+
+
 def test_masks_reused_for_mask_refresh_steps_per_cfg_branch():
     model, kw = tiny_wan()
     fast = compiled_wan(model, sparsity=0.5, start_step=1, mask_refresh=2)
