@@ -98,7 +98,7 @@ def test_pooled_blocks_are_block_means_with_a_short_last_block(seq, block, dtype
                                                       ((8, 0), True, None)])
 def test_flex_loads_blocks_by_tma_on_hopper_only(monkeypatch, capability, tma, options):
     import torch.utils._triton
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(kernels, "capability", lambda device: (capability, "a card"))
     monkeypatch.setattr(torch.utils._triton, "has_triton_tma_device", lambda: tma)
     assert kernels.flex_kernel_options(torch.device("cuda", 0)) == options
 

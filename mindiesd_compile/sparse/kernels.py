@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..ops.attention_kernels import capability
 from .layout import block_mask, expand_mask
 
 CHOICES: Dict[Tuple[str, int, torch.dtype], str] = {}
@@ -40,7 +41,7 @@ def fa3_paged() -> Optional[Callable]:
 
 
 def _key(q: Tensor) -> Tuple[str, int, torch.dtype]:
-    card = torch.cuda.get_device_name(q.device) if q.device.type == "cuda" else q.device.type
+    card = capability(q.device)[1] if q.device.type == "cuda" else q.device.type  # cached: no driver query per call
     return card, q.shape[-1], q.dtype
 
 
@@ -53,7 +54,7 @@ def choose(q: Tensor) -> str:
     previous = CHOICES.get(_key(q))
     if previous is not None:
         return previous.split(":")[0]
-    if (q.device.type == "cuda" and torch.cuda.get_device_capability(q.device)[0] == 9
+    if (q.device.type == "cuda" and capability(q.device)[0][0] == 9
             and q.dtype in PAGED_DTYPES and q.shape[-1] <= 256 and fa3_paged() is not None):
         return "fa3-paged"
     return _fallback(q)
@@ -69,8 +70,7 @@ def flex_kernel_options(device: torch.device) -> Optional[dict]:
     """Hopper: K/V blocks loaded by the tensor memory accelerator (H100, Wan2.1-1.3B shapes, sparsity 0.8: the
     kernel 5.21 -> 4.80 ms, bench/RESULTS.md); elsewhere FlexAttention's own choice."""
     from torch.utils._triton import has_triton_tma_device
-    return {"USE_TMA": True} if torch.cuda.get_device_capability(device) >= (9, 0) and has_triton_tma_device() \
-        else None
+    return {"USE_TMA": True} if capability(device)[0] >= (9, 0) and has_triton_tma_device() else None
 
 
 def page_table(keep: Tensor, block: int, seq_len: int) -> Tuple[Tensor, Tensor]:
