@@ -167,23 +167,41 @@ def break_even(rows, dense_ms):
     return 1 - (dense_ms - a) / b if b > 0 else None
 
 
-def end_to_end(args, dev, dtype):
+def wan_and_inputs(args, dev, dtype, n):
+    """The random-weight 1.3B transformer (tiny with --smoke) and ``n`` random tensors: latents, then text."""
     from bench_wan import CONFIGS, build_model
     cfg, lat, txt = CONFIGS["tiny" if args.smoke else "1.3b"]
-    model = build_model(cfg, dev, dtype, 0)
     g = torch.Generator(dev).manual_seed(0)
-    inputs = dict(hidden_states=torch.randn(lat, generator=g, device=dev, dtype=dtype),
-                  encoder_hidden_states=torch.randn(txt, generator=g, device=dev, dtype=dtype))
-    sparse = dict(sparsity=args.e2e_sparsity, start_step=0, block=args.block, tile=tuple(args.tile))
-    if args.smoke:
-        sparse.update(block=4, tile=(2, 2))
+    return build_model(cfg, dev, dtype, 0), [torch.randn(shape, generator=g, device=dev, dtype=dtype)
+                                             for shape in [lat, txt, txt][:n]]
+
+
+def sparse_options(args, **fields):
+    """options["sparse_attention"] at --e2e-sparsity, --block, --tile (small blocks for the tiny --smoke model)."""
+    block, tile = (4, (2, 2)) if args.smoke else (args.block, tuple(args.tile))
+    return {"sparse_attention": dict(sparsity=args.e2e_sparsity, block=block, tile=tile, **fields)}
+
+
+def print_kernels(label, fn, dev, per, top):
+    """One profiled ``fn()``: GPU busy time and the ``top`` kernels, each divided by ``per``."""
+    from profile_wan import kernel_times
+    with torch.no_grad():
+        times, busy = kernel_times(fn, dev)
+    ranked = sorted(times.items(), key=lambda kv: -kv[1])[:top]
+    print(f"  {label}: GPU busy {busy / per:.1f} ms; " + "; ".join(f"{k[:50]} {t / per:.1f}" for k, t in ranked),
+          flush=True)
+
+
+def end_to_end(args, dev, dtype):
+    model, (latents, text) = wan_and_inputs(args, dev, dtype, 2)
+    inputs = dict(hidden_states=latents, encoder_hidden_states=text)
     target = "eager" if args.smoke else dev.type
     time_it = timer(dev, args.e2e_iters, 1)
     rows, outs = [], {}
-    variants = [("mindiesd dense", {}), (f"mindiesd sparse {args.e2e_sparsity}", {"sparse_attention": sparse})]
+    variants = [("mindiesd dense", {}), (f"mindiesd sparse {args.e2e_sparsity}", sparse_options(args, start_step=0))]
     if args.e2e_mask_refresh > 1:
         variants.append((f"mindiesd sparse {args.e2e_sparsity}, mask reused for {args.e2e_mask_refresh} steps",
-                         {"sparse_attention": dict(sparse, mask_refresh=args.e2e_mask_refresh)}))
+                         sparse_options(args, start_step=0, mask_refresh=args.e2e_mask_refresh)))
     for name, extra in variants:
         torch._dynamo.reset()
         fn = torch.compile(model, backend="mindiesd", options={"target": target, **extra})
@@ -201,12 +219,7 @@ def end_to_end(args, dev, dtype):
         rows.append(dict(name=name, ms=ms, cold_s=cold))
         print(f"{name}: {ms:.1f} ms per forward (first call incl. compile {cold:.1f} s)", flush=True)
         if dev.type == "cuda":  # where a forward's time goes: kernels by name, and the GPU's idle time
-            from profile_wan import kernel_times
-            with torch.no_grad():
-                times, busy = kernel_times(lambda: [call() for _ in range(group)], dev)
-            top = sorted(times.items(), key=lambda kv: -kv[1])[:6]
-            print(f"  per forward: GPU busy {busy / group:.1f} ms; " +
-                  "; ".join(f"{k[:50]} {t / group:.1f}" for k, t in top), flush=True)
+            print_kernels("per forward", lambda: [call() for _ in range(group)], dev, group, 6)
     d, s = list(outs.values())[:2]
     rel = ((s.float() - d.float()).norm() / d.float().norm()).item()
     return rows, rel
@@ -215,17 +228,10 @@ def end_to_end(args, dev, dtype):
 def denoise(args, dev, dtype):
     """A whole CFG denoising loop of the 1.3B transformer (--denoise-steps steps, two calls each, timesteps from
     999 down, an Euler update): wall seconds, dense vs sparse with each of --denoise-start-steps dense steps."""
-    from bench_wan import CONFIGS, build_model
-    cfg, lat, txt = CONFIGS["tiny" if args.smoke else "1.3b"]
-    model = build_model(cfg, dev, dtype, 0)
-    g = torch.Generator(dev).manual_seed(0)
-    noise, text, negative = (torch.randn(shape, generator=g, device=dev, dtype=dtype) for shape in (lat, txt, txt))
-    sparse = dict(sparsity=args.e2e_sparsity, block=args.block, tile=tuple(args.tile),
-                  mask_refresh=args.e2e_mask_refresh)
-    if args.smoke:
-        sparse.update(block=4, tile=(2, 2))
+    model, (noise, text, negative) = wan_and_inputs(args, dev, dtype, 3)
     variants = [("dense", {})] + [(f"sparse {args.e2e_sparsity}, first {n} steps dense",
-                                   {"sparse_attention": dict(sparse, start_step=n)}) for n in args.denoise_start_steps]
+                                   sparse_options(args, start_step=n, mask_refresh=args.e2e_mask_refresh))
+                                  for n in args.denoise_start_steps]
     rows = []
     for name, extra in variants:
         torch._dynamo.reset()
@@ -241,17 +247,11 @@ def denoise(args, dev, dtype):
             return x
         with torch.no_grad():
             loop(2)  # compiles
-            seconds = statistics.median(time_calls(lambda: loop(args.denoise_steps), dev, 1)) / 1e3
+            seconds = time_calls(lambda: loop(args.denoise_steps), dev, 1)[0] / 1e3
         rows.append(dict(name=name, seconds=seconds))
         print(f"{args.denoise_steps}-step CFG loop, {name}: {seconds:.2f} s", flush=True)
-        if args.denoise_profile and dev.type == "cuda":  # GPU idle inside the loop, and where the time goes
-            from profile_wan import kernel_times
-            with torch.no_grad():
-                wall = time_calls(lambda: loop(args.denoise_steps), dev, 1)[0]
-                times, busy = kernel_times(lambda: loop(args.denoise_steps), dev)
-            top = sorted(times.items(), key=lambda kv: -kv[1])[:8]
-            print(f"  profiled loop: wall {wall:.0f} ms, GPU busy {busy:.0f} ms; " +
-                  "; ".join(f"{k[:45]} {t:.0f}" for k, t in top), flush=True)
+        if args.denoise_profile and dev.type == "cuda":  # GPU idle inside the loop (against the wall above)
+            print_kernels("profiled loop", lambda: loop(args.denoise_steps), dev, 1, 8)
     return rows
 
 
