@@ -4,12 +4,13 @@
     python bench/bench_sparse.py --e2e           # + Wan2.1-1.3B transformer forward (random weights, 832x480x81)
     python bench/bench_sparse.py --denoise-start-steps 10 5   # + whole 50-step CFG loops, dense vs sparse
     python bench/bench_sparse.py --testbed       # quality on the trained testbed (testbed/checkpoint), 50 steps + CFG
+    python bench/bench_sparse.py --testbed-cpu --testbed-block 4 --testbed-tile 2 2   # the testbed only, CPU, fp32
     python bench/bench_sparse.py --smoke --e2e --testbed   # CPU, tiny shapes: checks the script, times nothing meaningful
 
 Attention only: dense cuDNN SDPA, flash SDPA, FlexAttention (compiled), FA3 (if ``fa3-fwd`` or ``flash_attn_interface``
 imports), and block-sparse at each --sparsities: "kernel (fa3-paged / flex)" = the kernel alone with its block
 list precomputed (fa3-paged where a flash-attention hopper build with paged KV imports, bench/build_fa3.sh),
-"op" = the whole torch.ops.mindiesd_compile.sparse_attention (token reorder, pooled scores, top-k, block list,
+"op" = the whole torch.ops.mindiesd_compile.sparse_attention (token reorder, block scores, top-k, block list,
 kernel, inverse reorder; a fresh mask every call, i.e. mask_refresh=1). Median of
 CUDA-event timings. Effective TFLOP/s counts the dense FLOPs (4 B H S^2 D), so it is comparable across rows.
 Break-even sparsity: the op's time is fitted as a + b * (1 - sparsity) and solved for the dense time.
@@ -35,7 +36,8 @@ import torch.nn.functional as F
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 import mindiesd_compile  # noqa: E402,F401  (registers the ops)
-from mindiesd_compile.sparse.layout import block_mask, block_scores, select_blocks, tile_layout  # noqa: E402
+from mindiesd_compile.sparse.layout import block_mask, select_blocks, tile_layout  # noqa: E402
+from mindiesd_compile.sparse.scores import block_scores  # noqa: E402
 from bench_wan import profile_attention, time_calls  # noqa: E402
 
 
@@ -265,7 +267,7 @@ def testbed_quality(args, dev, dtype):
     conds = V.all_conditions()
     cond = conds[torch.arange(args.testbed_n) % len(conds)]
     run = dict(cond=cond, seed=0, steps=args.testbed_steps, guidance=S.GUIDANCE, device=dev, dtype=dtype)
-    target = "eager" if args.smoke else dev.type
+    target = "eager" if dev.type == "cpu" else dev.type  # CPU: passes only, the op's reference kernel
     rows, reference = [], None
     for s in [None] + args.testbed_sparsities:
         sparse = {} if s is None else {"sparse_attention": dict(
@@ -321,14 +323,19 @@ def main():
     ap.add_argument("--testbed-n", type=int, default=48, help="videos (all conditions once), one batch")
     ap.add_argument("--testbed-block", type=int, default=64)
     ap.add_argument("--testbed-tile", type=int, nargs=2, default=[8, 8])
+    ap.add_argument("--testbed-cpu", action="store_true", help="run only the testbed part, on the CPU in fp32 (block "
+                    "sizes below the GPU kernels' 16 tokens)")
     args = ap.parse_args()
     if args.smoke:
         args.grid, args.heads, args.head_dim, args.block, args.tile = [3, 4, 8], 2, 16, 8, [2, 2]
         args.iters, args.warmup, args.e2e_iters = 2, 1, 1
         args.testbed_steps, args.testbed_n, args.testbed_block, args.testbed_tile = 4, 2, 8, [2, 4]
         args.start_step = min(args.start_step, 1)
-    dev = torch.device("cpu" if args.smoke else "cuda")
-    dtype = torch.float32 if args.smoke else torch.bfloat16
+    dev = torch.device("cpu" if args.smoke or args.testbed_cpu else "cuda")
+    dtype = torch.float32 if dev.type == "cpu" else torch.bfloat16
+    if args.testbed_cpu:
+        print("\n".join(testbed_table(args, testbed_quality(args, dev, dtype))))
+        return
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     print(f"# block-sparse attention, grid {args.grid}, {args.heads} heads x {args.head_dim}, block {args.block}, "
           f"tile {args.tile}, {dtype}, {name}, torch {torch.__version__}", flush=True)
@@ -361,13 +368,17 @@ def main():
         lines += ["", f"| {args.denoise_steps}-step CFG denoising, Wan2.1-1.3B | s | speedup |", "|---|---|---|"]
         lines += [f"| {r['name']} | {r['seconds']:.2f} | {rows[0]['seconds'] / r['seconds']:.2f}x |" for r in rows]
     if args.testbed:
-        tb = testbed_quality(args, dev, dtype)
-        lines += ["", f"| testbed sparsity (dense first {args.start_step} steps, mask_refresh {args.e2e_mask_refresh}) | "
-                  "sampling s | PSNR dB vs dense | "
-                  "SSIM vs dense | task accuracy | dense task accuracy |", "|---|---|---|---|---|---|"]
-        lines += [f"| {r['sparsity']} | {r['seconds']:.2f} | {r['psnr']:.2f} | {r['ssim']:.4f} | "
-                  f"{r['task_accuracy']:.3f} | {r['baseline_task_accuracy']:.3f} |" for r in tb]
+        lines += testbed_table(args, testbed_quality(args, dev, dtype))
     print("\n" + "\n".join(lines + [""] + notes))
+
+
+def testbed_table(args, rows):
+    lines = ["", f"| testbed sparsity (dense first {args.start_step} steps, mask_refresh {args.e2e_mask_refresh}, "
+             f"{args.testbed_block}-token blocks) | sampling s | PSNR dB vs dense | SSIM vs dense | task accuracy | "
+             "dense task accuracy |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['sparsity']} | {r['seconds']:.2f} | {r['psnr']:.2f} | {r['ssim']:.4f} | "
+              f"{r['task_accuracy']:.3f} | {r['baseline_task_accuracy']:.3f} |" for r in rows]
+    return lines
 
 
 if __name__ == "__main__":

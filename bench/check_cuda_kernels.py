@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-sys.path[:0] = [str(Path(__file__).resolve().parents[1])]
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 from mindiesd_compile.ops import fp8_attention as F8, fp8_linear as FL, norm_rope as NR  # noqa: E402
 
 dev = torch.device("cuda")
@@ -67,8 +67,24 @@ def token_gather():
     return lines
 
 
+def block_scores():
+    from mindiesd_compile.sparse.layout import pool_blocks
+    from mindiesd_compile.sparse.scores import _scores_torch, block_scores
+    from bench_wan import time_calls
+    lines = []
+    for b, s, heads, d, block in [(1, 32760, 12, 128, 128), (2, 333, 5, 64, 16), (1, 100, 3, 48, 32)]:
+        q, k = (torch.randn(b, heads, s, d, device=dev, dtype=torch.bfloat16) for _ in range(2))
+        got = block_scores(q, k, block, d ** -0.5)
+        ref = _scores_torch(pool_blocks(q, block).bfloat16().float(), k.float(), block, d ** -0.5)  # same bf16 inputs
+        err = (got - ref).abs().max().item()
+        ms = sorted(time_calls(lambda: block_scores(q, k, block, d ** -0.5), dev, 20))[10]
+        lines.append(check(f"block_scores {(b, s, heads, d, block)}", err <= 1e-3, f"max abs err {err:.1e} vs fp32 "
+                           f"torch on the same bf16 inputs; {ms:.3f} ms"))
+    return lines
+
+
 def main():
-    lines = fp8_roundings() + norm_rope() + token_gather()
+    lines = fp8_roundings() + norm_rope() + token_gather() + block_scores()
     print("\n".join(lines))
     return 1 if any(line.startswith("FAIL") for line in lines) else 0
 

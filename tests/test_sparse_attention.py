@@ -12,8 +12,8 @@ from hypothesis import given, strategies as st
 import mindiesd_compile  # noqa: F401  (registers the ops)
 from mindiesd_compile import CompileOptions, OptionsError
 from mindiesd_compile.sparse import kernels, runtime
-from mindiesd_compile.sparse.layout import (block_mask, block_scores, kept_per_row, pool_blocks, select_blocks,
-                                            tile_layout)
+from mindiesd_compile.sparse.layout import block_mask, kept_per_row, pool_blocks, select_blocks, tile_layout
+from mindiesd_compile.sparse.scores import block_scores
 from conftest import Compiled, rel_err
 from tiny_models import wan
 
@@ -92,6 +92,28 @@ def test_pooled_blocks_are_block_means_with_a_short_last_block(seq, block, dtype
     x = torch.randn(2, seq, 3, 8).to(dtype).transpose(1, 2)  # the op's [B, H, S, D] view of [B, S, H, D] memory
     blocks = x.float().split(block, dim=2)
     assert torch.allclose(pool_blocks(x, block), torch.stack([c.mean(2) for c in blocks], 2), atol=1e-6)
+
+
+@given(st.integers(1, 70), st.sampled_from([4, 16]), st.integers(1, 3), st.sampled_from([torch.float32, torch.bfloat16]))
+def test_block_scores_are_log_masses_of_the_mean_query(seq, block, heads, dtype):
+    q, k = (torch.randn(2, seq, heads, 8).to(dtype).transpose(1, 2) for _ in range(2))
+    q_mean = pool_blocks(q, block).to(dtype).float()
+    expected = torch.stack([(q_mean @ kb.float().transpose(-1, -2) * 0.3).logsumexp(-1)
+                            for kb in k.split(block, dim=2)], -1)
+    tol = 1e-5 if dtype == torch.float32 else 5e-2
+    assert torch.allclose(block_scores(q, k, block, 0.3), expected, atol=tol, rtol=tol)
+
+
+def test_a_block_with_one_matching_key_outranks_a_block_of_mild_matches():
+    """The case mean-pooled keys get wrong: block A's keys all match a little (mean 0.5), block B holds one
+    strong match among opposites (mean 0). Attention puts far more mass on B."""
+    e = torch.eye(8)[0]
+    q = (2 * e).expand(4, 8)
+    k = torch.stack([0.5 * e] * 4 + [3 * e, -e, -e, -e])
+    q, k = (t.view(1, 1, -1, 8) for t in (q, k))
+    scores = block_scores(q, k, 4, 1.0)[0, 0, 0]
+    pooled = pool_blocks(q, 4) @ pool_blocks(k, 4).transpose(-1, -2)
+    assert scores[1] > scores[0] and pooled[0, 0, 0, 0] > pooled[0, 0, 0, 1]
 
 
 @pytest.mark.parametrize("capability, tma, options", [((9, 0), True, {"USE_TMA": True}), ((9, 0), False, None),

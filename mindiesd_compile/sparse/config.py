@@ -12,7 +12,7 @@ class SparseAttentionConfig:
     """Block-sparse self-attention over video tokens (RainFusion / Sparse VideoGen style).
 
     sparsity:     share of key blocks each query block drops, in [0, 1): a query block keeps
-                  ceil((1 - sparsity) * key blocks) blocks of highest pooled score, plus the dense ones.
+                  ceil((1 - sparsity) * key blocks) blocks of highest score (scores.py), plus the dense ones.
     start_step:   denoising steps before this one run dense attention (the layout forms early).
     block:        tokens per block (query and key); a multiple of tile_h * tile_w. 128 = 2 frames x 8x8.
     tile:         (tile_h, tile_w) spatial tile in latent tokens; block // (tile_h * tile_w) frames per tile.

@@ -1,4 +1,4 @@
-"""Tile order, pooled block scores and top-k block selection: the mask half of block-sparse attention.
+"""Tile order, block pooling and top-k block selection: the mask half of block-sparse attention.
 
 Token order. The model's sequence is ``[text_before, video (f, h, w) row-major, text_after]``. The
 kernel sees it permuted to ``[frames 1.. in spatio-temporal tiles | first frame | text]``: frames
@@ -12,9 +12,9 @@ first so that they start block-aligned (a first frame of 30x52 tokens is not a w
 Dense rows and columns. Every block holding a first-frame or text token is dense: its queries see all
 keys and all queries see it (the first frame anchors the video, text carries the prompt).
 
-Selection. Q and K are mean-pooled per block; ``q_pool @ k_pool^T`` scores block pairs; each
-query block keeps its ``ceil((1 - sparsity) * n_blocks)`` best-scoring key blocks among the non-dense
-ones, plus every dense one. Sparsity 0 keeps everything: exactly dense attention.
+Selection. Block pairs are scored by ``scores.block_scores``; each query block keeps its
+``ceil((1 - sparsity) * n_blocks)`` best-scoring key blocks among the non-dense ones, plus every dense
+one. Sparsity 0 keeps everything: exactly dense attention.
 """
 from __future__ import annotations
 
@@ -100,11 +100,6 @@ def select_blocks(scores: Tensor, dense: Tensor, sparsity: float, n_dense: Optio
     keep = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
     keep.scatter_(-1, free.topk(k, dim=-1).indices, True)
     return keep | dense | dense.unsqueeze(-1)  # dense columns, dense rows (broadcast: no boolean indexing, no sync)
-
-
-def block_scores(q: Tensor, k: Tensor, block: int, scale: float) -> Tensor:
-    """Pooled block scores of permuted [B, H, S, D] queries and keys."""
-    return pool_blocks(q, block) @ pool_blocks(k, block).transpose(-1, -2) * scale
 
 
 def expand_mask(keep: Tensor, seq_len: int, block: int) -> Tensor:
