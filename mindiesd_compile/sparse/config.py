@@ -17,8 +17,9 @@ class SparseAttentionConfig:
     block:        tokens per block (query and key); a multiple of tile_h * tile_w. 128 = 2 frames x 8x8.
     tile:         (tile_h, tile_w) spatial tile in latent tokens; block // (tile_h * tile_w) frames per tile.
     mask_refresh: a mask is recomputed every ``mask_refresh`` sparse steps and reused in between
-                  (1: every step; pooling, top-k and the mask cost ~1.6 ms per call at Wan2.1-1.3B shapes on
-                  an H200, a quarter of the sparse attention at 0.8: bench/RESULTS.md).
+                  (1: every step; scoring, top-k and the page table cost ~0.35 ms per call at Wan2.1-1.3B shapes
+                  on an H100, a tenth of the sparse op at 0.8: a forward 281.3 ms fresh vs 272.9 ms with
+                  mask_refresh 5, bench/RESULTS.md).
     grid:         (frames, height, width) of the video tokens; None: read from the graph's patch embedding.
     """
 
