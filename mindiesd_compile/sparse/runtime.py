@@ -34,8 +34,8 @@ from torch import Tensor
 from ..runtime.cache import StepCache, call_key, timestep_position
 from . import kernels
 from .layout import select_blocks, tile_layout
-from .scores import block_scores
 from .reorder import gather_tokens
+from .scores import block_scores
 
 _ACTIVE: Optional["SparseRuntime"] = None
 _LATEST: Optional[weakref.ref] = None
