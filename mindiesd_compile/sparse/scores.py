@@ -5,7 +5,7 @@ then the log-sum-exp over the tokens of key block J = log of the (unnormalised) 
 query puts on J. Pooling the keys as well (q_mean . k_mean, the first version) averages a block's keys before
 the exponential, so a block holding a few strongly matching keys among many others ranks low; on the testbed
 at 128 blocks and sparsity 0.8 that cost 2 of 48 videos their task (95.8 %), these scores none (100 %, as
-selecting by the exact block masses; bench/RESULTS.md).
+selecting by the exact block masses; 96.9 % on 96 videos; bench/RESULTS.md).
 
 Cost: nq x S x D multiply-adds per head, 1/block of the attention's. On CUDA one Triton kernel (a program per
 (batch x head, key block) scores its keys against all pooled queries; no [nq, S] logits in memory); elsewhere
