@@ -48,11 +48,8 @@ def _scores_torch(q_mean: Tensor, k: Tensor, block: int, scale: float) -> Tensor
 
 
 def _triton_fits(k: Tensor, block: int) -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return 16 <= block <= 256 and 16 <= k.shape[-1] <= 256 and k.stride(-1) == 1
+    from torch.utils._triton import has_triton  # cached: no import attempt per call
+    return 16 <= block <= 256 and 16 <= k.shape[-1] <= 256 and k.stride(-1) == 1 and has_triton()
 
 
 @functools.lru_cache(None)
