@@ -5,6 +5,7 @@
     python bench/bench_sparse.py --denoise-start-steps 10 5   # + whole 50-step CFG loops, dense vs sparse
     python bench/bench_sparse.py --testbed       # quality on the trained testbed (testbed/checkpoint), 50 steps + CFG
     python bench/bench_sparse.py --testbed-cpu --testbed-block 4 --testbed-tile 2 2   # the testbed only, CPU, fp32
+    python bench/bench_sparse.py --testbed-reference --testbed-block 4 --testbed-tile 2 2   # the same on the GPU
     python bench/bench_sparse.py --smoke --e2e --testbed   # CPU, tiny shapes: checks the script, times nothing meaningful
 
 Attention only: dense cuDNN SDPA, flash SDPA, FlexAttention (compiled), FA3 (if ``fa3-fwd`` or ``flash_attn_interface``
@@ -184,6 +185,12 @@ def sparse_options(args, **fields):
     return {"sparse_attention": dict(sparsity=args.e2e_sparsity, block=block, tile=tile, **fields)}
 
 
+def remainders(args):
+    """The ``remainder`` settings --remainder asks for, each with its label."""
+    return [(r, ", pooled remainder" if r else "") for r in {"off": [False], "on": [True], "both": [False, True]}[
+        args.remainder]]
+
+
 def print_kernels(label, fn, dev, per, top):
     """One profiled ``fn()``: GPU busy time and the ``top`` kernels, each divided by ``per``."""
     from profile_wan import kernel_times
@@ -200,10 +207,14 @@ def end_to_end(args, dev, dtype):
     target = "eager" if args.smoke else dev.type
     time_it = timer(dev, args.e2e_iters, 1)
     rows, outs = [], {}
-    variants = [("mindiesd dense", {}), (f"mindiesd sparse {args.e2e_sparsity}", sparse_options(args, start_step=0))]
-    if args.e2e_mask_refresh > 1:
-        variants.append((f"mindiesd sparse {args.e2e_sparsity}, mask reused for {args.e2e_mask_refresh} steps",
-                         sparse_options(args, start_step=0, mask_refresh=args.e2e_mask_refresh)))
+    variants = [("mindiesd dense", {})]
+    for rem, label in remainders(args):
+        variants.append((f"mindiesd sparse {args.e2e_sparsity}{label}", sparse_options(args, start_step=0,
+                                                                                       remainder=rem)))
+        if args.e2e_mask_refresh > 1:
+            variants.append((f"mindiesd sparse {args.e2e_sparsity}{label}, mask reused for {args.e2e_mask_refresh} "
+                             "steps", sparse_options(args, start_step=0, mask_refresh=args.e2e_mask_refresh,
+                                                     remainder=rem)))
     for name, extra in variants:
         torch._dynamo.reset()
         fn = torch.compile(model, backend="mindiesd", options={"target": target, **extra})
@@ -231,9 +242,10 @@ def denoise(args, dev, dtype):
     """A whole CFG denoising loop of the 1.3B transformer (--denoise-steps steps, two calls each, timesteps from
     999 down, an Euler update): wall seconds, dense vs sparse with each of --denoise-start-steps dense steps."""
     model, (noise, text, negative) = wan_and_inputs(args, dev, dtype, 3)
-    variants = [("dense", {})] + [(f"sparse {args.e2e_sparsity}, first {n} steps dense",
-                                   sparse_options(args, start_step=n, mask_refresh=args.e2e_mask_refresh))
-                                  for n in args.denoise_start_steps]
+    variants = [("dense", {})] + [(f"sparse {args.e2e_sparsity}, first {n} steps dense{label}",
+                                   sparse_options(args, start_step=n, mask_refresh=args.e2e_mask_refresh,
+                                                  remainder=rem))
+                                  for n in args.denoise_start_steps for rem, label in remainders(args)]
     rows = []
     for name, extra in variants:
         torch._dynamo.reset()
@@ -267,12 +279,12 @@ def testbed_quality(args, dev, dtype):
     conds = V.all_conditions()
     cond = conds[torch.arange(args.testbed_n) % len(conds)]
     run = dict(cond=cond, seed=0, steps=args.testbed_steps, guidance=S.GUIDANCE, device=dev, dtype=dtype)
-    target = "eager" if dev.type == "cpu" else dev.type  # CPU: passes only, the op's reference kernel
+    target = "eager" if dev.type == "cpu" or args.testbed_reference else dev.type  # passes only (reference kernel)
     rows, reference = [], None
-    for s in [None] + args.testbed_sparsities:
+    for s, (rem, label) in [(None, (False, ""))] + [(s, r) for s in args.testbed_sparsities for r in remainders(args)]:
         sparse = {} if s is None else {"sparse_attention": dict(
             sparsity=s, start_step=args.start_step, block=args.testbed_block, tile=tuple(args.testbed_tile),
-            mask_refresh=args.e2e_mask_refresh)}
+            mask_refresh=args.e2e_mask_refresh, remainder=rem)}
         torch._dynamo.reset()
         fn = torch.compile(model, backend="mindiesd", options={"target": target, **sparse})
         S.sample(model, transformer=fn, **dict(run, steps=2))  # compile
@@ -285,7 +297,7 @@ def testbed_quality(args, dev, dtype):
         seconds = time.perf_counter() - t0
         if reference is None:
             reference = videos
-        rows.append(dict(sparsity=s or 0.0, seconds=seconds, **E.quality(reference, videos, cond)))
+        rows.append(dict(sparsity=f"{s or 0.0}{label}", seconds=seconds, **E.quality(reference, videos, cond)))
         r = rows[-1]
         print(f"testbed sparsity {r['sparsity']}: {seconds:.2f} s, PSNR {r['psnr']:.2f} dB, SSIM {r['ssim']:.4f}, "
               f"task {r['task_accuracy']:.3f} (dense {r['baseline_task_accuracy']:.3f})", flush=True)
@@ -315,6 +327,9 @@ def main():
                     help="time whole CFG denoising loops: dense, and sparse with each of these dense steps first")
     ap.add_argument("--denoise-steps", type=int, default=50)
     ap.add_argument("--denoise-profile", action="store_true", help="also profile one loop per variant")
+    ap.add_argument("--remainder", choices=["off", "on", "both"], default="off",
+                    help="sparse variants without / with / both ways options['sparse_attention']['remainder'] (the "
+                         "skipped key blocks pooled into the softmax)")
     ap.add_argument("--start-step", type=int, default=10, help="dense steps (50-step estimate, testbed)")
     ap.add_argument("--testbed", action="store_true", help="quality on the trained testbed model")
     ap.add_argument("--checkpoint", default=None, help="testbed checkpoint (default: testbed/checkpoint)")
@@ -325,6 +340,8 @@ def main():
     ap.add_argument("--testbed-tile", type=int, nargs=2, default=[8, 8])
     ap.add_argument("--testbed-cpu", action="store_true", help="run only the testbed part, on the CPU in fp32 with the "
                     "op's reference kernel (any block size)")
+    ap.add_argument("--testbed-reference", action="store_true", help="run only the testbed part, on the GPU in fp32 "
+                    "with the op's reference kernel (any block size; the same numbers as --testbed-cpu, faster)")
     args = ap.parse_args()
     if args.smoke:
         args.grid, args.heads, args.head_dim, args.block, args.tile = [3, 4, 8], 2, 16, 8, [2, 2]
@@ -333,7 +350,11 @@ def main():
         args.start_step = min(args.start_step, 1)
     dev = torch.device("cpu" if args.smoke or args.testbed_cpu else "cuda")
     dtype = torch.float32 if dev.type == "cpu" else torch.bfloat16
-    if args.testbed_cpu:
+    if args.testbed_reference:
+        from mindiesd_compile.sparse import kernels
+        kernels.choose = lambda q: "reference"  # SDPA with the expanded mask: blocks smaller than the GPU kernels take
+        dtype = torch.float32
+    if args.testbed_cpu or args.testbed_reference:
         print("\n".join(testbed_table(args, testbed_quality(args, dev, dtype))))
         return
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"

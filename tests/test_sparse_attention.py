@@ -148,16 +148,19 @@ def test_sparsity_zero_is_dense_attention(grid, text, tile, layout):
     assert rel_err(out, dense(q, k, v, layout, 0.3)) <= 1e-5
 
 
-def paged_kv_attention(q, k_cache, v_cache, cache_seqlens, page_table, softmax_scale):
+def paged_kv_attention(q, k_cache, v_cache, cache_seqlens, page_table, softmax_scale, return_softmax_lse=False):
     """FA3's ``flash_attn_with_kvcache`` with a page table, as documented, in plain torch: sequence ``row`` of
-    the batch reads the first ``cache_seqlens[row]`` tokens of its pages ``page_table[row]`` in order."""
-    page, outs = k_cache.shape[1], []
+    the batch reads the first ``cache_seqlens[row]`` tokens of its pages ``page_table[row]`` in order; with
+    ``return_softmax_lse`` also the log-sum-exp of each row's logits, [batch, heads, seqlen]."""
+    page, outs, lses = k_cache.shape[1], [], []
     for row in range(q.shape[0]):
         n = int(cache_seqlens[row])
         pages = page_table[row, :-(-n // page)].long()
         k, v = (c[pages].flatten(0, 1)[:n].transpose(0, 1) for c in (k_cache, v_cache))
-        outs.append(F.scaled_dot_product_attention(q[row].transpose(0, 1), k, v, scale=softmax_scale).transpose(0, 1))
-    return torch.stack(outs)
+        logits = q[row].transpose(0, 1) @ k.transpose(-1, -2) * softmax_scale
+        outs.append((logits.softmax(-1) @ v).transpose(0, 1))
+        lses.append(logits.logsumexp(-1))
+    return (torch.stack(outs), torch.stack(lses)) if return_softmax_lse else torch.stack(outs)
 
 
 @contextlib.contextmanager
@@ -201,6 +204,55 @@ def test_sparse_matches_block_masked_attention_in_model_order(grid, text, layout
     dense_rows = torch.cat([torch.arange(text[0] + h * w), torch.arange(seq - text[1], seq)])  # text, frame 0
     o, d = bhsd(out), bhsd(dense(q, k, v, layout, 0.3))
     assert rel_err(o[:, :, dense_rows], d[:, :, dense_rows]) <= 1e-5
+
+
+def remainder_oracle(q, k, v, keep, block, scale):
+    """One softmax per query over [its kept blocks' tokens; one key per skipped block: the block's mean key with
+    log(tokens) added to its logit, and its mean value]; q/k/v [B, H, S, D] in tile order."""
+    s = q.shape[2]
+    starts = range(0, s, block)
+    k_mean, v_mean = (torch.stack([t[:, :, j:j + block].mean(2) for j in starts], 2) for t in (k, v))
+    log_n = torch.tensor([math.log(min(block, s - j)) for j in starts])
+    rows = torch.arange(s) // block
+    bias = torch.cat([torch.zeros(keep[:, :, rows][..., rows].shape).masked_fill(~keep[:, :, rows][..., rows], -math.inf),
+                      log_n.expand(keep[:, :, rows].shape).masked_fill(keep[:, :, rows], -math.inf)], -1)
+    return F.scaled_dot_product_attention(q, torch.cat([k, k_mean], 2), torch.cat([v, v_mean], 2), attn_mask=bias,
+                                          scale=scale)
+
+
+@given(grids, texts, st.sampled_from([0.5, 0.8]), st.sampled_from(["reference", "fa3-paged"]))
+def test_remainder_adds_each_skipped_block_as_its_pooled_key_and_value(grid, text, sparsity, kind):
+    tile, block = (2, 2), 4
+    seq = math.prod(grid) + sum(text)
+    q, k, v = qkv(1, 2, seq, 8, "BSHD")
+    with block_sparse_kernel(kind):
+        out = sparse_op(q, k, v, 0.3, "BSHD", list(grid), list(text), list(tile), block, sparsity, 0, 1, True)
+        plain = sparse_op(q, k, v, 0.3, "BSHD", list(grid), list(text), list(tile), block, sparsity, 0, 1)
+    lay = tile_layout(grid, text, tile, block)
+    qt, kt, vt = (t.transpose(1, 2)[:, :, lay.perm] for t in (q, k, v))
+    keep = select_blocks(block_scores(qt, kt, block, 0.3), lay.dense, sparsity)
+    ref = remainder_oracle(qt, kt, vt, keep, block, 0.3)[:, :, lay.inverse].transpose(1, 2)
+    assert rel_err(out, ref) <= 1e-5
+    if not keep.all():  # something was skipped: the remainder changed the rows that skipped it
+        assert rel_err(out, plain) > 1e-4
+
+
+@given(grids, st.sampled_from([0.5, 0.9]), st.sampled_from([torch.float32, torch.bfloat16]))
+def test_remainder_is_exact_where_each_block_holds_one_key_and_value(grid, sparsity, dtype):
+    """Blocks whose tokens share one key and value: a block's mean is every token of it, so the pooled
+    remainder recovers dense attention; without it the skipped blocks are missing."""
+    tile, block = (2, 2), 4
+    lay = tile_layout(grid, (0, 0), tile, block)
+    seq = lay.seq_len
+    blocks = torch.arange(seq) // block
+    q = torch.randn(1, seq, 2, 8)
+    k, v = (torch.randn(1, lay.n_blocks, 2, 8)[:, blocks][:, lay.inverse] for _ in range(2))  # model order
+    q, k, v = (t.to(dtype) for t in (q, k, v))
+    args = (0.3, "BSHD", list(grid), [0, 0], list(tile), block, sparsity, 0, 1)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert rel_err(sparse_op(q, k, v, *args, True), dense(q, k, v, "BSHD", 0.3)) <= tol
+    if lay.n_blocks - lay.n_dense > kept_per_row(lay.n_blocks, lay.n_dense, sparsity):
+        assert rel_err(sparse_op(q, k, v, *args), dense(q, k, v, "BSHD", 0.3)) > 10 * tol
 
 
 def test_failing_fa3_paged_kernel_falls_back_with_one_warning():

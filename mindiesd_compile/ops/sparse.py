@@ -9,6 +9,6 @@ from ..sparse.runtime import sparse_attention, sparse_attention_fake
 
 _lib = torch.library.Library("mindiesd_compile", "FRAGMENT")
 _lib.define("sparse_attention(Tensor q, Tensor k, Tensor v, float scale, str layout, int[] grid, int[] text, "
-            "int[] tile, int block, float sparsity, int start_step, int mask_refresh) -> Tensor")
+            "int[] tile, int block, float sparsity, int start_step, int mask_refresh, bool remainder=False) -> Tensor")
 _lib.impl("sparse_attention", sparse_attention, "CompositeExplicitAutograd")
 torch.library.register_fake("mindiesd_compile::sparse_attention", sparse_attention_fake, lib=_lib)

@@ -109,6 +109,6 @@ class SparseAttentionPass(FusionPass):
         c = self.config
         new = insert_call(graph, node, ops.sparse_attention.default,
                           (q, k, v, scale, layout, list(self.grid), list(text), list(c.tile), c.block,
-                           float(c.sparsity), c.start_step, c.mask_refresh), like=node)
+                           float(c.sparsity), c.start_step, c.mask_refresh, c.remainder), like=node)
         require(val(new).stride() == val(node).stride(), "sparse attention output strides differ")
         replace(node, new)

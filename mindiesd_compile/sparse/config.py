@@ -20,6 +20,8 @@ class SparseAttentionConfig:
                   (1: every step; scoring, top-k and the page table cost ~0.35 ms per call at Wan2.1-1.3B shapes
                   on an H100, a tenth of the sparse op at 0.8: a forward 281.3 ms fresh vs 272.9 ms with
                   mask_refresh 5, bench/RESULTS.md).
+    remainder:    the key blocks a query block skips still enter its softmax, each as one pooled key and value
+                  (remainder.py); False: they are dropped.
     grid:         (frames, height, width) of the video tokens; None: read from the graph's patch embedding.
     """
 
@@ -28,6 +30,7 @@ class SparseAttentionConfig:
     block: int = 128
     tile: Tuple[int, int] = (8, 8)
     mask_refresh: int = 1
+    remainder: bool = False
     grid: Optional[Tuple[int, int, int]] = None
 
     def __post_init__(self):
@@ -41,6 +44,8 @@ class SparseAttentionConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "start_step" else 1):
                 bad(name, "an int >= 0" if name == "start_step" else "an int >= 1")
+        if not isinstance(self.remainder, bool):
+            bad("remainder", "True or False")
         if not _ints(self.tile, 2):
             bad("tile", "two ints >= 1 (tile_h, tile_w)")
         object.__setattr__(self, "tile", tuple(self.tile))

@@ -26,6 +26,7 @@ from torch import Tensor
 
 from ..ops.attention_kernels import capability
 from .layout import block_mask, expand_mask
+from .remainder import add_remainder
 
 CHOICES: Dict[Tuple[str, int, torch.dtype], str] = {}
 PAGED_DTYPES = (torch.bfloat16, torch.float16)
@@ -94,26 +95,43 @@ def prepare(kind: str, keep: Tensor, block: int, seq_len: int):
 
 
 def attend(kind: str, q: Tensor, k: Tensor, v: Tensor, keep: Tensor, prepared, scale: float, block: int,
-           seq_len: int) -> Tensor:
+           seq_len: int, remainder: bool = False) -> Tensor:
     """Attention of [B, H, S_pad, D] tile-ordered q/k/v (S_pad = whole blocks, contiguous) restricted to the
-    kept blocks; returns [B, H, S_pad or seq_len, D] (rows past ``seq_len`` are not defined)."""
+    kept blocks, plus the skipped blocks pooled if ``remainder`` (remainder.py); returns [B, H, S_pad or
+    seq_len, D] (rows past ``seq_len`` are not defined)."""
     if kind == "fa3-paged":
         try:
             b, h, s_pad, d = q.shape
             pages = [t.reshape(b * h * (s_pad // block), block, 1, t.shape[-1]) for t in (q, k, v)]
             table, lengths = prepared
-            out = fa3_paged()(*pages, cache_seqlens=lengths, page_table=table, softmax_scale=scale)
-            out = out[0] if isinstance(out, tuple) else out  # some versions also return the logsumexp
+            out = fa3_paged()(*pages, cache_seqlens=lengths, page_table=table, softmax_scale=scale,
+                              return_softmax_lse=remainder)
+            out, lse = (out[0], out[1]) if isinstance(out, tuple) else (out, None)  # (out, lse, *rest) with the lse
             CHOICES[_key(q)] = kind
-            return out.view(b, h, s_pad, v.shape[-1])
+            out = out.view(b, h, s_pad, v.shape[-1])
+            if remainder:  # lse: [B*H*nq, 1, block] -> [B, H, S_pad]
+                out = add_remainder(out, lse.view(b, h, s_pad), q, k, v, keep, scale, block, seq_len)
+            return out
         except Exception as err:  # noqa: BLE001 - an optional kernel must never cost a result
             kind = _fallback(q)
             CHOICES[_key(q)] = f"{kind}: FA3 paged KV failed ({type(err).__name__}: {err})"
             warnings.warn(f"mindiesd_compile: block-sparse attention on FA3's paged KV failed ({type(err).__name__}: "
                           f"{err}); it runs {kind} from now on", RuntimeWarning, stacklevel=2)
             prepared = prepare(kind, keep, block, seq_len)
-    q, k, v = (t[:, :, :seq_len] for t in (q, k, v))
     CHOICES.setdefault(_key(q), kind)
+    qs, ks, vs = (t[:, :, :seq_len] for t in (q, k, v))
+    if not remainder:
+        if kind == "flex":
+            return _flex()(qs, ks, vs, block_mask=prepared, scale=scale, kernel_options=flex_kernel_options(q.device))
+        return F.scaled_dot_product_attention(qs, ks, vs, attn_mask=expand_mask(keep, seq_len, block), scale=scale)
     if kind == "flex":
-        return _flex()(q, k, v, block_mask=prepared, scale=scale, kernel_options=flex_kernel_options(q.device))
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=expand_mask(keep, seq_len, block), scale=scale)
+        from torch.nn.attention.flex_attention import AuxRequest
+        out, aux = _flex()(qs, ks, vs, block_mask=prepared, scale=scale, return_aux=AuxRequest(lse=True),
+                           kernel_options=flex_kernel_options(q.device))
+        lse = aux.lse
+    else:  # the oracle: attention written out, for its log-sum-exp
+        logits = (qs @ ks.transpose(-1, -2)).float() * scale
+        logits = logits.masked_fill(~expand_mask(keep, seq_len, block), float("-inf"))
+        lse = logits.logsumexp(-1)
+        out = (torch.exp(logits - lse.unsqueeze(-1)) @ vs.float()).to(q.dtype)
+    return add_remainder(out, lse, q, k, v, keep, scale, block, seq_len)

@@ -102,7 +102,7 @@ def with_runtime(fn, gm: torch.fx.GraphModule):
 
 
 def sparse_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, layout: str, grid, text, tile, block: int,
-                     sparsity: float, start_step: int, mask_refresh: int) -> Tensor:
+                     sparsity: float, start_step: int, mask_refresh: int, remainder: bool = False) -> Tensor:
     """The op: dense before ``start_step`` (as told by the active runtime), block-sparse after.
     Output memory is [B, S, H, D] in both layouts, as ``attention`` writes it."""
     runtime = _ACTIVE
@@ -133,7 +133,7 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, layout: str,
     if prepared_for != kind:  # the kernel changed since (a fallback): its block list, from the kept mask
         prepared = kernels.prepare(kind, keep, block, seq)
     _count(runtime, "sparse")
-    out = kernels.attend(kind, q, k, v, keep, prepared, scale, block, seq)
+    out = kernels.attend(kind, q, k, v, keep, prepared, scale, block, seq, remainder)
     b, h, _, dv = out.shape
     result = out.new_empty(b, seq, h, dv)  # model token order, [B, S, H, D] memory
     gather_tokens(out, lay.inverse, result.transpose(1, 2))
