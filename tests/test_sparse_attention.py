@@ -324,6 +324,15 @@ def test_dense_before_start_step_sparse_after_without_recompiling():
     assert 1e-4 < rel_err(outs[1], refs[1]) < 0.1                        # sparse: close, not equal
 
 
+def test_remainder_option_reaches_the_op_and_brings_the_model_closer_to_dense():
+    model, kw = tiny_wan(frames=5)
+    with torch.no_grad():
+        ref = model(**kw)[0]
+        with_rem, without = (compiled_wan(model, sparsity=0.7, **extra)(**kw)[0] for extra in ({}, {"remainder": False}))
+    assert rel_err(with_rem, without) > 1e-4                            # the default (remainder on) changed the op
+    assert rel_err(with_rem, ref) < rel_err(without, ref) < 0.1
+
+
 def test_dense_steps_run_the_attention_op_and_its_kernel_choice():
     """Before start_step the op is the ``attention`` op (FA3 on Hopper), not a fixed SDPA call."""
     from torch.profiler import profile
@@ -406,6 +415,7 @@ def test_no_grid_in_graph_is_reported():
     ({"start_step": -1}, r"'start_step'\] must be an int >= 0"),
     ({"tile": (8,)}, r"'tile'\] must be two ints"),
     ({"grid": (2, 3)}, r"'grid'\] must be three ints"),
+    ({"remainder": 1}, r"'remainder'\] must be True or False"),
     (0.8, r"must be a dict"),
 ])
 def test_bad_sparse_options_name_the_problem(value, message):
