@@ -9,7 +9,8 @@ steps is decided inside the op, on the host, so nothing is ever recompiled:
   ``timestep`` input and advances a step/CFG-branch tracker (the cache's ``StepCache`` bookkeeping),
   then makes its ``SparseRuntime`` the active one while the call runs.
 - The op asks the active runtime for the step: before ``start_step`` it runs dense attention;
-  otherwise it scores block pairs (``scores.py``), selects blocks (``layout.py``) and runs the sparse kernel.
+  otherwise it scores block pairs (``scores.py``), selects blocks (``layout.py``) and runs the sparse kernel,
+  with the skipped blocks pooled into the softmax where ``remainder`` is on (``remainder.py``).
 - Sites are numbered by call order within one transformer call (the repeated blocks share one
   compiled piece, so the graph cannot tell them apart); masks are kept per (CFG branch, site) and
   reused for ``mask_refresh`` sparse steps. A new generation (timestep jumps up, new shapes) drops them.
