@@ -114,10 +114,11 @@ def attention_only(args, dev, dtype):
         for kind in kinds:
             prepared = kernels.prepare(kind, keep, args.block, seq)
             add(f"block-sparse kernel ({kind})", s,
-                lambda: kernels.attend(kind, qp, kp, vp, keep, prepared, scale, args.block, seq))
+                lambda: kernels.attend(kind, qp, kp, vp, keep, prepared, scale, lay))
+        rem = args.remainder != "off"
         op = lambda s=s: torch.ops.mindiesd_compile.sparse_attention(  # noqa: E731
-            q, k, v, scale, "BSHD", [frames, h, w], [0, 0], list(args.tile), args.block, s, 0, 1)
-        add("block-sparse op", s, op)
+            q, k, v, scale, "BSHD", [frames, h, w], [0, 0], list(args.tile), args.block, s, 0, 1, rem)
+        add("block-sparse op" + (" with remainder" if rem else ""), s, op)
         if s == args.e2e_sparsity:  # where the op's time beyond the kernel goes
             _, top = profile_attention(op, dev)
             print("op kernels: " + "; ".join(f"{k[:60]} {ms:.3f} ms" for k, ms, _ in top), flush=True)

@@ -25,8 +25,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..ops.attention_kernels import capability
-from .layout import block_mask, expand_mask
+from .layout import TileLayout, block_mask, expand_mask
 from .remainder import add_remainder
+from .reorder import gather_tokens
 
 CHOICES: Dict[Tuple[str, int, torch.dtype], str] = {}
 PAGED_DTYPES = (torch.bfloat16, torch.float16)
@@ -94,11 +95,13 @@ def prepare(kind: str, keep: Tensor, block: int, seq_len: int):
     return None
 
 
-def attend(kind: str, q: Tensor, k: Tensor, v: Tensor, keep: Tensor, prepared, scale: float, block: int,
-           seq_len: int, remainder: bool = False) -> Tensor:
-    """Attention of [B, H, S_pad, D] tile-ordered q/k/v (S_pad = whole blocks, contiguous) restricted to the
-    kept blocks, plus the skipped blocks pooled if ``remainder`` (remainder.py); returns [B, H, S_pad or
-    seq_len, D] (rows past ``seq_len`` are not defined)."""
+def attend(kind: str, q: Tensor, k: Tensor, v: Tensor, keep: Tensor, prepared, scale: float, lay: TileLayout,
+           remainder: bool = False, into: Optional[Tensor] = None) -> Tensor:
+    """Attention of [B, H, S_pad, D] tile-ordered q/k/v (S_pad = whole blocks, contiguous; ``lay`` their layout)
+    restricted to the kept blocks, plus the skipped blocks pooled if ``remainder`` (remainder.py). Returns the
+    rows in tile order, [B, H, S_pad or seq_len, D] (rows past seq_len undefined), or, given ``into`` ([B, H,
+    seq_len, D], any strides), writes them there in model order and returns ``into``."""
+    block, seq_len = lay.block, lay.seq_len
     if kind == "fa3-paged":
         try:
             b, h, s_pad, d = q.shape
@@ -109,9 +112,9 @@ def attend(kind: str, q: Tensor, k: Tensor, v: Tensor, keep: Tensor, prepared, s
             out, lse = (out[0], out[1]) if isinstance(out, tuple) else (out, None)  # (out, lse, *rest) with the lse
             CHOICES[_key(q)] = kind
             out = out.view(b, h, s_pad, v.shape[-1])
-            if remainder:  # lse: [B*H*nq, 1, block] -> [B, H, S_pad]
-                out = add_remainder(out, lse.view(b, h, s_pad), q, k, v, keep, scale, block, seq_len)
-            return out
+            if remainder:  # lse: [B*H*nq, 1, block] -> [B, H, S_pad]; the merge writes model order itself
+                return add_remainder(out, lse.view(b, h, s_pad), q, k, v, keep, scale, block, seq_len, into, lay.perm)
+            return _model_order(out, lay, into)
         except Exception as err:  # noqa: BLE001 - an optional kernel must never cost a result
             kind = _fallback(q)
             CHOICES[_key(q)] = f"{kind}: FA3 paged KV failed ({type(err).__name__}: {err})"
@@ -122,8 +125,10 @@ def attend(kind: str, q: Tensor, k: Tensor, v: Tensor, keep: Tensor, prepared, s
     qs, ks, vs = (t[:, :, :seq_len] for t in (q, k, v))
     if not remainder:
         if kind == "flex":
-            return _flex()(qs, ks, vs, block_mask=prepared, scale=scale, kernel_options=flex_kernel_options(q.device))
-        return F.scaled_dot_product_attention(qs, ks, vs, attn_mask=expand_mask(keep, seq_len, block), scale=scale)
+            out = _flex()(qs, ks, vs, block_mask=prepared, scale=scale, kernel_options=flex_kernel_options(q.device))
+        else:
+            out = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=expand_mask(keep, seq_len, block), scale=scale)
+        return _model_order(out, lay, into)
     if kind == "flex":
         from torch.nn.attention.flex_attention import AuxRequest
         out, aux = _flex()(qs, ks, vs, block_mask=prepared, scale=scale, return_aux=AuxRequest(lse=True),
@@ -134,4 +139,8 @@ def attend(kind: str, q: Tensor, k: Tensor, v: Tensor, keep: Tensor, prepared, s
         logits = logits.masked_fill(~expand_mask(keep, seq_len, block), float("-inf"))
         lse = logits.logsumexp(-1)
         out = (torch.exp(logits - lse.unsqueeze(-1)) @ vs.float()).to(q.dtype)
-    return add_remainder(out, lse, q, k, v, keep, scale, block, seq_len)
+    return add_remainder(out, lse, q, k, v, keep, scale, block, seq_len, into, lay.perm)
+
+
+def _model_order(out: Tensor, lay: TileLayout, into: Optional[Tensor]) -> Tensor:
+    return out if into is None else gather_tokens(out, lay.inverse, into)

@@ -15,6 +15,7 @@ writes the merged rows over ``out`` in place; elsewhere torch.
 from __future__ import annotations
 
 import functools
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -32,13 +33,16 @@ def pooled_kv(k: Tensor, v: Tensor, block: int, seq_len: int):
 
 
 def add_remainder(out: Tensor, lse: Tensor, q: Tensor, k: Tensor, v: Tensor, keep: Tensor, scale: float,
-                  block: int, seq_len: int) -> Tensor:
+                  block: int, seq_len: int, into: Optional[Tensor] = None, rows: Optional[Tensor] = None) -> Tensor:
     """Merge the skipped blocks (pooled) into ``out`` [B, H, >= seq_len, D], the attention over the kept blocks
-    whose log-sum-exp per row is ``lse`` [B, H, >= seq_len]; q/k/v [B, H, S_pad, D] in tile order. Rows past
-    ``seq_len`` are left undefined."""
+    whose log-sum-exp per row is ``lse`` [B, H, >= seq_len]; q/k/v [B, H, S_pad, D] in tile order. Returns the
+    merged rows in tile order (rows past ``seq_len`` undefined), or, given ``into`` ([B, H, seq_len, D], any
+    strides) and ``rows`` (tile row i is token ``rows[i]``), writes row i to ``into[:, :, rows[i]]`` and returns
+    ``into`` (on CUDA in the same pass: no separate reorder of the output)."""
     if out.is_cuda and _triton_fits(q, k, v, block):
-        return _remainder_triton(out, lse, q, k, v, keep, scale, block, seq_len)
-    return _remainder_torch(out, lse, q, *pooled_kv(k, v, block, seq_len), keep, scale, block, seq_len)
+        return _remainder_triton(out, lse, q, k, v, keep, scale, block, seq_len, into, rows)
+    merged = _remainder_torch(out, lse, q, *pooled_kv(k, v, block, seq_len), keep, scale, block, seq_len)
+    return merged if into is None else into.index_copy_(2, rows[:seq_len], merged[:, :, :seq_len])
 
 
 def _remainder_torch(out, lse, q, kp, vp, log_counts, keep, scale, block, seq_len):
@@ -87,11 +91,13 @@ def _kernel():
         tl.store(vp_ptr + pooled, v_mean.to(vp_ptr.dtype.element_ty), mask=d < D)
 
     @triton.jit
-    def pooled_remainder(q_ptr, kp_ptr, vp_ptr, keep_ptr, o_ptr, lse_ptr, seq, n_k, block, scale, heads,
-                         qb, qh, qs, pb, ph, ps, kb, kh, kq, ob, oh, os, lb, lh, ls,
-                         D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    def pooled_remainder(q_ptr, kp_ptr, vp_ptr, keep_ptr, o_ptr, lse_ptr, dst_ptr, dst_rows_ptr, seq, n_k, block,
+                         scale, heads, qb, qh, qs, pb, ph, ps, kb, kh, kq, ob, oh, os, lb, lh, ls, db, dh, ds,
+                         D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         SCATTER: tl.constexpr):
         # program (b * heads + h, query block i, BLOCK_M rows of it): online softmax over the pooled keys of the
-        # blocks i skipped, then merged with the kept blocks' rows (out, lse) in place
+        # blocks i skipped, then merged with the kept blocks' rows (out, lse); written in place or, SCATTER, to
+        # the rows' model positions
         bh, i, part = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         b, h = (bh // heads).to(tl.int64), (bh % heads).to(tl.int64)
         in_block = part * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -131,12 +137,17 @@ def _kernel():
         w_c = tl.where(some, tl.exp(lse_c - top), 0.0)
         coarse = acc / tl.where(some, total, 1.0)[:, None]
         merged = (o_f * w_f[:, None] + coarse * w_c[:, None]) / (w_f + w_c)[:, None]
-        tl.store(o_ptr + o_offsets, merged.to(o_ptr.dtype.element_ty), mask=in_rows[:, None] & in_d[None, :])
+        if SCATTER:
+            dst = tl.load(dst_rows_ptr + rows, mask=in_rows, other=0).to(tl.int64)
+            tl.store(dst_ptr + b * db + h * dh + dst[:, None] * ds + d[None, :], merged.to(dst_ptr.dtype.element_ty),
+                     mask=in_rows[:, None] & in_d[None, :])
+        else:
+            tl.store(o_ptr + o_offsets, merged.to(o_ptr.dtype.element_ty), mask=in_rows[:, None] & in_d[None, :])
 
     return triton, pool_kv, pooled_remainder
 
 
-def _remainder_triton(out, lse, q, k, v, keep, scale, block, seq_len):
+def _remainder_triton(out, lse, q, k, v, keep, scale, block, seq_len, into, rows):
     triton, pool_kv, remainder = _kernel()
     b, h, _, d = q.shape
     n_q, n_k = keep.shape[2], keep.shape[3]
@@ -146,9 +157,12 @@ def _remainder_triton(out, lse, q, k, v, keep, scale, block, seq_len):
                           kp.stride(0), kp.stride(1), kp.stride(2), BLOCK_K=triton.next_power_of_2(block), **constants)
     keep = keep.contiguous().view(torch.uint8)
     block_m = min(ROWS, triton.next_power_of_2(block))
-    remainder[(b * h, n_q, triton.cdiv(block, block_m))](q, kp, vp, keep, out, lse, seq_len, n_k, block, scale, h,
+    dst = out if into is None else into
+    remainder[(b * h, n_q, triton.cdiv(block, block_m))](q, kp, vp, keep, out, lse, dst,
+                            rows if rows is not None else keep, seq_len, n_k, block, scale, h,
                             q.stride(0), q.stride(1), q.stride(2), kp.stride(0), kp.stride(1), kp.stride(2),
                             keep.stride(0), keep.stride(1), keep.stride(2), out.stride(0), out.stride(1),
-                            out.stride(2), lse.stride(0), lse.stride(1), lse.stride(2),
-                            BLOCK_M=block_m, BLOCK_N=POOLED, num_warps=WARPS, num_stages=STAGES, **constants)
-    return out
+                            out.stride(2), lse.stride(0), lse.stride(1), lse.stride(2), dst.stride(0),
+                            dst.stride(1), dst.stride(2), BLOCK_M=block_m, BLOCK_N=POOLED, num_warps=WARPS,
+                            num_stages=STAGES, SCATTER=into is not None, **constants)
+    return dst

@@ -134,10 +134,8 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, layout: str,
     if prepared_for != kind:  # the kernel changed since (a fallback): its block list, from the kept mask
         prepared = kernels.prepare(kind, keep, block, seq)
     _count(runtime, "sparse")
-    out = kernels.attend(kind, q, k, v, keep, prepared, scale, block, seq, remainder)
-    b, h, _, dv = out.shape
-    result = out.new_empty(b, seq, h, dv)  # model token order, [B, S, H, D] memory
-    gather_tokens(out, lay.inverse, result.transpose(1, 2))
+    result = q.new_empty(q.shape[0], seq, q.shape[1], v.shape[-1])  # model token order, [B, S, H, D] memory
+    kernels.attend(kind, q, k, v, keep, prepared, scale, lay, remainder, into=result.transpose(1, 2))
     return result if layout == "BSHD" else result.transpose(1, 2)
 
 
