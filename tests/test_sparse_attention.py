@@ -123,6 +123,9 @@ def test_flex_loads_blocks_by_tma_on_hopper_only(monkeypatch, capability, tma, o
     monkeypatch.setattr(kernels, "capability", lambda device: (capability, "a card"))
     monkeypatch.setattr(torch.utils._triton, "has_triton_tma_device", lambda: tma)
     assert kernels.flex_kernel_options(torch.device("cuda", 0)) == options
+    tiles = {"BLOCK_M": 64, "BLOCK_N": 64}  # a 64-token block: tiles that divide it, else FlexAttention refuses
+    assert kernels.flex_kernel_options(torch.device("cuda", 0), 64) == {**(options or {}), **tiles}
+    assert kernels.flex_kernel_options(torch.device("cuda", 0), 96)["BLOCK_M"] == 32
 
 
 # --- the op ---------------------------------------------------------------------------------------

@@ -68,11 +68,16 @@ def _flex():
     return torch.compile(flex_attention, dynamic=False, fullgraph=True)
 
 
-def flex_kernel_options(device: torch.device) -> Optional[dict]:
+def flex_kernel_options(device: torch.device, block: int = 128) -> Optional[dict]:
     """Hopper: K/V blocks loaded by the tensor memory accelerator (H100, Wan2.1-1.3B shapes, sparsity 0.8: the
-    kernel 5.21 -> 4.80 ms, bench/RESULTS.md); elsewhere FlexAttention's own choice."""
+    kernel 5.21 -> 4.80 ms, bench/RESULTS.md); elsewhere FlexAttention's own choice. Blocks that FlexAttention's
+    own tiles (up to 128 rows) do not divide get tiles that do (it refuses to lower otherwise)."""
     from torch.utils._triton import has_triton_tma_device
-    return {"USE_TMA": True} if capability(device)[0] >= (9, 0) and has_triton_tma_device() else None
+    options = {"USE_TMA": True} if capability(device)[0] >= (9, 0) and has_triton_tma_device() else {}
+    if block % 128:
+        tile = min(block & -block, 128)  # the largest power of two that divides the block
+        options.update(BLOCK_M=tile, BLOCK_N=tile)
+    return options or None
 
 
 def page_table(keep: Tensor, block: int, seq_len: int) -> Tuple[Tensor, Tensor]:
@@ -125,14 +130,15 @@ def attend(kind: str, q: Tensor, k: Tensor, v: Tensor, keep: Tensor, prepared, s
     qs, ks, vs = (t[:, :, :seq_len] for t in (q, k, v))
     if not remainder:
         if kind == "flex":
-            out = _flex()(qs, ks, vs, block_mask=prepared, scale=scale, kernel_options=flex_kernel_options(q.device))
+            out = _flex()(qs, ks, vs, block_mask=prepared, scale=scale,
+                          kernel_options=flex_kernel_options(q.device, block))
         else:
             out = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=expand_mask(keep, seq_len, block), scale=scale)
         return _model_order(out, lay, into)
     if kind == "flex":
         from torch.nn.attention.flex_attention import AuxRequest
         out, aux = _flex()(qs, ks, vs, block_mask=prepared, scale=scale, return_aux=AuxRequest(lse=True),
-                           kernel_options=flex_kernel_options(q.device))
+                           kernel_options=flex_kernel_options(q.device, block))
         lse = aux.lse
     else:  # the oracle: attention written out, for its log-sum-exp
         logits = (qs @ ks.transpose(-1, -2)).float() * scale
