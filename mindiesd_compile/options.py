@@ -100,7 +100,7 @@ class CompileOptions:
                (default: the model class's own ``_cp_plan``).
     parallel_group: the torch.distributed group of the sequence-parallel ranks (default: the world).
     sparse_attention: block-sparse self-attention over video tokens: a dict of ``SparseAttentionConfig``
-               fields (sparse/config.py), e.g. ``{"sparsity": 0.8, "start_step": 10}``; None: dense.
+               fields (sparse/config.py), e.g. ``{"sparsity": 0.8}``; None: dense.
     npu:       torchair choices for target "npu": a dict of ``NpuConfig`` fields.
     fp8:       opt-in FP8: a dict of ``Fp8Config`` fields, e.g. ``{"attention": True}``.
     """
