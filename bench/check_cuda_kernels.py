@@ -117,8 +117,8 @@ def sparse_op_kernels():
         q, k, v = (torch.randn(1, grid[0] * grid[1] * grid[2], 12, 128, device=dev, dtype=torch.bfloat16)
                    for _ in range(3))
         for rem in (False, True):
-            call = lambda: op(q, k, v, 128 ** -0.5, "BSHD", list(grid), [0, 0], list(tile), block, 0.8, 0, 1,  # noqa: E731
-                              rem)
+            args = (128 ** -0.5, "BSHD", list(grid), [0, 0], list(tile), block, 0.8, 0, 1, rem)
+            call = lambda: op(q, k, v, *args)  # noqa: E731
             for kind in dict.fromkeys([choose(q.transpose(1, 2)), "flex"]):
                 name = f"sparse op {grid} block {block} remainder {rem} on {kind}"
                 try:

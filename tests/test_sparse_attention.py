@@ -217,8 +217,9 @@ def remainder_oracle(q, k, v, keep, block, scale):
     k_mean, v_mean = (torch.stack([t[:, :, j:j + block].mean(2) for j in starts], 2) for t in (k, v))
     log_n = torch.tensor([math.log(min(block, s - j)) for j in starts])
     rows = torch.arange(s) // block
-    bias = torch.cat([torch.zeros(keep[:, :, rows][..., rows].shape).masked_fill(~keep[:, :, rows][..., rows], -math.inf),
-                      log_n.expand(keep[:, :, rows].shape).masked_fill(keep[:, :, rows], -math.inf)], -1)
+    kept_tokens, kept_blocks = keep[:, :, rows][..., rows], keep[:, :, rows]  # per query token: [S] keys, [nk] blocks
+    bias = torch.cat([torch.zeros(kept_tokens.shape).masked_fill(~kept_tokens, -math.inf),
+                      log_n.expand(kept_blocks.shape).masked_fill(kept_blocks, -math.inf)], -1)
     return F.scaled_dot_product_attention(q, torch.cat([k, k_mean], 2), torch.cat([v, v_mean], 2), attn_mask=bias,
                                           scale=scale)
 

@@ -9,8 +9,9 @@ keys and values are all alike; never changes a query block that skips nothing (d
 
 Cost: S x n_blocks x D per head (1/block of dense attention) plus one read of K and V to pool them, every
 sparse call (K and V change every step even where the mask is reused). On CUDA two Triton kernels: one pools
-K and V, one (a program per (batch x head, query block)) streams the pooled keys of the blocks it skipped and
-writes the merged rows over ``out`` in place; elsewhere torch.
+K and V, one (a program per (batch x head, 64 rows of a query block)) streams the pooled keys of the blocks it
+skipped and writes the merged rows, in place or straight to their tokens' positions in the model's order (so the
+op's output needs no separate reorder); elsewhere torch.
 """
 from __future__ import annotations
 
@@ -153,16 +154,14 @@ def _remainder_triton(out, lse, q, k, v, keep, scale, block, seq_len, into, rows
     n_q, n_k = keep.shape[2], keep.shape[3]
     kp, vp = (torch.empty(b, h, n_k, d, device=q.device, dtype=k.dtype) for _ in range(2))
     constants = dict(D=d, BLOCK_D=triton.next_power_of_2(d))
-    pool_kv[(b * h, n_k)](k, v, kp, vp, seq_len, n_k, block, h, k.stride(0), k.stride(1), k.stride(2),
-                          kp.stride(0), kp.stride(1), kp.stride(2), BLOCK_K=triton.next_power_of_2(block), **constants)
+    pool_kv[(b * h, n_k)](k, v, kp, vp, seq_len, n_k, block, h, *k.stride()[:3], *kp.stride()[:3],
+                          BLOCK_K=triton.next_power_of_2(block), **constants)
     keep = keep.contiguous().view(torch.uint8)
     block_m = min(ROWS, triton.next_power_of_2(block))
     dst = out if into is None else into
-    remainder[(b * h, n_q, triton.cdiv(block, block_m))](q, kp, vp, keep, out, lse, dst,
-                            rows if rows is not None else keep, seq_len, n_k, block, scale, h,
-                            q.stride(0), q.stride(1), q.stride(2), kp.stride(0), kp.stride(1), kp.stride(2),
-                            keep.stride(0), keep.stride(1), keep.stride(2), out.stride(0), out.stride(1),
-                            out.stride(2), lse.stride(0), lse.stride(1), lse.stride(2), dst.stride(0),
-                            dst.stride(1), dst.stride(2), BLOCK_M=block_m, BLOCK_N=POOLED, num_warps=WARPS,
-                            num_stages=STAGES, SCATTER=into is not None, **constants)
+    dst_rows = rows if into is not None else keep  # read only with SCATTER
+    remainder[(b * h, n_q, triton.cdiv(block, block_m))](
+        q, kp, vp, keep, out, lse, dst, dst_rows, seq_len, n_k, block, scale, h,
+        *q.stride()[:3], *kp.stride()[:3], *keep.stride()[:3], *out.stride()[:3], *lse.stride()[:3], *dst.stride()[:3],
+        BLOCK_M=block_m, BLOCK_N=POOLED, num_warps=WARPS, num_stages=STAGES, SCATTER=into is not None, **constants)
     return dst
