@@ -2,6 +2,7 @@
 masked references, the pass on a video DiT (rewrites, near-misses), per-step runtime, options."""
 import contextlib
 import math
+import types
 import warnings
 
 import pytest
@@ -12,7 +13,7 @@ from hypothesis import given, strategies as st
 import mindiesd_compile  # noqa: F401  (registers the ops)
 from mindiesd_compile import CompileOptions, OptionsError
 from mindiesd_compile.sparse import kernels, runtime
-from mindiesd_compile.sparse.layout import block_mask, kept_per_row, pool_blocks, select_blocks, tile_layout
+from mindiesd_compile.sparse.layout import block_mask, expand_mask, kept_per_row, pool_blocks, select_blocks, tile_layout
 from mindiesd_compile.sparse.scores import block_scores
 from conftest import Compiled, rel_err
 from tiny_models import wan
@@ -166,25 +167,37 @@ def paged_kv_attention(q, k_cache, v_cache, cache_seqlens, page_table, softmax_s
     return (torch.stack(outs), torch.stack(lses)) if return_softmax_lse else torch.stack(outs)
 
 
+def flex_attention(q, k, v, block_mask, scale, kernel_options=None, return_aux=None):
+    """FlexAttention with a ``BlockMask`` of full blocks, as documented, in plain torch (its CPU lowering does not
+    compile here); with ``return_aux`` also the natural-log log-sum-exp of each row, as ``aux.lse``."""
+    keep = block_mask.to_dense().bool()
+    logits = (q @ k.transpose(-1, -2) * scale).masked_fill(~expand_mask(keep, q.shape[2], block_mask.BLOCK_SIZE[0]),
+                                                           -math.inf)
+    out = logits.softmax(-1) @ v
+    return (out, types.SimpleNamespace(lse=logits.logsumexp(-1))) if return_aux is not None else out
+
+
 @contextlib.contextmanager
 def block_sparse_kernel(kind, paged=paged_kv_attention):
     """Run the op's ``kind`` kernel on the CPU (until a failure records a fallback, as ``choose`` does on CUDA);
-    "fa3-paged" with ``paged`` standing in for FA3's kernel."""
-    saved = kernels.choose, kernels.fa3_paged, dict(kernels.CHOICES)
+    "fa3-paged" with ``paged`` standing in for FA3's kernel, "flex" with ``flex_attention`` above."""
+    saved = kernels.choose, kernels.fa3_paged, kernels._flex, kernels.flex_kernel_options, dict(kernels.CHOICES)
     kernels.CHOICES.clear()
-    if kind == "fa3-paged":
+    if kind != "reference":
         kernels.choose = lambda q: kernels.CHOICES.get(kernels._key(q), kind).split(":")[0]
         kernels.fa3_paged = lambda: paged
+        kernels._flex = lambda: flex_attention
+        kernels.flex_kernel_options = lambda device, block: None
     try:
         yield
     finally:
-        kernels.choose, kernels.fa3_paged = saved[:2]
+        kernels.choose, kernels.fa3_paged, kernels._flex, kernels.flex_kernel_options = saved[:4]
         kernels.CHOICES.clear()
-        kernels.CHOICES.update(saved[2])
+        kernels.CHOICES.update(saved[4])
 
 
 @given(grids, texts, st.sampled_from(["BSHD", "BHSD"]), st.sampled_from([0.5, 0.7, 0.9]),
-       st.sampled_from(["reference", "fa3-paged"]))
+       st.sampled_from(["reference", "fa3-paged", "flex"]))
 def test_sparse_matches_block_masked_attention_in_model_order(grid, text, layout, sparsity, kind):
     """Oracle without any reordering: the selected blocks, mapped back to model positions, as an SDPA mask.
     "fa3-paged": the page table and sequence lengths the op gives FA3 (pages = kept blocks; a short last
@@ -224,7 +237,7 @@ def remainder_oracle(q, k, v, keep, block, scale):
                                           scale=scale)
 
 
-@given(grids, texts, st.sampled_from([0.5, 0.8]), st.sampled_from(["reference", "fa3-paged"]))
+@given(grids, texts, st.sampled_from([0.5, 0.8]), st.sampled_from(["reference", "fa3-paged", "flex"]))
 def test_remainder_adds_each_skipped_block_as_its_pooled_key_and_value(grid, text, sparsity, kind):
     tile, block = (2, 2), 4
     seq = math.prod(grid) + sum(text)

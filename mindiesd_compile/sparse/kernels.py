@@ -116,10 +116,8 @@ def attend(kind: str, q: Tensor, k: Tensor, v: Tensor, keep: Tensor, prepared, s
                               return_softmax_lse=remainder)
             out, lse = (out[0], out[1]) if isinstance(out, tuple) else (out, None)  # (out, lse, *rest) with the lse
             CHOICES[_key(q)] = kind
-            out = out.view(b, h, s_pad, v.shape[-1])
-            if remainder:  # lse: [B*H*nq, 1, block] -> [B, H, S_pad]; the merge writes model order itself
-                return add_remainder(out, lse.view(b, h, s_pad), q, k, v, keep, scale, block, seq_len, into, lay.perm)
-            return _model_order(out, lay, into)
+            lse = lse.view(b, h, s_pad) if remainder else None  # [B*H*nq, 1, block] -> [B, H, S_pad]
+            return _finish(out.view(b, h, s_pad, v.shape[-1]), lse, q, k, v, keep, scale, lay, into)
         except Exception as err:  # noqa: BLE001 - an optional kernel must never cost a result
             kind = _fallback(q)
             CHOICES[_key(q)] = f"{kind}: FA3 paged KV failed ({type(err).__name__}: {err})"
@@ -128,25 +126,27 @@ def attend(kind: str, q: Tensor, k: Tensor, v: Tensor, keep: Tensor, prepared, s
             prepared = prepare(kind, keep, block, seq_len)
     CHOICES.setdefault(_key(q), kind)
     qs, ks, vs = (t[:, :, :seq_len] for t in (q, k, v))
-    if not remainder:
-        if kind == "flex":
-            out = _flex()(qs, ks, vs, block_mask=prepared, scale=scale,
-                          kernel_options=flex_kernel_options(q.device, block))
-        else:
-            out = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=expand_mask(keep, seq_len, block), scale=scale)
-        return _model_order(out, lay, into)
+    lse = None
     if kind == "flex":
         from torch.nn.attention.flex_attention import AuxRequest
-        out, aux = _flex()(qs, ks, vs, block_mask=prepared, scale=scale, return_aux=AuxRequest(lse=True),
-                           kernel_options=flex_kernel_options(q.device, block))
-        lse = aux.lse
-    else:  # the oracle: attention written out, for its log-sum-exp
+        aux = {"return_aux": AuxRequest(lse=True)} if remainder else {}
+        out = _flex()(qs, ks, vs, block_mask=prepared, scale=scale, kernel_options=flex_kernel_options(q.device, block),
+                      **aux)
+        out, lse = (out[0], out[1].lse) if remainder else (out, None)
+    elif remainder:  # the oracle written out, for its log-sum-exp
         logits = (qs @ ks.transpose(-1, -2)).float() * scale
         logits = logits.masked_fill(~expand_mask(keep, seq_len, block), float("-inf"))
         lse = logits.logsumexp(-1)
         out = (torch.exp(logits - lse.unsqueeze(-1)) @ vs.float()).to(q.dtype)
-    return add_remainder(out, lse, q, k, v, keep, scale, block, seq_len, into, lay.perm)
+    else:  # the oracle
+        out = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=expand_mask(keep, seq_len, block), scale=scale)
+    return _finish(out, lse, q, k, v, keep, scale, lay, into)
 
 
-def _model_order(out: Tensor, lay: TileLayout, into: Optional[Tensor]) -> Tensor:
+def _finish(out: Tensor, lse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, keep: Tensor, scale: float,
+            lay: TileLayout, into: Optional[Tensor]) -> Tensor:
+    """The kept blocks' rows -> plus the pooled remainder where their ``lse`` is given -> model order into ``into``
+    (the remainder's merge writes model order itself)."""
+    if lse is not None:
+        return add_remainder(out, lse, q, k, v, keep, scale, lay.block, lay.seq_len, into, lay.perm)
     return out if into is None else gather_tokens(out, lay.inverse, into)

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from .layout import pool_blocks
+from .scores import triton_fits
 
 
 def pooled_kv(k: Tensor, v: Tensor, block: int, seq_len: int):
@@ -64,9 +65,7 @@ ROWS, POOLED, WARPS, STAGES = 64, 32, 4, 3  # query rows and pooled keys per til
 
 
 def _triton_fits(q: Tensor, k: Tensor, v: Tensor, block: int) -> bool:
-    from torch.utils._triton import has_triton  # cached: no import attempt per call
-    return (16 <= block <= 256 and 16 <= q.shape[-1] <= 256 and q.stride(-1) == 1 and k.stride() == v.stride()
-            and k.stride(-1) == 1 and has_triton())
+    return k.stride() == v.stride() and k.stride(-1) == 1 and triton_fits(q, block)  # one pooling pass reads both
 
 
 @functools.lru_cache(None)

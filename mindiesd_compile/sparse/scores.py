@@ -28,7 +28,7 @@ def block_scores(q: Tensor, k: Tensor, block: int, scale: float) -> Tensor:
     """[B, H, S, D] queries and keys in tile order -> [B, H, nq, nk] fp32 log block masses (the last block may
     be short)."""
     q_mean = pool_blocks(q, block)
-    if k.is_cuda and _triton_fits(k, block):
+    if k.is_cuda and triton_fits(k, block):
         return _scores_triton(q_mean.to(k.dtype), k, block, scale)
     return _scores_torch(q_mean, k, block, scale)
 
@@ -47,7 +47,8 @@ def _scores_torch(q_mean: Tensor, k: Tensor, block: int, scale: float) -> Tensor
     return torch.cat(out, 1)
 
 
-def _triton_fits(k: Tensor, block: int) -> bool:
+def triton_fits(k: Tensor, block: int) -> bool:
+    """Blocks and head dims the Triton kernels of the sparse op take (here and in remainder.py)."""
     from torch.utils._triton import has_triton  # cached: no import attempt per call
     return 16 <= block <= 256 and 16 <= k.shape[-1] <= 256 and k.stride(-1) == 1 and has_triton()
 
