@@ -5,6 +5,8 @@
 
 Per shape ([B, S, H, D] as the graph has it; self: S_kv = S, cross: S_kv = 512 text tokens) and kernel: median
 ms of 20 calls after 3 warm-ups (CUDA events), TFLOP/s (4 B H S_q S_kv D), relative L2 difference to cuDNN.
+``--rounds R`` times every kernel R times in turn (one after the other, R rounds) and reports the median round with
+the spread, so a card's clock drifting during the run cannot favour whichever kernel ran first.
 Kernels: cuDNN and PyTorch's flash through SDPA (on the [B, H, S, D] view), every FA3 build that imports
 (`fa3_fwd_interface` from the fa3-fwd wheel, `flash_attn_interface` built from flash-attention's hopper/), and
 for cross-attention the written-out attention compiled by Inductor (two GEMMs and a softmax).
@@ -64,6 +66,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--heads", default="12,40", help="head counts of the self-attention shapes")
     ap.add_argument("--cross-heads", default="12,40", help="head counts of the cross-attention shapes ('' for none)")
+    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--skip", default="", help="kernels left out, e.g. torch-flash")
     args = ap.parse_args()
     dev = torch.device("cuda")
     shapes = [("self", int(h), TOKENS) for h in args.heads.split(",") if h] + \
@@ -74,24 +78,29 @@ def main():
         q = torch.randn(1, TOKENS, heads, HEAD_DIM, device=dev, dtype=torch.bfloat16, generator=g)
         k, v = (torch.randn(1, kv, heads, HEAD_DIM, device=dev, dtype=torch.bfloat16, generator=g) for _ in "kv")
         flop = 4 * heads * TOKENS * kv * HEAD_DIM
-        ref = None
-        for name, run in kernels(kind == "cross").items():
+        runs = {n: f for n, f in kernels(kind == "cross").items() if n not in args.skip.split(",")}
+        outs, times = {}, {}
+        for name, run in list(runs.items()):
             try:
-                out = run(q, k, v)
+                outs[name] = run(q, k, v)
                 for _ in range(2):
                     run(q, k, v)
-                ms = statistics.median(time_calls(lambda: run(q, k, v), dev, 20))
             except Exception as err:  # noqa: BLE001 - one kernel failing must not hide the others
                 print(f"# {kind} H={heads} {name}: {type(err).__name__}: {str(err)[:120]}")
-                continue
-            ref = out.float() if ref is None else ref
-            diff = ((out.float() - ref).norm() / ref.norm()).item()
-            rows.append((kind, heads, kv, name, ms, flop / ms / 1e9, diff))
+                del runs[name]
+        for _ in range(args.rounds):
+            for name, run in runs.items():
+                times.setdefault(name, []).append(statistics.median(time_calls(lambda: run(q, k, v), dev, 20)))
+        ref = outs["cudnn"].float()
+        for name in runs:
+            ms = statistics.median(times[name])
+            diff = ((outs[name].float() - ref).norm() / ref.norm()).item()
+            rows.append((kind, heads, kv, name, ms, min(times[name]), max(times[name]), flop / ms / 1e9, diff))
     print(f"\n{torch.cuda.get_device_name(dev)}, torch {torch.__version__}\n")
-    print("| attention | heads | S_kv | kernel | ms | TFLOP/s | rel diff vs cuDNN |")
-    print("|---|---|---|---|---|---|---|")
-    for kind, heads, kv, name, ms, tflops, diff in rows:
-        print(f"| {kind} | {heads} | {kv} | {name} | {ms:.3f} | {tflops:.0f} | {diff:.1e} |")
+    print(f"| attention | heads | S_kv | kernel | ms (median of {args.rounds} rounds) | min-max | TFLOP/s | rel diff vs cuDNN |")
+    print("|---|---|---|---|---|---|---|---|")
+    for kind, heads, kv, name, ms, lo, hi, tflops, diff in rows:
+        print(f"| {kind} | {heads} | {kv} | {name} | {ms:.3f} | {lo:.3f}-{hi:.3f} | {tflops:.0f} | {diff:.1e} |")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ prints each saved output's relative L2 against the 1-GPU mindiesd one (so runs o
 host may run at the same time).
 """
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -26,6 +27,12 @@ from bench_wan import CONFIGS, build_model, merge_intervals, time_calls  # noqa:
 
 import mindiesd_compile  # noqa: E402,F401
 
+INDUCTOR_CONFIG = {}  # --inductor-config
+# mindiesd+overlap: Inductor's own comm/compute reordering (each all-to-all started as soon as its input
+# exists, its wait sunk to the first use, independent compute moved in between)
+OVERLAP = {"reorder_for_compute_comm_overlap": True,
+           "reorder_for_compute_comm_overlap_passes": ["sink_waits", "raise_comms", "reorder_compute_for_overlap"]}
+
 
 def main():
     ap = argparse.ArgumentParser()
@@ -38,6 +45,9 @@ def main():
     ap.add_argument("--profile", action="store_true", help="also split one call's kernel time: compute, NCCL, exposed")
     ap.add_argument("--trace", default="", help="with --profile: rank 0 writes <trace>-<variant>-<gpus>.json")
     ap.add_argument("--out-dir", default="/tmp/sp_out")
+    ap.add_argument("--carveout", type=int, default=0,
+                    help="SMs cuBLAS and FA3 leave free (torch._C._set_sm_carveout_experimental), e.g. for NCCL")
+    ap.add_argument("--inductor-config", default="{}", help="JSON: options['inductor_config'] of the mindiesd variants")
     ap.add_argument("--device", default="cuda", help="cpu: gloo and the tiny config, to check the script")
     ap.add_argument("--compare", action="store_true", help="only compare the saved outputs")
     args = ap.parse_args()
@@ -57,6 +67,9 @@ def main():
                   timestep=torch.tensor([500.0], device=dev),
                   encoder_hidden_states=torch.randn(txt, generator=g, device=dev, dtype=dtype),
                   return_dict=False)
+    if args.carveout:
+        torch._C._set_sm_carveout_experimental(args.carveout)
+    INDUCTOR_CONFIG.update(json.loads(args.inductor_config))
     if args.cfg_step:
         return cfg_step(model, inputs, world, rank, dev, args)
     for variant in args.variants.split(","):
@@ -89,8 +102,10 @@ def _target(model):
 
 
 def build_variant(variant, model, world):
-    if variant == "mindiesd":
-        options = {"target": _target(model)} | ({"sequence_parallel": world} if world > 1 else {})
+    if variant.startswith("mindiesd"):
+        overlap = OVERLAP if variant == "mindiesd+overlap" else {}
+        options = {"target": _target(model), "inductor_config": INDUCTOR_CONFIG | overlap} | \
+            ({"sequence_parallel": world} if world > 1 else {})
         return torch.compile(model, backend="mindiesd", options=options, fullgraph=True)
     if world > 1:
         from diffusers import ContextParallelConfig
@@ -104,26 +119,34 @@ def _length(spans):
 
 def comm_split(fn, dev, trace=None):
     """One profiled call: ms of compute kernels (busy union), of NCCL kernels, of NCCL time with no compute
-    kernel running (exposed), and of the layout copies around the exchanges."""
+    kernel running (exposed), of the layout copies around the exchanges, of the GPU idle between the first
+    and the last kernel, and the compute kernels' summed time by class (profile_wan.py's classes)."""
+    from profile_wan import CLASSES
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize(dev)
     if trace:
         prof.export_chrome_trace(trace)
-    comm, compute, copies = [], [], 0.0
+    comm, compute, copies, classes = [], [], 0.0, {}
     for e in prof.events():
         if e.device_type != torch.autograd.DeviceType.CUDA:
             continue
         span = (e.time_range.start, e.time_range.end)
-        (comm if "nccl" in e.name.lower() else compute).append(span)
+        nccl = "nccl" in e.name.lower()
+        (comm if nccl else compute).append(span)
         if "clone" in e.name or "permute" in e.name:  # Inductor's layout copies (its fused norms say "_to_copy")
             copies += e.self_device_time_total
+        if not nccl:
+            cls = next(name for name, match in CLASSES if match(e.name))
+            classes[cls] = classes.get(cls, 0.0) + e.self_device_time_total / 1e3
+    every = merge_intervals(comm + compute)
     comm, compute = merge_intervals(comm), merge_intervals(compute)
     both = [(max(a, c), min(b, d)) for a, b in comm for c, d in compute if max(a, c) < min(b, d)]
     overlapped = _length(merge_intervals(both))
+    idle = (every[-1][1] - every[0][0] - _length(every)) / 1e3 if every else 0.0
     return {"compute": _length(compute) / 1e3, "nccl": _length(comm) / 1e3,
-            "nccl_exposed": (_length(comm) - overlapped) / 1e3, "copies": copies / 1e3}
+            "nccl_exposed": (_length(comm) - overlapped) / 1e3, "copies": copies / 1e3, "idle": idle} | classes
 
 
 def cfg_step(model, inputs, world, rank, dev, args):

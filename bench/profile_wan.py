@@ -149,7 +149,7 @@ def persistent_reductions_up_to(numel):
 
 NO_GELU = [p for p in mindiesd_compile.PATTERNS if p != "gelu_epilogue"]
 NO_NORM_ROPE = [p for p in mindiesd_compile.PATTERNS if p != "norm_rope"]
-VARIANTS = {  # name: (backend options or None for Inductor, attention kernel, capture whole call, context)
+VARIANTS = {  # name: (backend options, or None / a mode for Inductor, attention kernel, capture whole call, context)
     "inductor": (None, "auto", False, None),
     "mindiesd": ({}, "auto", False, None),
     "mindiesd-fa3src": ({}, "fa3src", False, None),
@@ -157,6 +157,10 @@ VARIANTS = {  # name: (backend options or None for Inductor, attention kernel, c
     "mindiesd-nogelu": ({"patterns": NO_GELU}, "auto", False, None),
     "mindiesd-nonormrope": ({"patterns": NO_NORM_ROPE}, "auto", False, None),
     "mindiesd+graph": ({}, "auto", True, None),
+    "mindiesd+cudagraphs": ({"cuda_graphs": True}, "auto", False, None),  # options["cuda_graphs"]: whole forward
+    "mindiesd+inductor-cudagraphs": ({"inductor_config": {"triton.cudagraphs": True}}, "auto", False, None),  # per piece
+    "inductor+cudagraphs": ("reduce-overhead", "auto", False, None),  # Inductor's cudagraph trees
+    "mindiesd-nopartition": ({"partition": False}, "auto", False, None),  # one graph, no piece runner
     "mindiesd+fp8attn": ({"fp8": {"attention": True}}, "auto", False, None),
     "mindiesd+fp8": ({"fp8": {"attention": True, "linear": True}}, "auto", False, None),
 
@@ -171,8 +175,10 @@ def profile_variant(variant, model, inputs, dev, iters):
     torch._dynamo.reset()
     fresh = getattr(torch._inductor.utils, "fresh_cache", None) or torch._inductor.utils.fresh_inductor_cache
     with fresh(), torch.no_grad(), attention_kernel(kernel), (context or contextlib.nullcontext)():
-        fast = torch.compile(model) if options is None else \
-            torch.compile(model, backend="mindiesd", options={"target": dev.type, **options})
+        if options is None or isinstance(options, str):
+            fast = torch.compile(model, mode=options)
+        else:
+            fast = torch.compile(model, backend="mindiesd", options={"target": dev.type, **options})
         call = lambda: fast(**inputs, return_dict=False)[0]  # noqa: E731
         start = time.perf_counter()
         out = call()  # cold: compiles (a fresh Inductor cache per variant)

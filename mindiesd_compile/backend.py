@@ -17,6 +17,7 @@ from .passes import PASSES, PassManager
 from .passes.sparse_attention import resolve_video_grid, with_sparse_runtime
 from .report import Report
 from .runtime.cache import StepCache
+from .runtime.cuda_graph import CudaGraphForward
 from .runtime.runner import PartitionRunner, PieceCompiler
 
 log = logging.getLogger("mindiesd_compile")
@@ -84,6 +85,16 @@ def mindiesd_backend(gm: torch.fx.GraphModule, example_inputs, options=None, mod
     opts = resolve_video_grid(opts, gm)  # sparse attention: the grid is in the prologue, not in the blocks
     target = opts.target or infer_target(example_inputs)
     opts.fp8.check_target(target)  # the target may come from the inputs' device
+    if opts.cuda_graphs and target != "cuda":
+        raise OptionsError(f"options['cuda_graphs'] needs target 'cuda'; this graph's inputs are on {target!r}")
+    compiled = _compile(gm, example_inputs, opts, target, mode, report)
+    if opts.cuda_graphs:
+        device = next(t.device for t in example_inputs if isinstance(t, torch.Tensor) and t.device.type == "cuda")
+        return CudaGraphForward(compiled, device)
+    return compiled
+
+
+def _compile(gm, example_inputs, opts: CompileOptions, target: str, mode, report):
     if target == "npu":
         from .lowering.torchair import import_torchair
         import_torchair()  # no torch_npu: say what to install before any piece is compiled

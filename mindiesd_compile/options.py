@@ -103,6 +103,9 @@ class CompileOptions:
                fields (sparse/config.py), e.g. ``{"sparsity": 0.8}``; None: dense.
     npu:       torchair choices for target "npu": a dict of ``NpuConfig`` fields.
     fp8:       opt-in FP8: a dict of ``Fp8Config`` fields, e.g. ``{"attention": True}``.
+    cuda_graphs: replay the compiled forward as one CUDA graph per input signature (target cuda; not with a
+               cache policy, sparse attention or sequence parallelism). Pays where launches bound a forward
+               (small resolutions); runtime/cuda_graph.py says how inputs and outputs are handled.
     """
 
     target: Optional[str] = None
@@ -118,6 +121,7 @@ class CompileOptions:
     sparse_attention: Any = None
     npu: Any = None
     fp8: Any = None
+    cuda_graphs: bool = False
 
     def __post_init__(self):
         if self.target is not None and self.target not in TARGETS:
@@ -170,6 +174,22 @@ class CompileOptions:
         object.__setattr__(self, "sparse_attention", SparseAttentionConfig.from_value(self.sparse_attention))
         if self.sparse_attention is not None:
             self.sparse_attention.check(self)
+        self._check_cuda_graphs()
+
+    def _check_cuda_graphs(self):
+        if not isinstance(self.cuda_graphs, bool):
+            raise OptionsError(f"options['cuda_graphs'] must be True or False, got {self.cuda_graphs!r}")
+        if not self.cuda_graphs:
+            return
+        if self.target not in (None, "cuda"):
+            raise OptionsError(f"options['cuda_graphs'] replays CUDA graphs: target 'cuda' only, "
+                               f"not {self.target!r}; remove it (target 'npu' has options['npu']['mode'])")
+        cache_on = self.cache.config.enabled if hasattr(self.cache, "config") else self.cache.enabled
+        varying = [name for name, on in (("cache", cache_on), ("sparse_attention", self.sparse_attention is not None),
+                                         ("sequence_parallel", self.sequence_parallel > 1)) if on]
+        if varying:
+            raise OptionsError(f"options['cuda_graphs'] captures the whole forward, but with options{varying} what "
+                               "runs changes from step to step (or is not graph-safe yet); drop one of them")
 
     @classmethod
     def from_dict(cls, options: Optional[Mapping[str, Any]]) -> "CompileOptions":

@@ -77,7 +77,8 @@ def attention_cuda(q, k, v, mask, scale, layout, reference):
     if why is None:
         try:
             qs, ks, vs = (t if layout == "BSHD" else t.transpose(1, 2) for t in (q, k, v))
-            out = flash_attn_3().func(qs, ks, vs, softmax_scale=scale)
+            margin = torch._C._get_sm_carveout_experimental()  # SMs the user keeps free (for collectives), as cuBLAS does
+            out = flash_attn_3().func(qs, ks, vs, softmax_scale=scale, **({"sm_margin": margin} if margin else {}))
             out = out[0] if isinstance(out, tuple) else out  # some versions also return the logsumexp
             CHOICES[key] = "fa3"
             return out if layout == "BSHD" else out.transpose(1, 2)

@@ -1,0 +1,97 @@
+"""``options["cuda_graphs"]``: the compiled forward replayed as one CUDA graph per input signature.
+
+Why: at a small resolution a DiT forward is bound by kernel launches, not by FLOPs. Wan2.1-1.3B at 480x272x17
+(2,550 tokens) on an H100 ran 36.3 ms op by op and 15.3 ms captured whole, against Inductor's 19.4 ms; at
+832x480x81 capture changes nothing (460.8 vs 461.0 ms) (bench/RESULTS.md).
+
+How: the first call of a signature (shapes, strides, dtypes, sizes) runs op by op: it compiles the pieces and
+lets cuBLAS, FA3 and Triton initialise. The second warms up once on a side stream and captures. Inputs that are
+the model's parameters or buffers (Dynamo passes them as graph inputs) are read where they are; every other input
+(latents, timestep, text) is copied into the graph's own buffer before each replay. Outputs are cloned, so two
+calls in a row (CFG's cond and uncond) never share a buffer. A parameter replaced by another tensor (weights
+reloaded) makes a fresh capture. A capture that fails (a host sync in a piece, an op a graph cannot hold) leaves
+that signature op by op, with a warning: never a wrong result.
+"""
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+
+
+def _is_static(x) -> bool:
+    """A parameter or buffer of the model: same storage every call, so the graph may read it in place."""
+    return isinstance(x, torch.nn.Parameter) or getattr(x, "_dynamo_static_input_type", None) is not None
+
+
+@dataclasses.dataclass
+class Captured:
+    graph: Any                       # torch.cuda.CUDAGraph (or a stand-in with replay())
+    inputs: List[Any]                # what the graph reads: static inputs themselves, copies of the others
+    static_ptrs: Tuple[int, ...]     # data_ptr of each static input when captured
+    outputs: Any
+
+
+class CudaGraphForward:
+    """Wraps a compiled forward ``fn(*args) -> outputs``; see the module docstring. Per call it looks at the few
+    inputs that change (parameters and buffers sit at fixed positions: Dynamo's calling convention), so its own
+    cost stays small next to the launches it saves."""
+
+    def __init__(self, fn: Callable, device: torch.device, graphs=torch.cuda):
+        self.fn, self.device, self.graphs = fn, device, graphs  # ``graphs``: torch.cuda (tests pass a stand-in)
+        self._boxed_call = getattr(fn, "_boxed_call", False)  # Inductor's convention: one list, which it empties
+        self.static: Optional[Tuple[int, ...]] = None  # positions of parameters and buffers
+        self.dynamic: Tuple[int, ...] = ()
+        self.seen: set = set()
+        self.captured: Dict[Tuple, Optional[Captured]] = {}  # None: capture failed, run op by op
+
+    def __call__(self, *args):
+        args = tuple(args[0]) if self._boxed_call else args
+        if self.static is None:
+            self.static = tuple(i for i, a in enumerate(args) if _is_static(a))
+            self.dynamic = tuple(i for i in range(len(args)) if i not in self.static)
+        key = tuple((a.shape, a.stride(), a.dtype, a.device) if isinstance(a, torch.Tensor) else a
+                    for a in (args[i] for i in self.dynamic))
+        if key not in self.seen:  # first call: compile and initialise op by op
+            self.seen.add(key)
+            return self._run(args)
+        entry = self.captured.get(key, ...)
+        if entry is ... or (entry is not None and tuple(args[i].data_ptr() for i in self.static) != entry.static_ptrs):
+            entry = self.captured[key] = self._capture(args)
+        if entry is None:
+            return self._run(args)
+        for i in self.dynamic:
+            if isinstance(args[i], torch.Tensor):
+                entry.inputs[i].copy_(args[i])
+        entry.graph.replay()
+        return _clone(entry.outputs)
+
+    def _run(self, args):
+        return self.fn(list(args)) if self._boxed_call else self.fn(*args)
+
+    def _capture(self, args) -> Optional[Captured]:
+        inputs = [a.clone() if i in self.dynamic and isinstance(a, torch.Tensor) else a for i, a in enumerate(args)]
+        try:
+            side = self.graphs.Stream(self.device)
+            side.wait_stream(self.graphs.current_stream(self.device))
+            with self.graphs.stream(side):
+                self._run(inputs)  # kernels that initialise lazily do it outside the capture
+            self.graphs.current_stream(self.device).wait_stream(side)
+            graph = self.graphs.CUDAGraph()
+            with self.graphs.graph(graph):
+                outputs = self._run(inputs)
+        except Exception as err:  # noqa: BLE001 - an optional speed-up must never cost a result
+            warnings.warn(f"mindiesd_compile: cuda_graphs: capturing the forward failed ({type(err).__name__}: "
+                          f"{str(err)[:200]}); these inputs run op by op", RuntimeWarning, stacklevel=3)
+            return None
+        return Captured(graph, inputs, tuple(args[i].data_ptr() for i in self.static), outputs)
+
+
+def _clone(out):
+    if isinstance(out, torch.Tensor):
+        return out.clone()
+    if isinstance(out, (list, tuple)):
+        return type(out)(_clone(o) for o in out)
+    return out

@@ -1,0 +1,132 @@
+"""options["cuda_graphs"]: validation, and the replay wrapper's handling of inputs and outputs.
+
+CI has no GPU, so the wrapper runs against a stand-in with CUDA graphs' documented semantics: a capture
+records the forward on the buffers it was given, a replay reruns it on whatever those buffers hold now and
+writes the same output buffers. What is checked is ours: which inputs are copied, which are read in place,
+that outputs are fresh tensors, recapture when a parameter is replaced, and the op-by-op fallback. The real
+graphs are measured on the GPU (bench/profile_wan.py --variants mindiesd+cudagraphs, bench/RESULTS.md).
+"""
+import contextlib
+
+import pytest
+import torch
+
+from mindiesd_compile.options import CompileOptions, OptionsError
+from mindiesd_compile.runtime.cuda_graph import CudaGraphForward
+
+
+class StandInGraph:
+    def __init__(self):
+        self.forward = None
+
+    def replay(self):
+        fn, inputs, outputs = self.forward
+        for out, new in zip(outputs, fn(*inputs)):
+            out.copy_(new)
+
+
+class StandInCuda:
+    """torch.cuda's graph API as the wrapper uses it, on the CPU."""
+
+    def __init__(self, fail=False):
+        self.fail, self.captures, self.capturing = fail, 0, None
+
+    Stream = staticmethod(lambda device: StandInStream())
+    current_stream = staticmethod(lambda device: StandInStream())
+    stream = staticmethod(lambda s: contextlib.nullcontext())
+
+    def CUDAGraph(self):  # noqa: N802 - torch.cuda's name
+        return StandInGraph()
+
+    @contextlib.contextmanager
+    def graph(self, g):
+        if self.fail:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        self.captures += 1
+        self.capturing = g
+        yield
+        self.capturing = None
+
+
+class StandInStream:
+    def wait_stream(self, other):
+        pass
+
+
+def wrap(fn, fail=False, boxed=False):
+    cuda = StandInCuda(fail)
+
+    def recorded(*args):  # what a capture records: the forward over the buffers it was handed
+        if boxed:  # Inductor's boxed convention: one list argument, emptied by the callee
+            listed = args[0]
+            args = tuple(listed)
+            listed.clear()
+        out = fn(*args)
+        if cuda.capturing is not None:
+            cuda.capturing.forward = (fn, args, out)
+        return out
+    recorded._boxed_call = boxed
+    return CudaGraphForward(recorded, torch.device("cpu"), graphs=cuda), cuda
+
+
+def forward(w, b, x, t):
+    return (x @ w + b * t, (x * 2).sum(0))
+
+
+@pytest.mark.parametrize("boxed", [False, True])
+def test_replay_reads_new_inputs_and_returns_fresh_outputs(boxed):
+    w, b = torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(3))
+    fast, cuda = wrap(forward, boxed=boxed)
+    assert fast._boxed_call == boxed  # Dynamo calls the wrapper the way it would call the compiled forward
+    calls = [(torch.randn(5, 4), torch.tensor(float(i))) for i in range(4)]
+    outs = [fast([w, b, x, t]) if boxed else fast(w, b, x, t) for x, t in calls]
+    assert cuda.captures == 1  # first call op by op, the second captures, the rest replay
+    for (x, t), out in zip(calls, outs):  # each output still holds its own call's result (CFG: cond, then uncond)
+        for got, want in zip(out, forward(w, b, x, t)):
+            torch.testing.assert_close(got, want)
+    entry = next(iter(fast.captured.values()))
+    assert entry.inputs[0] is w and entry.inputs[1] is b  # parameters are read in place, never copied
+    assert entry.inputs[2] is not calls[1][0]  # activations go through the graph's own buffer
+
+
+def test_replaced_parameter_recaptures_and_new_shapes_start_op_by_op():
+    w, b = torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(3))
+    fast, cuda = wrap(forward)
+    x, t = torch.randn(5, 4), torch.tensor(1.0)
+    fast(w, b, x, t), fast(w, b, x, t)
+    w2 = torch.nn.Parameter(torch.randn(4, 3))  # weights reloaded
+    torch.testing.assert_close(fast(w2, b, x, t)[0], forward(w2, b, x, t)[0])
+    assert cuda.captures == 2
+    x7 = torch.randn(7, 4)  # a new signature: op by op first, captured on its second call
+    for _ in range(3):
+        torch.testing.assert_close(fast(w2, b, x7, t)[0], forward(w2, b, x7, t)[0])
+    assert cuda.captures == 3 and len(fast.captured) == 2
+
+
+def test_failed_capture_runs_op_by_op_with_one_warning():
+    w, b = torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(3))
+    fast, cuda = wrap(forward, fail=True)
+    x, t = torch.randn(5, 4), torch.tensor(1.0)
+    fast(w, b, x, t)
+    with pytest.warns(RuntimeWarning, match="capturing the forward failed"):
+        fast(w, b, x, t)
+    for _ in range(2):  # no second attempt, no second warning, results right
+        torch.testing.assert_close(fast(w, b, x, t)[0], forward(w, b, x, t)[0])
+    assert cuda.captures == 0
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"cuda_graphs": "yes"}, "must be True or False"),
+    ({"cuda_graphs": True, "target": "cpu"}, "target 'cuda' only"),
+    ({"cuda_graphs": True, "cache": {"policy": "block"}}, "changes from step to step"),
+])
+def test_bad_options_name_the_problem(options, message):
+    with pytest.raises(OptionsError, match=message):
+        CompileOptions.from_dict(options)
+
+
+def test_inputs_on_the_cpu_are_refused_before_compiling():
+    model = torch.nn.Linear(4, 4)
+    fast = torch.compile(model, backend="mindiesd", options={"cuda_graphs": True})
+    with pytest.raises(Exception, match="needs target 'cuda'"):
+        fast(torch.randn(2, 4))
