@@ -146,7 +146,7 @@ def comm_split(fn, dev, trace=None):
     overlapped = _length(merge_intervals(both))
     idle = (every[-1][1] - every[0][0] - _length(every)) / 1e3 if every else 0.0
     return {"compute": _length(compute) / 1e3, "nccl": _length(comm) / 1e3,
-            "nccl_exposed": (_length(comm) - overlapped) / 1e3, "copies": copies / 1e3, "idle": idle} | classes
+            "nccl_exposed": (_length(comm) - overlapped) / 1e3, "layout_copies": copies / 1e3, "idle": idle} | classes
 
 
 def cfg_step(model, inputs, world, rank, dev, args):

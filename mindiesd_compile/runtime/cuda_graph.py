@@ -1,8 +1,8 @@
 """``options["cuda_graphs"]``: the compiled forward replayed as one CUDA graph per input signature.
 
 Why: at a small resolution a DiT forward is bound by kernel launches, not by FLOPs. Wan2.1-1.3B at 480x272x17
-(2,550 tokens) on an H100 ran 36.3 ms op by op and 15.3 ms captured whole, against Inductor's 19.4 ms; at
-832x480x81 capture changes nothing (460.8 vs 461.0 ms) (bench/RESULTS.md).
+(2,550 tokens) on an H100: 53.6 ms op by op, 17.5 ms with this option, Inductor 28.0 ms (one run); at 832x480x81
+capture changes nothing (bench/RESULTS.md).
 
 How: the first call of a signature (shapes, strides, dtypes, sizes) runs op by op: it compiles the pieces and
 lets cuBLAS, FA3 and Triton initialise. The second warms up once on a side stream and captures. Inputs that are
