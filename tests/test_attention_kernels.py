@@ -121,3 +121,22 @@ def test_the_repo_build_is_used_when_fa3_fwd_is_absent(no_fa3_installed, monkeyp
     fake_module(monkeypatch, "flash_attn_interface", flash_attn_func=repo)
     fa3 = K.flash_attn_3()
     assert fa3.module == "flash_attn_interface" and fa3.dtypes == BF16_FP16
+
+
+@pytest.mark.parametrize("carveout", [None, 8])
+def test_fa3_leaves_free_the_sms_the_carveout_asks_for(hopper, monkeypatch, carveout):
+    margins = []  # cuBLAS reads torch's SM carve-out itself; FA3 gets it as sm_margin (0/None: not passed)
+
+    def flash_attn_func(q, k, v, softmax_scale=None, **kwargs):
+        margins.append(kwargs.get("sm_margin"))
+        return fa3_double([])(q, k, v, softmax_scale)
+    monkeypatch.setattr(K, "flash_attn_3", lambda: K.FlashAttention3("double", flash_attn_func, BF16_FP16))
+    previous = torch._C._get_sm_carveout_experimental()
+    torch._C._set_sm_carveout_experimental(carveout)
+    try:
+        q, k, v = qkv("BSHD")
+        out = K.attention_cuda(q, k, v, None, 0.125, "BSHD", attention_ref)
+    finally:
+        torch._C._set_sm_carveout_experimental(previous)
+    assert margins == [carveout]
+    assert torch.allclose(out.float(), attention_ref(q, k, v, None, 0.125, "BSHD").float(), atol=1e-2)
