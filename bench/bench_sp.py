@@ -13,7 +13,6 @@ prints each saved output's relative L2 against the 1-GPU mindiesd one (so runs o
 host may run at the same time).
 """
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -27,7 +26,6 @@ from bench_wan import CONFIGS, build_model, merge_intervals, time_calls  # noqa:
 
 import mindiesd_compile  # noqa: E402,F401
 
-INDUCTOR_CONFIG = {}  # --inductor-config
 # mindiesd+overlap: Inductor's own comm/compute reordering (each all-to-all started as soon as its input
 # exists, its wait sunk to the first use, independent compute moved in between)
 OVERLAP = {"reorder_for_compute_comm_overlap": True,
@@ -47,7 +45,6 @@ def main():
     ap.add_argument("--out-dir", default="/tmp/sp_out")
     ap.add_argument("--carveout", type=int, default=0,
                     help="SMs cuBLAS and FA3 leave free (torch._C._set_sm_carveout_experimental), e.g. for NCCL")
-    ap.add_argument("--inductor-config", default="{}", help="JSON: options['inductor_config'] of the mindiesd variants")
     ap.add_argument("--device", default="cuda", help="cpu: gloo and the tiny config, to check the script")
     ap.add_argument("--compare", action="store_true", help="only compare the saved outputs")
     args = ap.parse_args()
@@ -69,7 +66,6 @@ def main():
                   return_dict=False)
     if args.carveout:
         torch._C._set_sm_carveout_experimental(args.carveout)
-    INDUCTOR_CONFIG.update(json.loads(args.inductor_config))
     if args.cfg_step:
         return cfg_step(model, inputs, world, rank, dev, args)
     for variant in args.variants.split(","):
@@ -103,8 +99,7 @@ def _target(model):
 
 def build_variant(variant, model, world):
     if variant.startswith("mindiesd"):
-        overlap = OVERLAP if variant == "mindiesd+overlap" else {}
-        options = {"target": _target(model), "inductor_config": INDUCTOR_CONFIG | overlap} | \
+        options = {"target": _target(model), "inductor_config": OVERLAP if variant == "mindiesd+overlap" else {}} | \
             ({"sequence_parallel": world} if world > 1 else {})
         return torch.compile(model, backend="mindiesd", options=options, fullgraph=True)
     if world > 1:

@@ -85,8 +85,7 @@ def mindiesd_backend(gm: torch.fx.GraphModule, example_inputs, options=None, mod
     opts = resolve_video_grid(opts, gm)  # sparse attention: the grid is in the prologue, not in the blocks
     target = opts.target or infer_target(example_inputs)
     opts.fp8.check_target(target)  # the target may come from the inputs' device
-    if opts.cuda_graphs and target != "cuda":
-        raise OptionsError(f"options['cuda_graphs'] needs target 'cuda'; this graph's inputs are on {target!r}")
+    opts.check_cuda_graphs_target(target)
     compiled = _compile(gm, example_inputs, opts, target, mode, report)
     if opts.cuda_graphs:
         device = next(t.device for t in example_inputs if isinstance(t, torch.Tensor) and t.device.type == "cuda")

@@ -155,7 +155,8 @@ class CompileOptions:
         from .runtime.cache import CacheConfig, StepCache
         if not isinstance(self.cache, StepCache):
             object.__setattr__(self, "cache", CacheConfig.from_value(self.cache))
-        if self.cache.config.enabled if isinstance(self.cache, StepCache) else self.cache.enabled:
+        cache_on = CacheConfig.from_value(self.cache).enabled  # a StepCache gives its config
+        if cache_on:
             if not self.partition:
                 raise OptionsError("options['cache'] needs options['partition']=True: caching skips whole blocks")
         if not isinstance(self.sequence_parallel, int) or self.sequence_parallel < 1:
@@ -174,22 +175,20 @@ class CompileOptions:
         object.__setattr__(self, "sparse_attention", SparseAttentionConfig.from_value(self.sparse_attention))
         if self.sparse_attention is not None:
             self.sparse_attention.check(self)
-        self._check_cuda_graphs()
-
-    def _check_cuda_graphs(self):
         if not isinstance(self.cuda_graphs, bool):
             raise OptionsError(f"options['cuda_graphs'] must be True or False, got {self.cuda_graphs!r}")
-        if not self.cuda_graphs:
-            return
-        if self.target not in (None, "cuda"):
-            raise OptionsError(f"options['cuda_graphs'] replays CUDA graphs: target 'cuda' only, "
-                               f"not {self.target!r}; remove it (target 'npu' has options['npu']['mode'])")
-        cache_on = self.cache.config.enabled if hasattr(self.cache, "config") else self.cache.enabled
+        self.check_cuda_graphs_target(self.target)
         varying = [name for name, on in (("cache", cache_on), ("sparse_attention", self.sparse_attention is not None),
                                          ("sequence_parallel", self.sequence_parallel > 1)) if on]
-        if varying:
+        if self.cuda_graphs and varying:
             raise OptionsError(f"options['cuda_graphs'] captures the whole forward, but with options{varying} what "
                                "runs changes from step to step (or is not graph-safe yet); drop one of them")
+
+    def check_cuda_graphs_target(self, target: Optional[str]) -> None:
+        """Here with the target asked for, in the backend with the one the inputs' device gave."""
+        if self.cuda_graphs and target not in (None, "cuda"):
+            raise OptionsError(f"options['cuda_graphs'] needs target 'cuda', not {target!r}: it replays CUDA graphs "
+                               "(target 'cuda' only); remove it, or run the model on a CUDA device")
 
     @classmethod
     def from_dict(cls, options: Optional[Mapping[str, Any]]) -> "CompileOptions":
