@@ -6,7 +6,8 @@
         script over gloo (diffusers' context parallelism needs an accelerator)
 
 mindiesd: torch.compile(backend="mindiesd", options={"sequence_parallel": N}) (plain mindiesd compile
-for N=1). diffusers: the model's own context parallelism (enable_parallelism, Ulysses, eager) as the
+for N=1); mindiesd+gather_kv: the same with sequence_parallel_mode "gather_kv"; mindiesd+unpacked: Ulysses
+with q, k and v exchanged one by one; mindiesd+overlap: Inductor's comm/compute reordering. diffusers: the model's own context parallelism (enable_parallelism, Ulysses, eager) as the
 anchor. Rank 0 prints median ms (--profile: and one call's kernel time split into compute, NCCL and NCCL
 not overlapped by compute) and saves the output under --out-dir; `python bench/bench_sp.py --compare`
 prints each saved output's relative L2 against the 1-GPU mindiesd one (so runs on different GPUs of one
@@ -25,6 +26,7 @@ sys.path.append(str(Path(__file__).resolve().parent))
 from bench_wan import CONFIGS, build_model, merge_intervals, time_calls  # noqa: E402
 
 import mindiesd_compile  # noqa: E402,F401
+from mindiesd_compile.passes import ulysses  # noqa: E402
 
 # mindiesd+overlap: Inductor's own comm/compute reordering (each all-to-all started as soon as its input
 # exists, its wait sunk to the first use, independent compute moved in between)
@@ -97,10 +99,21 @@ def _target(model):
     return "cuda" if model.device.type == "cuda" else "eager"  # on the CPU only the script is checked
 
 
+def _one_exchange_per_tensor(xs, degree, group):
+    """mindiesd+unpacked: q, k and v in an all-to-all each (the exchange before 2026-11-27)."""
+    return tuple(_PACKED_SEQ_TO_HEADS((x,), degree, group)[0] for x in xs)
+
+
+_PACKED_SEQ_TO_HEADS = ulysses.seq_to_heads
+
+
 def build_variant(variant, model, world):
     if variant.startswith("mindiesd"):
         options = {"target": _target(model), "inductor_config": OVERLAP if variant == "mindiesd+overlap" else {}} | \
-            ({"sequence_parallel": world} if world > 1 else {})
+            ({"sequence_parallel": world} if world > 1 else {}) | \
+            ({"sequence_parallel_mode": "gather_kv"} if variant == "mindiesd+gather_kv" and world > 1 else {})
+        # compiled at the first call, which follows
+        ulysses.seq_to_heads = _one_exchange_per_tensor if variant == "mindiesd+unpacked" else _PACKED_SEQ_TO_HEADS
         return torch.compile(model, backend="mindiesd", options=options, fullgraph=True)
     if world > 1:
         from diffusers import ContextParallelConfig

@@ -5,6 +5,7 @@ import dataclasses
 from typing import Any, Mapping, Optional, Tuple
 
 TARGETS = ("cuda", "cpu", "eager", "npu")
+SEQUENCE_PARALLEL_MODES = ("ulysses", "gather_kv")
 # Patterns in the order the PassManager runs them (later patterns build on earlier rewrites); the last are
 # target lowerings (lowering/), run where the target has the kernel.
 PATTERNS = ("cleanup", "attention", "rope", "rms_norm", "layer_norm", "adaln", "gated_residual", "norm_rope",
@@ -95,7 +96,10 @@ class CompileOptions:
     partition: split the graph at its repeated blocks and compile identical blocks once.
     cache:     cross-step caching: a dict of ``CacheConfig`` fields, a ``CacheConfig``, or a ``StepCache``
                (keep the latter to reset it or read its statistics). Needs ``partition``.
-    sequence_parallel: Ulysses degree (ranks sharing one sequence); needs torch.distributed initialised.
+    sequence_parallel: ranks sharing one sequence (each gets a slice of the tokens); needs torch.distributed
+               initialised.
+    sequence_parallel_mode: how attention sees the whole sequence: "ulysses" (all-to-all: every token, this
+               rank's heads) or "gather_kv" (keys and values all-gathered: this rank's queries, every head).
     parallel_plan: where the sequence is split/gathered, in diffusers' ``_cp_plan`` format
                (default: the model class's own ``_cp_plan``).
     parallel_group: the torch.distributed group of the sequence-parallel ranks (default: the world).
@@ -116,6 +120,7 @@ class CompileOptions:
     partition: bool = True
     cache: Any = None
     sequence_parallel: int = 1
+    sequence_parallel_mode: str = "ulysses"
     parallel_plan: Any = None
     parallel_group: Any = None
     sparse_attention: Any = None
@@ -161,6 +166,9 @@ class CompileOptions:
                 raise OptionsError("options['cache'] needs options['partition']=True: caching skips whole blocks")
         if not isinstance(self.sequence_parallel, int) or self.sequence_parallel < 1:
             raise OptionsError(f"options['sequence_parallel'] must be an int >= 1, got {self.sequence_parallel!r}")
+        if self.sequence_parallel_mode not in SEQUENCE_PARALLEL_MODES:
+            raise OptionsError(f"options['sequence_parallel_mode']={self.sequence_parallel_mode!r} is not a mode; "
+                               f"valid modes: {SEQUENCE_PARALLEL_MODES}")
         if self.sequence_parallel > 1:
             if not self.partition:
                 raise OptionsError("options['sequence_parallel'] needs options['partition']=True")
@@ -175,6 +183,10 @@ class CompileOptions:
         object.__setattr__(self, "sparse_attention", SparseAttentionConfig.from_value(self.sparse_attention))
         if self.sparse_attention is not None:
             self.sparse_attention.check(self)
+            if self.sequence_parallel > 1 and self.sequence_parallel_mode == "gather_kv":
+                raise OptionsError("options['sparse_attention'] selects blocks per head over the whole sequence, which "
+                                   "sequence_parallel_mode 'gather_kv' does not give a rank (its own queries only); "
+                                   "use sequence_parallel_mode 'ulysses' with sparse attention")
         if not isinstance(self.cuda_graphs, bool):
             raise OptionsError(f"options['cuda_graphs'] must be True or False, got {self.cuda_graphs!r}")
         self.check_cuda_graphs_target(self.target)

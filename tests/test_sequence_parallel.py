@@ -38,9 +38,11 @@ def _worker(rank, name, options, overrides, store, out_dir):
             kwargs["encoder_attention_mask"][:, -padding:] = 0
         if options.pop("dynamic", False):  # after the inputs are final: the marks live on the tensors
             mindiesd_compile.mark_sequence_dynamic(model, kwargs)
+        dumps = os.path.join(out_dir, f"graphs-{name}-{rank}")
         with torch.no_grad():
             fn = torch.compile(model, backend="mindiesd", fullgraph=True,
-                               options={"target": "eager", "cache": cache, "sequence_parallel": WORLD, **options})
+                               options={"target": "eager", "cache": cache, "sequence_parallel": WORLD,
+                                        "dump_graphs": dumps, **options})
             # the reference: one process, same options but the parallelism (e.g. sparse attention is not eager's)
             one = torch.compile(model, backend="mindiesd", options={"target": "eager", **options}) \
                 if "sparse_attention" in options else model
@@ -56,6 +58,7 @@ def _worker(rank, name, options, overrides, store, out_dir):
         result = dict(rel=rels[0], rels=rels, rel_to_dense=result_dense, rel_to_unmasked=rel_to_unmasked,
                       shape_ok=out.shape == ref.shape, skipped=cache.stats["skipped"],
                       all_to_all=runner.compiler.report.stats("sequence_parallel").rewritten,
+                      collectives=_collectives(dumps),
                       attention=runner.compiler.report.stats("attention").rewritten, compiles=runner.compiler.compiles)
     except Exception as err:  # reported to the test, which asserts on it
         result = dict(error=f"{type(err).__name__}: {err}")
@@ -65,19 +68,32 @@ def _worker(rank, name, options, overrides, store, out_dir):
         dist.destroy_process_group()
 
 
+def _collectives(dumps):
+    """Collective calls in the graphs the sequence-parallel pass left, per kind (every compiled piece once)."""
+    graphs = [open(os.path.join(dumps, f)).read() for f in sorted(os.listdir(dumps)) if f.endswith("_sequence_parallel.txt")]
+    kinds = ("all_to_all_single", "all_gather_into_tensor_coalesced", "all_gather_into_tensor")
+    return {kind: sum(g.count(f"_c10d_functional.{kind}.default]") for g in graphs) for kind in kinds}
+
+
 def run_two_ranks(tmp_path, name, overrides=None, **options):
     mp.spawn(_worker, args=(name, options, overrides, str(tmp_path / f"store-{name}"), str(tmp_path)),
              nprocs=WORLD, join=True)
     return [json.loads((tmp_path / f"{name}-{r}.json").read_text()) for r in range(WORLD)]
 
 
-def test_two_ranks_match_one_process_wan(tmp_path):
-    for result in run_two_ranks(tmp_path, "wan"):
+@pytest.mark.parametrize("mode, collectives", [
+    # one block graph (both blocks share it): q, k and v in one all-to-all, the output in another
+    ("ulysses", {"all_to_all_single": 2, "all_gather_into_tensor_coalesced": 0}),
+    # keys and values in one all-gather, nothing after attention
+    ("gather_kv", {"all_to_all_single": 0, "all_gather_into_tensor_coalesced": 1})])
+def test_two_ranks_match_one_process_wan(tmp_path, mode, collectives):
+    for result in run_two_ranks(tmp_path, "wan", sequence_parallel_mode=mode):
         assert "error" not in result, result
         assert result["shape_ok"] and result["rel"] <= 1e-5
         assert result["all_to_all"] == 2  # the self-attentions; cross-attention to replicated text stays local
         assert result["attention"] == 4
         assert result["compiles"] == 3  # prologue, one block for both (the first block's sharded input too), epilogue
+        assert {k: result["collectives"][k] for k in collectives} == collectives
 
 
 def test_sequence_parallel_composes_with_caching(tmp_path):
@@ -97,33 +113,39 @@ def test_length_specialised_joint_attention_is_a_clear_error(tmp_path):
         assert "fixes token counts" in result["error"] and "mark_sequence_dynamic" in result["error"]
 
 
-def test_joint_attention_with_dynamic_sequence_dims_matches_one_process(tmp_path):
+@pytest.mark.parametrize("mode", ["ulysses", "gather_kv"])
+def test_joint_attention_with_dynamic_sequence_dims_matches_one_process(tmp_path, mode):
     """Flux (text and image tokens both split, joint attention) traced with dynamic sequence dims."""
-    for result in run_two_ranks(tmp_path, "flux", dynamic=True):
+    for result in run_two_ranks(tmp_path, "flux", dynamic=True, sequence_parallel_mode=mode):
         assert "error" not in result, result
         assert result["shape_ok"] and result["rel"] <= 1e-5
         assert result["all_to_all"] == 2 == result["attention"]  # the double-stream and the single-stream block
 
 
-def test_hunyuan_video_with_text_padding_matches_one_process(tmp_path):
+@pytest.mark.parametrize("mode", ["ulysses", "gather_kv"])
+def test_hunyuan_video_with_text_padding_matches_one_process(tmp_path, mode):
     """HunyuanVideo ships no _cp_plan: the built-in one splits the image tokens where they enter the blocks and
     keeps text whole. Its key mask (built in the prologue, last 3 text tokens padding) reaches each rank as a
     padded chunk and is gathered back whole; joint attention runs in the single-process key order. Batch 2:
     the joint sequence is followed through the projections' [B*S, C] views; 3 heads: padded to 4."""
     heads = {"num_attention_heads": 3}
-    for result in run_two_ranks(tmp_path, "hunyuan", heads, dynamic=True, text_padding=3, batch2=True):
+    for result in run_two_ranks(tmp_path, "hunyuan", heads, dynamic=True, text_padding=3, batch2=True,
+                                sequence_parallel_mode=mode):
         assert "error" not in result, result
         assert result["shape_ok"] and result["rel"] <= 1e-5
         assert result["rel_to_unmasked"] > 1e-3  # the padding mask really changes the output
         assert result["all_to_all"] == 2  # the double- and the single-stream block
         assert result["attention"] == 3  # + the token refiner's text self-attention (prologue, unsplit)
+        exchanged = result["collectives"]["all_to_all_single"]  # the modes really differ
+        assert (exchanged == 0) if mode == "gather_kv" else (exchanged > 0), result["collectives"]
 
 
-def test_ltx_text_split_with_its_padding_mask_matches_one_process(tmp_path):
+@pytest.mark.parametrize("mode", ["ulysses", "gather_kv"])
+def test_ltx_text_split_with_its_padding_mask_matches_one_process(tmp_path, mode):
     """LTX-Video's _cp_plan splits the text (and its padding mask) with the video tokens: its cross-attention has
     every token split, and the key mask built from each rank's text (per head, as LTX repeats it) goes through
     the all-to-all with the keys. The last 3 of 8 text tokens are padding: all on rank 1."""
-    for result in run_two_ranks(tmp_path, "ltx", dynamic=True, text_padding=3):
+    for result in run_two_ranks(tmp_path, "ltx", dynamic=True, text_padding=3, sequence_parallel_mode=mode):
         assert "error" not in result, result
         assert result["shape_ok"] and result["rel"] <= 1e-5
         assert result["rel_to_unmasked"] > 1e-3  # the padding mask really changes the output
@@ -140,11 +162,12 @@ def test_a_whole_mask_over_split_keys_is_a_clear_error(tmp_path):
         assert "only key-padding masks built before the blocks can follow the split" in result["error"]
 
 
-def test_sd3_two_ranks_match_one_process(tmp_path):
+@pytest.mark.parametrize("mode", ["ulysses", "gather_kv"])
+def test_sd3_two_ranks_match_one_process(tmp_path, mode):
     """SD3 ships no _cp_plan: the built-in one splits the image tokens where they enter the blocks, text stays
     whole (joint attention, no mask). Its blocks multiply the latent height in patches, handed over by the
     prologue, back into the image token count: each rank's blocks get their share, the epilogue the whole."""
-    for result in run_two_ranks(tmp_path, "sd3", dynamic=True):
+    for result in run_two_ranks(tmp_path, "sd3", dynamic=True, sequence_parallel_mode=mode):
         assert "error" not in result, result
         assert result["shape_ok"] and result["rel"] <= 1e-5
         assert result["all_to_all"] == 3  # joint attention in both blocks + block 0's image-only attn2 (dual attention)
@@ -180,6 +203,24 @@ def test_sequence_parallel_without_distributed_is_a_clear_error():
     from mindiesd_compile import CompileOptions, OptionsError
     with pytest.raises(OptionsError, match="needs torch.distributed initialised"):
         CompileOptions.from_dict({"sequence_parallel": 2})
+
+
+def test_unknown_sequence_parallel_mode_is_a_clear_error():
+    from mindiesd_compile import CompileOptions, OptionsError
+    with pytest.raises(OptionsError, match="'ring' is not a mode; valid modes: \\('ulysses', 'gather_kv'\\)"):
+        CompileOptions.from_dict({"sequence_parallel_mode": "ring"})
+
+
+def test_gather_kv_with_sparse_attention_is_a_clear_error(tmp_path):
+    """Block-sparse attention selects per head over the whole sequence: only Ulysses gives a rank that."""
+    from mindiesd_compile import CompileOptions, OptionsError
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        with pytest.raises(OptionsError, match="use sequence_parallel_mode 'ulysses' with sparse attention"):
+            CompileOptions.from_dict({"sequence_parallel": 2, "sequence_parallel_mode": "gather_kv",
+                                      "sparse_attention": {"sparsity": 0.5}})
+    finally:
+        dist.destroy_process_group()
 
 
 def test_block_sparse_attention_under_sequence_parallelism(tmp_path):

@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
-from typing import Dict, Sequence, Tuple, Union
+from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed._functional_collectives as funcol
@@ -38,12 +38,14 @@ class SequenceParallelError(ValueError):
     """A model/degree combination the sequence-parallel rewrite cannot serve; the message says why."""
 
 
-def seq_to_heads(x: torch.Tensor, degree: int, group: str) -> torch.Tensor:
-    """[B, S/P, H, D] on each rank -> [B, S, H/P, D] (all tokens, this rank's heads)."""
-    b, s, h, d = x.shape
-    x = x.reshape(b, s, degree, h // degree, d).permute(2, 0, 1, 3, 4).contiguous()
-    x = funcol.all_to_all_single(x, None, None, group)
-    return x.permute(1, 0, 2, 3, 4).reshape(b, degree * s, h // degree, d)
+def seq_to_heads(xs: Sequence[torch.Tensor], degree: int, group: str) -> Tuple[torch.Tensor, ...]:
+    """[B, S/P, H, D] tensors of one shape on each rank -> [B, S, H/P, D] each (all tokens, this rank's heads),
+    in one all-to-all: q, k and v travel together (one exchange instead of three; each comes out as a view of
+    the received buffer, [B, S, n, H/P, D], which attention reads without a copy for B = 1)."""
+    b, s, h, d = xs[0].shape
+    x = torch.stack(xs, dim=2).reshape(b, s, len(xs), degree, h // degree, d).permute(3, 0, 1, 2, 4, 5).contiguous()
+    x = funcol.all_to_all_single(x, None, None, group)  # [P (source rank), B, S/P, n, H/P, D]
+    return x.permute(1, 0, 2, 3, 4, 5).reshape(b, degree * s, len(xs), h // degree, d).unbind(2)
 
 
 def heads_to_seq(x: torch.Tensor, degree: int, group: str) -> torch.Tensor:
@@ -54,21 +56,38 @@ def heads_to_seq(x: torch.Tensor, degree: int, group: str) -> torch.Tensor:
     return x.permute(1, 2, 0, 3, 4).reshape(b, s // degree, degree * h, d)
 
 
+def _all_gather_tokens(xs: Sequence[torch.Tensor], group: str) -> Tuple[torch.Tensor, ...]:
+    """[B, S/P, ...] tensors on each rank -> [B, S, ...] each, in rank order, in one (coalesced) all-gather;
+    a view of the received buffer for B = 1."""
+    out = funcol.all_gather_into_tensor_coalesced(list(xs), group)  # [P * B, S/P, ...] each
+    return tuple(g.unflatten(0, (-1, x.shape[0])).transpose(0, 1).flatten(1, 2) for g, x in zip(out, xs))
+
+
 def _all_gather_heads(x: torch.Tensor, group: str) -> torch.Tensor:
     """[B, S, H/P, D] on each rank -> [B, S, H, D] (a replicated run's heads back on every rank)."""
     return funcol.all_gather_single(x.movedim(2, 0).contiguous(), 0, group).movedim(0, 2)
 
 
-def _all_keys(mask: torch.Tensor, heads: int, local: int, degree: int, group: str) -> torch.Tensor:
-    """A mask over this rank's keys -> over every rank's keys, in rank order (the all-to-all's key order); a mask
-    per head ([B, H, Q, K]) also goes to this rank's heads, by the same all-to-all as q, k and v."""
+def _all_keys(mask: torch.Tensor, group: str, heads: Optional[Tuple[int, int, int]] = None) -> torch.Tensor:
+    """A mask over this rank's keys -> over every rank's keys, in rank order (the order both exchanges gather
+    keys in). ``heads`` = (heads, local heads, degree) under Ulysses: a mask per head ([B, H, Q, K]) then also
+    goes to this rank's heads, by the same all-to-all as q, k and v."""
     m = mask.to(torch.uint8) if mask.dtype == torch.bool else mask  # collectives take no bool
-    if m.dim() == 4 and m.shape[1] == heads > 1:
-        m = torch.nn.functional.pad(m.permute(0, 3, 1, 2), (0, 0, 0, local * degree - heads))  # [B, K, H, Q]
-        m = seq_to_heads(m, degree, group).permute(0, 2, 3, 1)
+    if heads is not None and m.dim() == 4 and m.shape[1] == heads[0] > 1:
+        count, local, degree = heads
+        m = torch.nn.functional.pad(m.permute(0, 3, 1, 2), (0, 0, 0, local * degree - count))  # [B, K, H, Q]
+        m = seq_to_heads((m,), degree, group)[0].permute(0, 2, 3, 1)
     else:
         m = funcol.all_gather_single(m.movedim(-1, 0).contiguous(), 0, group).movedim(0, -1)
     return m.to(mask.dtype)
+
+
+def _split_runs(t: torch.Tensor, segments) -> Sequence[torch.Tensor]:
+    return t.split([n for _, n in segments], dim=1) if len(segments) > 1 else (t,)
+
+
+def _join(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(list(parts), dim=1)
 
 
 def ulysses_attention(q, k, v, mask, scale, layout, degree, group, segments=None, mask_split=False):
@@ -85,26 +104,49 @@ def ulysses_attention(q, k, v, mask, scale, layout, degree, group, segments=None
     local = -(-heads // degree)  # any head count: zero heads up to a multiple of the degree, dropped after
     # (a zero head attends uniformly to zero values: its output is zeros, never NaN)
 
-    def join(parts):
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+    def exchange(ts):
+        """seq_to_heads, tensors of one shape and dtype in one all-to-all (self-attention's q, k and v)."""
+        ts = [torch.nn.functional.pad(t, (0, 0, 0, local * degree - heads)) if local * degree > heads else t
+              for t in ts]
+        out = {}
+        for kind in dict.fromkeys((t.shape, t.dtype) for t in ts):
+            same = [i for i, t in enumerate(ts) if (t.shape, t.dtype) == kind]
+            out.update(zip(same, seq_to_heads([ts[i] for i in same], degree, group)))
+        return [out[i] for i in range(len(ts))]
 
-    def gather_tokens(t):
-        if local * degree > heads:
-            t = torch.nn.functional.pad(t, (0, 0, 0, local * degree - heads))
-        runs = t.split([n for _, n in segments], dim=1) if len(segments) > 1 else (t,)
-        # A replicated run goes through the same all-to-all: every rank sends the same head chunks, so the
-        # first of the copies a rank gets holds its own heads (no rank in the graph: one cache entry for all).
-        gathered = [seq_to_heads(r, degree, group) for r in runs]
-        return join([g if sharded else g[:, :n] for (sharded, n), g in zip(segments, gathered)])
-
-    q, k, v = (gather_tokens(t) for t in (q, k, v))
+    # A replicated run goes through the same all-to-all: every rank sends the same head chunks, so the
+    # first of the copies a rank gets holds its own heads (no rank in the graph: one cache entry for all).
+    gathered = [exchange(run) for run in zip(*(_split_runs(t, segments) for t in (q, k, v)))]
+    q, k, v = (_join([g[j] if sharded else g[j][:, :n] for (sharded, n), g in zip(segments, gathered)])
+               for j in range(3))
     if mask_split:
-        mask = _all_keys(mask, heads, local, degree, group)[..., :k.shape[1]]
+        mask = _all_keys(mask, group, (heads, local, degree))[..., :k.shape[1]]
     out = torch.ops.mindiesd_compile.attention(q, k, v, mask, scale, "BSHD")
     runs = out.split([n * degree if sharded else n for sharded, n in segments], dim=1) if len(segments) > 1 else (out,)
-    out = join([heads_to_seq(r, degree, group) if sharded else _all_gather_heads(r, group)
-                for (sharded, _), r in zip(segments, runs)])[:, :, :heads]
+    out = _join([heads_to_seq(r, degree, group) if sharded else _all_gather_heads(r, group)
+                 for (sharded, _), r in zip(segments, runs)])[:, :, :heads]
     return out.transpose(1, 2) if layout == "BHSD" else out
+
+
+def gather_kv_attention(q, k, v, mask, scale, layout, degree, group, segments=None, mask_split=False):
+    """The same attention with keys and values all-gathered instead: each rank keeps its queries and every
+    head and attends over all keys (sharded runs gathered in rank order, replicated runs as they are, i.e.
+    the key order ``ulysses_attention`` has); its output holds its own tokens, so nothing is exchanged after
+    attention, no layout is copied, and any head count works. The bytes received match Ulysses' on 2 ranks
+    and grow with the degree (keys and values: (P-1)/P of them, against 4 tensors' (P-1)/P^2)."""
+    if layout == "BHSD":
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    segments = segments or ((True, k.shape[1]),)
+    runs = [_all_gather_tokens(kv, group) if sharded else kv
+            for (sharded, _), kv in zip(segments, zip(_split_runs(k, segments), _split_runs(v, segments)))]
+    k, v = _join([r[0] for r in runs]), _join([r[1] for r in runs])
+    if mask_split:
+        mask = _all_keys(mask, group)[..., :k.shape[1]]
+    out = torch.ops.mindiesd_compile.attention(q, k, v, mask, scale, "BSHD")
+    return out.transpose(1, 2) if layout == "BHSD" else out
+
+
+EXCHANGES = {"ulysses": ulysses_attention, "gather_kv": gather_kv_attention}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,12 +182,14 @@ class UlyssesPass(GraphPass):
     name = "sequence_parallel"
     required = True  # a failure must stop the compile: the unrewritten graph would compute garbage
 
-    def __init__(self, report, degree: int, group: str, sharded_inputs: Sequence[int]):
+    def __init__(self, report, degree: int, group: str, sharded_inputs: Sequence[int], mode: str = "ulysses"):
         super().__init__(report)
         self.degree, self.group, self.sharded_inputs = degree, group, frozenset(sharded_inputs)
+        self.exchange = EXCHANGES[mode]
 
     def uuid(self) -> bytes:
-        return hashlib.sha256(super().uuid() + repr((self.degree, sorted(self.sharded_inputs))).encode()).digest()
+        config = (self.degree, sorted(self.sharded_inputs), self.exchange.__name__)
+        return hashlib.sha256(super().uuid() + repr(config).encode()).digest()
 
     def __call__(self, graph: torch.fx.Graph) -> None:
         sharded: Dict[torch.fx.Node, State] = {}
@@ -268,8 +312,8 @@ class UlyssesPass(GraphPass):
                                         "joint tokens inside the block or differs per head; only a key mask "
                                         "built before the blocks can follow the split")
         self.report.found(self.name)
-        degree, group, segments = self.degree, self.group, q.segments
-        result = inline_decomposition(graph, node, lambda q, k, v, mask, scale, layout: ulysses_attention(
+        degree, group, segments, exchange = self.degree, self.group, q.segments, self.exchange
+        result = inline_decomposition(graph, node, lambda q, k, v, mask, scale, layout: exchange(
             q, k, v, mask, scale, layout, degree, group, segments, mask_state))
         self.report.rewritten(self.name)
         return result
@@ -291,8 +335,8 @@ class UlyssesPass(GraphPass):
                 "mask built from the split tokens (one entry per key on this rank and head, the same for every query) "
                 "follows the all-to-all: keep the masked (text) tokens whole, splitting only the image tokens as the "
                 "built-in plans do")
-        degree, group = self.degree, self.group
-        result = inline_decomposition(graph, node, lambda q, k, v, mask, scale, layout: ulysses_attention(
+        degree, group, exchange = self.degree, self.group, self.exchange
+        result = inline_decomposition(graph, node, lambda q, k, v, mask, scale, layout: exchange(
             q, k, v, mask, scale, layout, degree, group, mask_split=gather_mask))
         self.report.rewritten(self.name)
         return result
