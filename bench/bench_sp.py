@@ -6,8 +6,8 @@
         script over gloo (diffusers' context parallelism needs an accelerator)
 
 mindiesd: torch.compile(backend="mindiesd", options={"sequence_parallel": N}) (plain mindiesd compile
-for N=1); mindiesd+gather_kv: the same with sequence_parallel_mode "gather_kv"; mindiesd+unpacked: Ulysses
-with q, k and v exchanged one by one; mindiesd+overlap: Inductor's comm/compute reordering. diffusers: the model's own context parallelism (enable_parallelism, Ulysses, eager) as the
+for N=1); a suffix @ulysses or @gather_kv sets options["sequence_parallel_mode"] (default "auto");
+mindiesd+overlap: Inductor's comm/compute reordering. diffusers: the model's own context parallelism (enable_parallelism, Ulysses, eager) as the
 anchor. Rank 0 prints median ms (--profile: and one call's kernel time split into compute, NCCL and NCCL
 not overlapped by compute) and saves the output under --out-dir; `python bench/bench_sp.py --compare`
 prints each saved output's relative L2 against the 1-GPU mindiesd one (so runs on different GPUs of one
@@ -26,7 +26,6 @@ sys.path.append(str(Path(__file__).resolve().parent))
 from bench_wan import CONFIGS, build_model, merge_intervals, time_calls  # noqa: E402
 
 import mindiesd_compile  # noqa: E402,F401
-from mindiesd_compile.passes import ulysses  # noqa: E402
 
 # mindiesd+overlap: Inductor's own comm/compute reordering (each all-to-all started as soon as its input
 # exists, its wait sunk to the first use, independent compute moved in between)
@@ -42,6 +41,9 @@ def main():
                     help="time one CFG step (cond + uncond call); variants mindiesd (CFG 2 x Ulysses world/2), "
                          "mindiesd+ulysses, diffusers")
     ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=0,
+                    help="compile every variant first, then time them in turn, --iters calls each per round, this "
+                         "many rounds (clock drift over a run then weighs on all alike); median over all calls")
     ap.add_argument("--profile", action="store_true", help="also split one call's kernel time: compute, NCCL, exposed")
     ap.add_argument("--trace", default="", help="with --profile: rank 0 writes <trace>-<variant>-<gpus>.json")
     ap.add_argument("--out-dir", default="/tmp/sp_out")
@@ -70,6 +72,8 @@ def main():
         torch._C._set_sm_carveout_experimental(args.carveout)
     if args.cfg_step:
         return cfg_step(model, inputs, world, rank, dev, args)
+    if args.rounds:
+        return interleaved(model, inputs, world, rank, dev, args)
     for variant in args.variants.split(","):
         with torch.no_grad():
             fn = build_variant(variant, model, world)
@@ -87,6 +91,24 @@ def main():
     dist.destroy_process_group()
 
 
+def interleaved(model, inputs, world, rank, dev, args):
+    variants = args.variants.split(",")
+    fns, times = {}, {v: [] for v in variants}
+    with torch.no_grad():
+        for v in variants:  # each compiled at its first call, with its own backend instance
+            fns[v] = build_variant(v, model, world)
+            fns[v](**inputs), fns[v](**inputs)
+        for _ in range(args.rounds):
+            for v in variants:
+                times[v] += time_calls(lambda: fns[v](**inputs), dev, args.iters)
+    if rank == 0:
+        for v in variants:
+            ms = sorted(times[v])
+            print(f"RESULT {v} gpus={world} median_ms={statistics.median(ms):.1f} min_ms={ms[0]:.1f} "
+                  f"max_ms={ms[-1]:.1f} calls={len(ms)} (interleaved)", flush=True)
+    dist.destroy_process_group()
+
+
 def compare(out_dir):
     for name in sorted(n for n in os.listdir(out_dir) if n.endswith(".pt")):
         ref_name = f"{name.split('-')[0]}-mindiesd-1.pt"  # <config>[cfg]-<variant>-<gpus>.pt
@@ -99,21 +121,16 @@ def _target(model):
     return "cuda" if model.device.type == "cuda" else "eager"  # on the CPU only the script is checked
 
 
-def _one_exchange_per_tensor(xs, degree, group):
-    """mindiesd+unpacked: q, k and v in an all-to-all each (the exchange before 2026-11-27)."""
-    return tuple(_PACKED_SEQ_TO_HEADS((x,), degree, group)[0] for x in xs)
-
-
-_PACKED_SEQ_TO_HEADS = ulysses.seq_to_heads
+def _mode(variant):
+    """mindiesd@ulysses, mindiesd@gather_kv: that sequence_parallel_mode; none named: "auto"."""
+    return {"sequence_parallel_mode": variant.split("@")[1]} if "@" in variant else {}
 
 
 def build_variant(variant, model, world):
     if variant.startswith("mindiesd"):
-        options = {"target": _target(model), "inductor_config": OVERLAP if variant == "mindiesd+overlap" else {}} | \
-            ({"sequence_parallel": world} if world > 1 else {}) | \
-            ({"sequence_parallel_mode": "gather_kv"} if variant == "mindiesd+gather_kv" and world > 1 else {})
-        # compiled at the first call, which follows
-        ulysses.seq_to_heads = _one_exchange_per_tensor if variant == "mindiesd+unpacked" else _PACKED_SEQ_TO_HEADS
+        overlap = variant.split("@")[0] == "mindiesd+overlap"
+        options = {"target": _target(model), "inductor_config": OVERLAP if overlap else {}} | \
+            ({"sequence_parallel": world} | _mode(variant) if world > 1 else {})
         return torch.compile(model, backend="mindiesd", options=options, fullgraph=True)
     if world > 1:
         from diffusers import ContextParallelConfig
@@ -159,7 +176,8 @@ def comm_split(fn, dev, trace=None):
 
 def cfg_step(model, inputs, world, rank, dev, args):
     """One denoising step with CFG: two transformer calls (cond, uncond) as the Wan pipeline makes them.
-    Variants: mindiesd = CFG 2 x Ulysses world/2 (each branch on its own half of the GPUs); mindiesd+ulysses =
+    Variants: mindiesd = CFG 2 x sequence parallel world/2 (each branch on its own half of the GPUs; @ulysses,
+    @gather_kv: that sequence_parallel_mode); mindiesd+ulysses =
     Ulysses over all GPUs, branch after branch; diffusers = its context parallelism (Ulysses, all GPUs, eager)."""
     from mindiesd_compile.pipeline import _parallel_groups
     from mindiesd_compile.runtime.cfg_parallel import CfgParallelTransformer
@@ -167,8 +185,8 @@ def cfg_step(model, inputs, world, rank, dev, args):
     for variant in args.variants.split(","):
         if variant == "mindiesd+ulysses" and world == 1:
             continue  # the same as mindiesd on one GPU
-        options = {"target": _target(model)}
-        if variant == "mindiesd" and world > 1:
+        options = {"target": _target(model)} | (_mode(variant) if world > 2 else {})
+        if variant.split("@")[0] == "mindiesd" and world > 1:
             group, branch, holder = _parallel_groups(2, world // 2, options)
             holder.value = negative
             fn = CfgParallelTransformer(torch.compile(model, backend="mindiesd", options=options, fullgraph=True),

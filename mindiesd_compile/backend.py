@@ -36,7 +36,7 @@ def build_manager(options: CompileOptions, target: str, report: Report, sharded:
         group = options.parallel_group or torch.distributed.group.WORLD
         passes.insert(passes.index(next(p for p in passes if p.name == "attention")) + 1,
                       UlyssesPass(report, options.sequence_parallel, group.group_name, sorted(sharded),
-                                  options.sequence_parallel_mode))
+                                  options.sequence_parallel_exchange(target)))
     if target == "cuda" and "norm_rope" in options.patterns and not offline:  # a Triton kernel: CUDA only
         from .lowering.norm_rope import NormRopeIntoOne
         passes.append(NormRopeIntoOne(report))
@@ -87,6 +87,7 @@ def mindiesd_backend(gm: torch.fx.GraphModule, example_inputs, options=None, mod
     target = opts.target or infer_target(example_inputs)
     opts.fp8.check_target(target)  # the target may come from the inputs' device
     opts.check_cuda_graphs_target(target)
+    opts.sequence_parallel_exchange(target)
     compiled = _compile(gm, example_inputs, opts, target, mode, report)
     if opts.cuda_graphs:
         device = next(t.device for t in example_inputs if isinstance(t, torch.Tensor) and t.device.type == "cuda")

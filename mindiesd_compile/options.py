@@ -5,7 +5,7 @@ import dataclasses
 from typing import Any, Mapping, Optional, Tuple
 
 TARGETS = ("cuda", "cpu", "eager", "npu")
-SEQUENCE_PARALLEL_MODES = ("ulysses", "gather_kv")
+SEQUENCE_PARALLEL_MODES = ("auto", "ulysses", "gather_kv")
 # Patterns in the order the PassManager runs them (later patterns build on earlier rewrites); the last are
 # target lowerings (lowering/), run where the target has the kernel.
 PATTERNS = ("cleanup", "attention", "rope", "rms_norm", "layer_norm", "adaln", "gated_residual", "norm_rope",
@@ -99,7 +99,8 @@ class CompileOptions:
     sequence_parallel: ranks sharing one sequence (each gets a slice of the tokens); needs torch.distributed
                initialised.
     sequence_parallel_mode: how attention sees the whole sequence: "ulysses" (all-to-all: every token, this
-               rank's heads) or "gather_kv" (keys and values all-gathered: this rank's queries, every head).
+               rank's heads), "gather_kv" (keys and values all-gathered: this rank's queries, every head) or
+               "auto" (``sequence_parallel_exchange`` says which runs).
     parallel_plan: where the sequence is split/gathered, in diffusers' ``_cp_plan`` format
                (default: the model class's own ``_cp_plan``).
     parallel_group: the torch.distributed group of the sequence-parallel ranks (default: the world).
@@ -120,7 +121,7 @@ class CompileOptions:
     partition: bool = True
     cache: Any = None
     sequence_parallel: int = 1
-    sequence_parallel_mode: str = "ulysses"
+    sequence_parallel_mode: str = "auto"
     parallel_plan: Any = None
     parallel_group: Any = None
     sparse_attention: Any = None
@@ -187,6 +188,8 @@ class CompileOptions:
                 raise OptionsError("options['sparse_attention'] selects blocks per head over the whole sequence, which "
                                    "sequence_parallel_mode 'gather_kv' does not give a rank (its own queries only); "
                                    "use sequence_parallel_mode 'ulysses' with sparse attention")
+        if self.sequence_parallel > 1 and self.target is not None:
+            self.sequence_parallel_exchange(self.target)
         if not isinstance(self.cuda_graphs, bool):
             raise OptionsError(f"options['cuda_graphs'] must be True or False, got {self.cuda_graphs!r}")
         self.check_cuda_graphs_target(self.target)
@@ -195,6 +198,21 @@ class CompileOptions:
         if self.cuda_graphs and varying:
             raise OptionsError(f"options['cuda_graphs'] captures the whole forward, but with options{varying} what "
                                "runs changes from step to step (or is not graph-safe yet); drop one of them")
+
+    def sequence_parallel_exchange(self, target: Optional[str]) -> str:
+        """The mode that runs, for ``target``. "auto": gather_kv on 2 ranks, where it moves the same bytes as
+        Ulysses with nothing exchanged after attention and no layout copies (0.7-1.7 % faster on 2 H200s,
+        bench/RESULTS.md 2026-11-27), Ulysses on more (the gathered keys and values grow with the degree: 2.4 %
+        slower on 4), with sparse attention and on the NPU (torchair lowers all_to_all, not the coalesced
+        all-gather gather_kv uses)."""
+        mode = self.sequence_parallel_mode
+        if mode == "auto":
+            two = self.sequence_parallel == 2 and self.sparse_attention is None
+            return "gather_kv" if two and target != "npu" else "ulysses"
+        if mode == "gather_kv" and target == "npu":
+            raise OptionsError("options['sequence_parallel_mode']='gather_kv' has no NPU lowering here (torchair "
+                               "converts all_to_all, not the coalesced all-gather it uses); use 'ulysses' or 'auto'")
+        return mode
 
     def check_cuda_graphs_target(self, target: Optional[str]) -> None:
         """Here with the target asked for, in the backend with the one the inputs' device gave."""

@@ -82,8 +82,8 @@ def run_two_ranks(tmp_path, name, overrides=None, **options):
 
 
 @pytest.mark.parametrize("mode, collectives", [
-    # one block graph (both blocks share it): q, k and v in one all-to-all, the output in another
-    ("ulysses", {"all_to_all_single": 2, "all_gather_into_tensor_coalesced": 0}),
+    # one block graph (both blocks share it): q, k, v and the output each in an all-to-all
+    ("ulysses", {"all_to_all_single": 4, "all_gather_into_tensor_coalesced": 0}),
     # keys and values in one all-gather, nothing after attention
     ("gather_kv", {"all_to_all_single": 0, "all_gather_into_tensor_coalesced": 1})])
 def test_two_ranks_match_one_process_wan(tmp_path, mode, collectives):
@@ -187,9 +187,11 @@ def test_per_block_plan_entries_are_a_clear_error(tmp_path):
         assert "transformer_blocks.*" in result["error"]
 
 
-def test_heads_not_divisible_are_padded(tmp_path):
-    """3 heads on 2 ranks: a zero head pads them to 4; every rank still gets the single-process output."""
-    for result in run_two_ranks(tmp_path, "wan", overrides={"num_attention_heads": 3}):
+@pytest.mark.parametrize("mode", ["ulysses", "gather_kv"])
+def test_heads_not_divisible_are_served(tmp_path, mode):
+    """3 heads on 2 ranks: Ulysses pads them with a zero head to 4, gather_kv keeps every head on every rank;
+    either way every rank gets the single-process output."""
+    for result in run_two_ranks(tmp_path, "wan", overrides={"num_attention_heads": 3}, sequence_parallel_mode=mode):
         assert "error" not in result, result
         assert result["rel"] <= 1e-5 and result["all_to_all"] == 2
 
@@ -207,8 +209,28 @@ def test_sequence_parallel_without_distributed_is_a_clear_error():
 
 def test_unknown_sequence_parallel_mode_is_a_clear_error():
     from mindiesd_compile import CompileOptions, OptionsError
-    with pytest.raises(OptionsError, match="'ring' is not a mode; valid modes: \\('ulysses', 'gather_kv'\\)"):
+    with pytest.raises(OptionsError, match="'ring' is not a mode; valid modes: \\('auto', 'ulysses', 'gather_kv'\\)"):
         CompileOptions.from_dict({"sequence_parallel_mode": "ring"})
+
+
+def test_auto_mode_picks_the_exchange_measured_faster(tmp_path):
+    """gather_kv on 2 ranks, Ulysses on more, with sparse attention and on the NPU; gather_kv asked for on the NPU
+    is a clear error (torchair lowers all_to_all only)."""
+    from mindiesd_compile import CompileOptions, OptionsError
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        def exchange(target, **options):
+            return CompileOptions.from_dict(options).sequence_parallel_exchange(target)
+        assert exchange("cuda", sequence_parallel=2) == "gather_kv" == exchange("eager", sequence_parallel=2)
+        assert exchange("cuda", sequence_parallel=4) == "ulysses" == exchange("cuda", sequence_parallel=3)
+        assert exchange("npu", sequence_parallel=2) == "ulysses"
+        assert exchange("cuda", sequence_parallel=2, sparse_attention={"sparsity": 0.5}) == "ulysses"
+        assert exchange("cuda", sequence_parallel=4, sequence_parallel_mode="gather_kv") == "gather_kv"
+        assert exchange("cuda", sequence_parallel=2, sequence_parallel_mode="ulysses") == "ulysses"
+        with pytest.raises(OptionsError, match="'gather_kv' has no NPU lowering here"):
+            CompileOptions.from_dict({"target": "npu", "sequence_parallel": 2, "sequence_parallel_mode": "gather_kv"})
+    finally:
+        dist.destroy_process_group()
 
 
 def test_gather_kv_with_sparse_attention_is_a_clear_error(tmp_path):

@@ -1,19 +1,22 @@
-"""Ulysses sequence parallelism inside a block: all-to-all around every attention over sharded tokens.
+"""Sequence parallelism inside a block: an exchange around every attention over sharded tokens.
 
 The runner hands each rank a slice of the sequence (``runtime/sequence_parallel.py``); everything in a
 block is token-wise except attention. This pass marks which values carry sharded tokens (data flow
-from the piece's sharded inputs) and, for each attention whose q, k and v all do, inserts
-``all_to_all`` (gather the sequence, scatter the heads) before it and the inverse after it, as
-functional collectives that Inductor can schedule. Attention from sharded queries to replicated
-keys (Wan's cross-attention to text) stays local. Head counts the degree does not divide are padded
-with zero heads (e.g. 40 heads on 3 ranks run as 42; the pad costs that share of attention compute).
+from the piece's sharded inputs) and rewrites each attention whose q, k and v all do, with functional
+collectives that Inductor can schedule, in one of two ways (``EXCHANGES``; options.py's
+``sequence_parallel_exchange`` picks):
+- Ulysses: ``all_to_all`` (gather the sequence, scatter the heads) before attention and the inverse
+  after it. Head counts the degree does not divide are padded with zero heads (e.g. 40 heads on 3
+  ranks run as 42; the pad costs that share of attention compute).
+- gather_kv: keys and values all-gathered before attention; queries, heads and the output stay local.
+Attention from sharded queries to replicated keys (Wan's cross-attention to text) stays local.
 
 Joint attention over sharded image tokens and replicated text tokens (HunyuanVideo, SD3: the built-in
 plans keep text whole) is followed through the ``cat`` that joins them: each run of tokens is tracked
 as sharded or replicated (``Joint``). Around such an attention the sharded runs are all-to-all'ed and
 the replicated ones keep this rank's heads, so every rank attends over the whole sequence in the
 single-process order, and a text mask built for that order applies as it is; afterwards the text
-heads are all-gathered. Text work is repeated on every rank (a few hundred tokens against tens of
+heads are all-gathered (gather_kv: the sharded runs of keys and values are gathered, in the same order). Text work is repeated on every rank (a few hundred tokens against tens of
 thousands of image tokens).
 
 Anything else is an error, never a silent fallback: a skipped rewrite here would be a wrong result,
@@ -38,14 +41,13 @@ class SequenceParallelError(ValueError):
     """A model/degree combination the sequence-parallel rewrite cannot serve; the message says why."""
 
 
-def seq_to_heads(xs: Sequence[torch.Tensor], degree: int, group: str) -> Tuple[torch.Tensor, ...]:
-    """[B, S/P, H, D] tensors of one shape on each rank -> [B, S, H/P, D] each (all tokens, this rank's heads),
-    in one all-to-all: q, k and v travel together (one exchange instead of three; each comes out as a view of
-    the received buffer, [B, S, n, H/P, D], which attention reads without a copy for B = 1)."""
-    b, s, h, d = xs[0].shape
-    x = torch.stack(xs, dim=2).reshape(b, s, len(xs), degree, h // degree, d).permute(3, 0, 1, 2, 4, 5).contiguous()
-    x = funcol.all_to_all_single(x, None, None, group)  # [P (source rank), B, S/P, n, H/P, D]
-    return x.permute(1, 0, 2, 3, 4, 5).reshape(b, degree * s, len(xs), h // degree, d).unbind(2)
+def seq_to_heads(x: torch.Tensor, degree: int, group: str) -> torch.Tensor:
+    """[B, S/P, H, D] on each rank -> [B, S, H/P, D] (all tokens, this rank's heads). (q, k and v in one
+    all-to-all measured the same on 2 H200s, 2026-11-27: they go one by one.)"""
+    b, s, h, d = x.shape
+    x = x.reshape(b, s, degree, h // degree, d).permute(2, 0, 1, 3, 4).contiguous()
+    x = funcol.all_to_all_single(x, None, None, group)
+    return x.permute(1, 0, 2, 3, 4).reshape(b, degree * s, h // degree, d)
 
 
 def heads_to_seq(x: torch.Tensor, degree: int, group: str) -> torch.Tensor:
@@ -76,7 +78,7 @@ def _all_keys(mask: torch.Tensor, group: str, heads: Optional[Tuple[int, int, in
     if heads is not None and m.dim() == 4 and m.shape[1] == heads[0] > 1:
         count, local, degree = heads
         m = torch.nn.functional.pad(m.permute(0, 3, 1, 2), (0, 0, 0, local * degree - count))  # [B, K, H, Q]
-        m = seq_to_heads((m,), degree, group)[0].permute(0, 2, 3, 1)
+        m = seq_to_heads(m, degree, group).permute(0, 2, 3, 1)
     else:
         m = funcol.all_gather_single(m.movedim(-1, 0).contiguous(), 0, group).movedim(0, -1)
     return m.to(mask.dtype)
@@ -104,21 +106,15 @@ def ulysses_attention(q, k, v, mask, scale, layout, degree, group, segments=None
     local = -(-heads // degree)  # any head count: zero heads up to a multiple of the degree, dropped after
     # (a zero head attends uniformly to zero values: its output is zeros, never NaN)
 
-    def exchange(ts):
-        """seq_to_heads, tensors of one shape and dtype in one all-to-all (self-attention's q, k and v)."""
-        ts = [torch.nn.functional.pad(t, (0, 0, 0, local * degree - heads)) if local * degree > heads else t
-              for t in ts]
-        out = {}
-        for kind in dict.fromkeys((t.shape, t.dtype) for t in ts):
-            same = [i for i, t in enumerate(ts) if (t.shape, t.dtype) == kind]
-            out.update(zip(same, seq_to_heads([ts[i] for i in same], degree, group)))
-        return [out[i] for i in range(len(ts))]
+    def gather_tokens(t):
+        if local * degree > heads:
+            t = torch.nn.functional.pad(t, (0, 0, 0, local * degree - heads))
+        # A replicated run goes through the same all-to-all: every rank sends the same head chunks, so the
+        # first of the copies a rank gets holds its own heads (no rank in the graph: one cache entry for all).
+        gathered = [seq_to_heads(r, degree, group) for r in _split_runs(t, segments)]
+        return _join([g if sharded else g[:, :n] for (sharded, n), g in zip(segments, gathered)])
 
-    # A replicated run goes through the same all-to-all: every rank sends the same head chunks, so the
-    # first of the copies a rank gets holds its own heads (no rank in the graph: one cache entry for all).
-    gathered = [exchange(run) for run in zip(*(_split_runs(t, segments) for t in (q, k, v)))]
-    q, k, v = (_join([g[j] if sharded else g[j][:, :n] for (sharded, n), g in zip(segments, gathered)])
-               for j in range(3))
+    q, k, v = (gather_tokens(t) for t in (q, k, v))
     if mask_split:
         mask = _all_keys(mask, group, (heads, local, degree))[..., :k.shape[1]]
     out = torch.ops.mindiesd_compile.attention(q, k, v, mask, scale, "BSHD")
