@@ -7,8 +7,8 @@
 
 mindiesd: torch.compile(backend="mindiesd", options={"sequence_parallel": N}) (plain mindiesd compile
 for N=1); a suffix @ulysses or @gather_kv sets options["sequence_parallel_mode"] (default "auto");
-mindiesd+overlap: Inductor's comm/compute reordering. diffusers: the model's own context parallelism (enable_parallelism, Ulysses, eager) as the
-anchor. Rank 0 prints median ms (--profile: and one call's kernel time split into compute, NCCL and NCCL
+mindiesd+overlap: Inductor's comm/compute reordering. diffusers: the model's own context parallelism
+(enable_parallelism, Ulysses, eager) as the anchor. Rank 0 prints median ms (--profile: and one call's kernel time split into compute, NCCL and NCCL
 not overlapped by compute) and saves the output under --out-dir; `python bench/bench_sp.py --compare`
 prints each saved output's relative L2 against the 1-GPU mindiesd one (so runs on different GPUs of one
 host may run at the same time).
@@ -38,8 +38,8 @@ def main():
     ap.add_argument("--config", default="1.3b")
     ap.add_argument("--variants", default="mindiesd,diffusers")
     ap.add_argument("--cfg-step", action="store_true",
-                    help="time one CFG step (cond + uncond call); variants mindiesd (CFG 2 x Ulysses world/2), "
-                         "mindiesd+ulysses, diffusers")
+                    help="time one CFG step (cond + uncond call); variants mindiesd (CFG 2 x sequence parallel "
+                         "world/2), mindiesd+ulysses, diffusers")
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=0,
                     help="compile every variant first, then time them in turn, --iters calls each per round, this "

@@ -27,7 +27,8 @@ def optimize(pipe, cache=None, *, cfg_parallel: int = 1, sequence_parallel: int 
 
     cache:        a dict of ``CacheConfig`` fields, a ``CacheConfig`` or a ``StepCache`` (None: no caching).
     cfg_parallel: 2 runs the conditional and unconditional branch on two rank groups at once.
-    sequence_parallel: Ulysses degree inside each CFG group (world size = cfg_parallel x sequence_parallel).
+    sequence_parallel: ranks sharing each sequence inside each CFG group (world size = cfg_parallel x
+                  sequence_parallel); options["sequence_parallel_mode"] says how they exchange it.
     options:      further backend options (``target``, ``patterns``, ...).
     """
     cfg_group, branch, negative = _parallel_groups(cfg_parallel, sequence_parallel, options)

@@ -24,7 +24,9 @@ def _worker(rank, name, options, overrides, store, out_dir):
         if overrides:
             model = type(model)(**{**model.config, **overrides})
         model.eval()
-        cache = mindiesd_compile.StepCache(options.pop("cache", None))
+        cache_config = options.pop("cache", None)
+        cache = mindiesd_compile.StepCache(cache_config)
+        cached_reference = options.pop("cached_reference", False)  # one process with the same cache policy
         steps = options.pop("steps", 1)
         if "hidden_states_shape" in options:
             kwargs["hidden_states"] = torch.randn(options.pop("hidden_states_shape"))
@@ -46,6 +48,9 @@ def _worker(rank, name, options, overrides, store, out_dir):
             # the reference: one process, same options but the parallelism (e.g. sparse attention is not eager's)
             one = torch.compile(model, backend="mindiesd", options={"target": "eager", **options}) \
                 if "sparse_attention" in options else model
+            if cached_reference:
+                one = torch.compile(model, backend="mindiesd",
+                                    options={"target": "eager", "cache": mindiesd_compile.StepCache(cache_config)})
             rels = []
             for step in range(steps):
                 kw = dict(kwargs, timestep=kwargs["timestep"] - 100 * step)
@@ -70,7 +75,8 @@ def _worker(rank, name, options, overrides, store, out_dir):
 
 def _collectives(dumps):
     """Collective calls in the graphs the sequence-parallel pass left, per kind (every compiled piece once)."""
-    graphs = [open(os.path.join(dumps, f)).read() for f in sorted(os.listdir(dumps)) if f.endswith("_sequence_parallel.txt")]
+    graphs = [open(os.path.join(dumps, f)).read() for f in sorted(os.listdir(dumps))
+              if f.endswith("_sequence_parallel.txt")]
     kinds = ("all_to_all_single", "all_gather_into_tensor_coalesced", "all_gather_into_tensor")
     return {kind: sum(g.count(f"_c10d_functional.{kind}.default]") for g in graphs) for kind in kinds}
 
@@ -106,6 +112,17 @@ def test_sequence_parallel_composes_with_caching(tmp_path):
     assert results[0]["rels"] == results[1]["rels"]
 
 
+@pytest.mark.parametrize("mode", ["ulysses", "gather_kv"])
+def test_attention_reuse_under_sequence_parallelism_matches_one_process(tmp_path, mode):
+    """The attention cache's reused step (step 2: blocks 0-1 take step 1's attention outputs, their q/k/v and
+    exchanges not run) gives each rank the single-process cached output, with either exchange."""
+    cache = {"policy": "attention", "step_start": 1, "step_interval": 2, "block_start": 0, "block_end": 2}
+    results = run_two_ranks(tmp_path, "wan", cache=cache, steps=4, cached_reference=True, sequence_parallel_mode=mode)
+    for result in results:
+        assert "error" not in result, result
+        assert result["skipped"] == 1 and max(result["rels"]) <= 1e-5, result
+
+
 def test_length_specialised_joint_attention_is_a_clear_error(tmp_path):
     """Flux traced with static shapes splits joint attention back by the traced text length: the error says
     how to trace it instead."""
@@ -127,7 +144,7 @@ def test_hunyuan_video_with_text_padding_matches_one_process(tmp_path, mode):
     """HunyuanVideo ships no _cp_plan: the built-in one splits the image tokens where they enter the blocks and
     keeps text whole. Its key mask (built in the prologue, last 3 text tokens padding) reaches each rank as a
     padded chunk and is gathered back whole; joint attention runs in the single-process key order. Batch 2:
-    the joint sequence is followed through the projections' [B*S, C] views; 3 heads: padded to 4."""
+    the joint sequence is followed through the projections' [B*S, C] views; 3 heads: padded to 4 (Ulysses)."""
     heads = {"num_attention_heads": 3}
     for result in run_two_ranks(tmp_path, "hunyuan", heads, dynamic=True, text_padding=3, batch2=True,
                                 sequence_parallel_mode=mode):

@@ -16,8 +16,9 @@ plans keep text whole) is followed through the ``cat`` that joins them: each run
 as sharded or replicated (``Joint``). Around such an attention the sharded runs are all-to-all'ed and
 the replicated ones keep this rank's heads, so every rank attends over the whole sequence in the
 single-process order, and a text mask built for that order applies as it is; afterwards the text
-heads are all-gathered (gather_kv: the sharded runs of keys and values are gathered, in the same order). Text work is repeated on every rank (a few hundred tokens against tens of
-thousands of image tokens).
+heads are all-gathered (gather_kv gathers the sharded runs of keys and values, giving the same key
+order). Text work is repeated on every rank (a few hundred tokens against tens of thousands of image
+tokens).
 
 Anything else is an error, never a silent fallback: a skipped rewrite here would be a wrong result,
 so this pass is ``required``.
@@ -42,8 +43,8 @@ class SequenceParallelError(ValueError):
 
 
 def seq_to_heads(x: torch.Tensor, degree: int, group: str) -> torch.Tensor:
-    """[B, S/P, H, D] on each rank -> [B, S, H/P, D] (all tokens, this rank's heads). (q, k and v in one
-    all-to-all measured the same on 2 H200s, 2026-11-27: they go one by one.)"""
+    """[B, S/P, H, D] on each rank -> [B, S, H/P, D] (all tokens, this rank's heads). One call per tensor: q, k
+    and v stacked into one all-to-all measured no faster (bench/RESULTS.md, 2026-11-27)."""
     b, s, h, d = x.shape
     x = x.reshape(b, s, degree, h // degree, d).permute(2, 0, 1, 3, 4).contiguous()
     x = funcol.all_to_all_single(x, None, None, group)
