@@ -62,7 +62,7 @@ def _worker(rank, name, options, overrides, store, out_dir):
         runner = cache.runners[0]
         result = dict(rel=rels[0], rels=rels, rel_to_dense=result_dense, rel_to_unmasked=rel_to_unmasked,
                       shape_ok=out.shape == ref.shape, skipped=cache.stats["skipped"],
-                      all_to_all=runner.compiler.report.stats("sequence_parallel").rewritten,
+                      sp_sites=runner.compiler.report.stats("sequence_parallel").rewritten,  # exchanged attentions
                       collectives=_collectives(dumps),
                       attention=runner.compiler.report.stats("attention").rewritten, compiles=runner.compiler.compiles)
     except Exception as err:  # reported to the test, which asserts on it
@@ -96,7 +96,7 @@ def test_two_ranks_match_one_process_wan(tmp_path, mode, collectives):
     for result in run_two_ranks(tmp_path, "wan", sequence_parallel_mode=mode):
         assert "error" not in result, result
         assert result["shape_ok"] and result["rel"] <= 1e-5
-        assert result["all_to_all"] == 2  # the self-attentions; cross-attention to replicated text stays local
+        assert result["sp_sites"] == 2  # the self-attentions; cross-attention to replicated text stays local
         assert result["attention"] == 4
         assert result["compiles"] == 3  # prologue, one block for both (the first block's sharded input too), epilogue
         assert {k: result["collectives"][k] for k in collectives} == collectives
@@ -130,13 +130,13 @@ def test_length_specialised_joint_attention_is_a_clear_error(tmp_path):
         assert "fixes token counts" in result["error"] and "mark_sequence_dynamic" in result["error"]
 
 
-@pytest.mark.parametrize("mode", ["ulysses", "gather_kv"])
-def test_joint_attention_with_dynamic_sequence_dims_matches_one_process(tmp_path, mode):
-    """Flux (text and image tokens both split, joint attention) traced with dynamic sequence dims."""
-    for result in run_two_ranks(tmp_path, "flux", dynamic=True, sequence_parallel_mode=mode):
+def test_joint_attention_with_dynamic_sequence_dims_matches_one_process(tmp_path):
+    """Flux (text and image tokens both split, joint attention) traced with dynamic sequence dims (the default
+    exchange on 2 ranks: gather_kv; Ulysses' joint path: the HunyuanVideo test)."""
+    for result in run_two_ranks(tmp_path, "flux", dynamic=True):
         assert "error" not in result, result
         assert result["shape_ok"] and result["rel"] <= 1e-5
-        assert result["all_to_all"] == 2 == result["attention"]  # the double-stream and the single-stream block
+        assert result["sp_sites"] == 2 == result["attention"]  # the double-stream and the single-stream block
 
 
 @pytest.mark.parametrize("mode", ["ulysses", "gather_kv"])
@@ -151,7 +151,7 @@ def test_hunyuan_video_with_text_padding_matches_one_process(tmp_path, mode):
         assert "error" not in result, result
         assert result["shape_ok"] and result["rel"] <= 1e-5
         assert result["rel_to_unmasked"] > 1e-3  # the padding mask really changes the output
-        assert result["all_to_all"] == 2  # the double- and the single-stream block
+        assert result["sp_sites"] == 2  # the double- and the single-stream block
         assert result["attention"] == 3  # + the token refiner's text self-attention (prologue, unsplit)
         exchanged = result["collectives"]["all_to_all_single"]  # the modes really differ
         assert (exchanged == 0) if mode == "gather_kv" else (exchanged > 0), result["collectives"]
@@ -166,7 +166,7 @@ def test_ltx_text_split_with_its_padding_mask_matches_one_process(tmp_path, mode
         assert "error" not in result, result
         assert result["shape_ok"] and result["rel"] <= 1e-5
         assert result["rel_to_unmasked"] > 1e-3  # the padding mask really changes the output
-        assert result["all_to_all"] == 4 == result["attention"]  # both blocks: self- and cross-attention, all split
+        assert result["sp_sites"] == 4 == result["attention"]  # both blocks: self- and cross-attention, all split
 
 
 def test_a_whole_mask_over_split_keys_is_a_clear_error(tmp_path):
@@ -179,15 +179,14 @@ def test_a_whole_mask_over_split_keys_is_a_clear_error(tmp_path):
         assert "only key-padding masks built before the blocks can follow the split" in result["error"]
 
 
-@pytest.mark.parametrize("mode", ["ulysses", "gather_kv"])
-def test_sd3_two_ranks_match_one_process(tmp_path, mode):
+def test_sd3_two_ranks_match_one_process(tmp_path):
     """SD3 ships no _cp_plan: the built-in one splits the image tokens where they enter the blocks, text stays
     whole (joint attention, no mask). Its blocks multiply the latent height in patches, handed over by the
     prologue, back into the image token count: each rank's blocks get their share, the epilogue the whole."""
-    for result in run_two_ranks(tmp_path, "sd3", dynamic=True, sequence_parallel_mode=mode):
+    for result in run_two_ranks(tmp_path, "sd3", dynamic=True):
         assert "error" not in result, result
         assert result["shape_ok"] and result["rel"] <= 1e-5
-        assert result["all_to_all"] == 3  # joint attention in both blocks + block 0's image-only attn2 (dual attention)
+        assert result["sp_sites"] == 3  # joint attention in both blocks + block 0's image-only attn2 (dual attention)
 
 
 def test_indivisible_image_tokens_are_a_clear_error(tmp_path):
@@ -204,13 +203,13 @@ def test_per_block_plan_entries_are_a_clear_error(tmp_path):
         assert "transformer_blocks.*" in result["error"]
 
 
-@pytest.mark.parametrize("mode", ["ulysses", "gather_kv"])
-def test_heads_not_divisible_are_served(tmp_path, mode):
-    """3 heads on 2 ranks: Ulysses pads them with a zero head to 4, gather_kv keeps every head on every rank;
-    either way every rank gets the single-process output."""
-    for result in run_two_ranks(tmp_path, "wan", overrides={"num_attention_heads": 3}, sequence_parallel_mode=mode):
+def test_heads_not_divisible_are_padded(tmp_path):
+    """3 heads on 2 ranks under Ulysses: a zero head pads them to 4; every rank still gets the single-process
+    output (gather_kv keeps every head on every rank: the HunyuanVideo test runs 3 heads with it)."""
+    heads = {"num_attention_heads": 3}
+    for result in run_two_ranks(tmp_path, "wan", overrides=heads, sequence_parallel_mode="ulysses"):
         assert "error" not in result, result
-        assert result["rel"] <= 1e-5 and result["all_to_all"] == 2
+        assert result["rel"] <= 1e-5 and result["sp_sites"] == 2
 
 
 def test_world_size_must_match_the_degree(tmp_path):
@@ -268,7 +267,7 @@ def test_block_sparse_attention_under_sequence_parallelism(tmp_path):
     sparse = {"sparsity": 0.9, "block": 4, "tile": (2, 2)}
     for result in run_two_ranks(tmp_path, "wan", sparse_attention=sparse, hidden_states_shape=(1, 4, 3, 8, 8)):
         assert "error" not in result, result
-        assert result["rel"] <= 1e-5 and result["all_to_all"] == 2
+        assert result["rel"] <= 1e-5 and result["sp_sites"] == 2
         assert result["rel_to_dense"] > 1e-3  # sparse attention really ran (it differs from dense attention)
 
 
