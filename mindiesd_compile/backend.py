@@ -87,7 +87,6 @@ def mindiesd_backend(gm: torch.fx.GraphModule, example_inputs, options=None, mod
     target = opts.target or infer_target(example_inputs)
     opts.fp8.check_target(target)  # the target may come from the inputs' device
     opts.check_cuda_graphs_target(target)
-    opts.sequence_parallel_exchange(target)
     compiled = _compile(gm, example_inputs, opts, target, mode, report)
     if opts.cuda_graphs:
         device = next(t.device for t in example_inputs if isinstance(t, torch.Tensor) and t.device.type == "cuda")

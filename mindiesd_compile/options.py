@@ -188,8 +188,6 @@ class CompileOptions:
                 raise OptionsError("options['sparse_attention'] selects blocks per head over the whole sequence, which "
                                    "sequence_parallel_mode 'gather_kv' does not give a rank (its own queries only); "
                                    "use sequence_parallel_mode 'ulysses' with sparse attention")
-        if self.sequence_parallel > 1 and self.target is not None:
-            self.sequence_parallel_exchange(self.target)
         if not isinstance(self.cuda_graphs, bool):
             raise OptionsError(f"options['cuda_graphs'] must be True or False, got {self.cuda_graphs!r}")
         self.check_cuda_graphs_target(self.target)
@@ -203,16 +201,12 @@ class CompileOptions:
         """The mode that runs, for ``target``. "auto": gather_kv on 2 ranks, where it moves the same bytes as
         Ulysses with nothing exchanged after attention and no layout copies (0.7-1.7 % faster on 2 H200s,
         bench/RESULTS.md 2026-11-27), Ulysses on more (the gathered keys and values grow with the degree: 2.4 %
-        slower on 4), with sparse attention and on the NPU (torchair lowers all_to_all, not the coalesced
-        all-gather gather_kv uses)."""
-        mode = self.sequence_parallel_mode
-        if mode == "auto":
-            two = self.sequence_parallel == 2 and self.sparse_attention is None
-            return "gather_kv" if two and target != "npu" else "ulysses"
-        if mode == "gather_kv" and target == "npu":
-            raise OptionsError("options['sequence_parallel_mode']='gather_kv' has no NPU lowering here (torchair "
-                               "converts all_to_all, not the coalesced all-gather it uses); use 'ulysses' or 'auto'")
-        return mode
+        slower on 4), with sparse attention, and on the NPU, where neither has been timed (gather_kv lowers
+        there too, to HcomAllGather: ask for it by name)."""
+        if self.sequence_parallel_mode != "auto":
+            return self.sequence_parallel_mode
+        two = self.sequence_parallel == 2 and self.sparse_attention is None
+        return "gather_kv" if two and target != "npu" else "ulysses"
 
     def check_cuda_graphs_target(self, target: Optional[str]) -> None:
         """Here with the target asked for, in the backend with the one the inputs' device gave."""

@@ -93,37 +93,43 @@ def test_models_lower_to_fused_ge_ops(torchair, tmp_path, name):
     assert not any(op.startswith("Aten") or "ScaledDotProduct" in op for op in counts), counts
 
 
-def _sp_worker(rank, world, store, out_dir):
+def _sp_worker(rank, world, store, out_dir, mode):
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         use_torchair()
         dump = Path(out_dir, f"rank{rank}")
-        rel, report, graphs = compile_npu("wan", dump, sequence_parallel=world)
+        rel, report, graphs = compile_npu("wan", dump, sequence_parallel=world, sequence_parallel_mode=mode)
         per_graph = [(Counter(op for op, _ in ops), sorted({op for op, _ in ops if op.startswith("HcomAllToAll")}))
                      for ops in graphs]
         result = dict(rel=rel, ulysses=report.stats("sequence_parallel").rewritten,
                       fused=report.stats("npu:attention").rewritten,
-                      blocks=[(c["FlashAttentionScore"], c["HcomAllToAll"] + c["HcomAllToAllV"], kinds)
-                              for c, kinds in per_graph if c["FlashAttentionScore"]])
+                      blocks=[(c["FlashAttentionScore"], c["HcomAllToAll"] + c["HcomAllToAllV"], kinds,
+                               c["HcomAllGather"]) for c, kinds in per_graph if c["FlashAttentionScore"]])
     except Exception as err:  # reported to the test, which asserts on it
         result = dict(error=f"{type(err).__name__}: {err}")
     Path(out_dir, f"{rank}.json").write_text(json.dumps(result))
     dist.destroy_process_group()
 
 
-def test_sequence_parallel_all_to_alls_lower_to_hcom(tmp_path):
+@pytest.mark.parametrize("mode", ["auto", "gather_kv"])
+def test_sequence_parallel_exchanges_lower_to_hcom(tmp_path, mode):
     world = 2
-    mp.spawn(_sp_worker, args=(world, str(tmp_path / "store"), str(tmp_path)), nprocs=world, join=True)
+    mp.spawn(_sp_worker, args=(world, str(tmp_path / "store"), str(tmp_path), mode), nprocs=world, join=True)
     for rank in range(world):
         result = json.loads((tmp_path / f"{rank}.json").read_text())
         assert "error" not in result, result
         assert result["rel"] <= 1e-5  # every rank returns the single-process output
         assert result["ulysses"] == 2 and result["fused"] == 4  # per block: self-attention sharded, both fused
-        # The block, compiled once: FlashAttentionScore for self- and cross-attention, four all-to-alls around the
-        # self-attention (q, k, v in; out back), none around cross-attention to the replicated text. torchair emits
-        # HcomAllToAll on CANN >= 8.2 and the equal-count HcomAllToAllV otherwise (as on this CPU).
-        assert len(result["blocks"]) == 1 and all(fused == 2 and a2a == 4 and kinds in (["HcomAllToAll"], ["HcomAllToAllV"])
-                                        for fused, a2a, kinds in result["blocks"]), result
+        # The block, compiled once: FlashAttentionScore for self- and cross-attention, nothing exchanged around
+        # cross-attention to the replicated text; around the self-attention, "auto" (Ulysses on the NPU): four
+        # all-to-alls (q, k, v in; out back; torchair emits HcomAllToAll on CANN >= 8.2 and the equal-count
+        # HcomAllToAllV otherwise, as on this CPU); gather_kv: two all-gathers (keys, values) and no all-to-all.
+        (fused, a2a, kinds, all_gathers), = result["blocks"]
+        assert fused == 2, result
+        if mode == "gather_kv":
+            assert (a2a, all_gathers) == (0, 2), result
+        else:
+            assert a2a == 4 and kinds in (["HcomAllToAll"], ["HcomAllToAllV"]) and all_gathers == 0, result
 
 
 def test_export_writes_a_ge_model_and_manifest(torchair, tmp_path):

@@ -10,12 +10,16 @@
     gated_residual  -> decomposed: x + y*gate is two elementwise ops GE fuses with its neighbours;
                        torch_npu has no op for it and a GE converter would build the same two ops
     all_to_all      -> torchair's own lowering (npu_define.all_to_all_single_npu -> HcomAllToAll)
+    coalesced all-gather (gather_kv's keys and values) -> one all_gather_into_tensor per tensor (HcomAllGather;
+                       torchair converts no coalesced form)
 
 Each replacement keeps our op's numerics contract: it computes in the wider of the input and output
 dtypes and rounds once. Sites a fused op cannot take (an additive float mask, a non-4-D RoPE) get
 our reference decomposition and a line in the report ("npu:<op>" rows): slower, never wrong.
 """
 from __future__ import annotations
+
+import operator
 
 import torch
 from torch.fx import Graph, Node
@@ -144,6 +148,19 @@ def _check(name, node):
         require(x.dim() == 4 and cos.dim() <= 4 and sin.dim() <= 4, "RotaryMul takes 4-D x and cos/sin")
 
 
+def _one_all_gather_per_tensor(graph: Graph, node: Node) -> None:
+    inputs, group_size, group_name = node.args
+    for user in list(node.users):
+        require(user.target is operator.getitem, f"{user.name} reads the coalesced all-gather whole")
+        with graph.inserting_before(user):
+            single = graph.call_function(torch.ops._c10d_functional.all_gather_into_tensor.default,
+                                         (inputs[user.args[1]], group_size, group_name))
+        single.meta = dict(user.meta)
+        user.replace_all_uses_with(single)
+        graph.erase_node(user)
+    graph.erase_node(node)
+
+
 class LegalizeForNpu(GraphPass):
     name = "legalize_npu"
 
@@ -151,7 +168,9 @@ class LegalizeForNpu(GraphPass):
         a2a = torch.ops._c10d_functional.all_to_all_single.default
         for node in list(graph.nodes):
             name = op_name(node.target) if node.op == "call_function" else None
-            if node.target is a2a:
+            if node.target is torch.ops._c10d_functional.all_gather_into_tensor_coalesced.default:
+                _one_all_gather_per_tensor(graph, node)
+            elif node.target is a2a:
                 lowering = import_torchair()._utils.get_npu_default_decompositions()[a2a]  # torchair's own
                 inline_decomposition(graph, node, lowering, KEEP_ATEN)
             elif name in FUSED:
