@@ -229,35 +229,36 @@ def test_unknown_sequence_parallel_mode_is_a_clear_error():
         CompileOptions.from_dict({"sequence_parallel_mode": "ring"})
 
 
-def test_auto_mode_picks_the_exchange_measured_faster(tmp_path):
+@pytest.fixture
+def one_rank(tmp_path):
+    """torch.distributed initialised in this process (world size 1): what the sequence-parallel options ask for."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_auto_mode_picks_the_exchange_measured_faster(one_rank):
     """gather_kv on 2 ranks, Ulysses on more, with sparse attention and on the NPU (untimed there); a mode named
     is the mode that runs."""
     from mindiesd_compile import CompileOptions
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    try:
-        def exchange(target, **options):
-            return CompileOptions.from_dict(options).sequence_parallel_exchange(target)
-        assert exchange("cuda", sequence_parallel=2) == "gather_kv" == exchange("eager", sequence_parallel=2)
-        assert exchange("cuda", sequence_parallel=4) == "ulysses" == exchange("cuda", sequence_parallel=3)
-        assert exchange("npu", sequence_parallel=2) == "ulysses"
-        assert exchange("cuda", sequence_parallel=2, sparse_attention={"sparsity": 0.5}) == "ulysses"
-        assert exchange("cuda", sequence_parallel=4, sequence_parallel_mode="gather_kv") == "gather_kv"
-        assert exchange("cuda", sequence_parallel=2, sequence_parallel_mode="ulysses") == "ulysses"
-        assert exchange("npu", sequence_parallel=2, sequence_parallel_mode="gather_kv") == "gather_kv"
-    finally:
-        dist.destroy_process_group()
+
+    def exchange(target, **options):
+        return CompileOptions.from_dict(options).sequence_parallel_exchange(target)
+    assert exchange("cuda", sequence_parallel=2) == "gather_kv" == exchange("eager", sequence_parallel=2)
+    assert exchange("cuda", sequence_parallel=4) == "ulysses" == exchange("cuda", sequence_parallel=3)
+    assert exchange("npu", sequence_parallel=2) == "ulysses"
+    assert exchange("cuda", sequence_parallel=2, sparse_attention={"sparsity": 0.5}) == "ulysses"
+    assert exchange("cuda", sequence_parallel=4, sequence_parallel_mode="gather_kv") == "gather_kv"
+    assert exchange("cuda", sequence_parallel=2, sequence_parallel_mode="ulysses") == "ulysses"
+    assert exchange("npu", sequence_parallel=2, sequence_parallel_mode="gather_kv") == "gather_kv"
 
 
-def test_gather_kv_with_sparse_attention_is_a_clear_error(tmp_path):
+def test_gather_kv_with_sparse_attention_is_a_clear_error(one_rank):
     """Block-sparse attention selects per head over the whole sequence: only Ulysses gives a rank that."""
     from mindiesd_compile import CompileOptions, OptionsError
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    try:
-        with pytest.raises(OptionsError, match="use sequence_parallel_mode 'ulysses' with sparse attention"):
-            CompileOptions.from_dict({"sequence_parallel": 2, "sequence_parallel_mode": "gather_kv",
-                                      "sparse_attention": {"sparsity": 0.5}})
-    finally:
-        dist.destroy_process_group()
+    with pytest.raises(OptionsError, match="use sequence_parallel_mode 'ulysses' with sparse attention"):
+        CompileOptions.from_dict({"sequence_parallel": 2, "sequence_parallel_mode": "gather_kv",
+                                  "sparse_attention": {"sparsity": 0.5}})
 
 
 def test_block_sparse_attention_under_sequence_parallelism(tmp_path):

@@ -59,16 +59,13 @@ def heads_to_seq(x: torch.Tensor, degree: int, group: str) -> torch.Tensor:
     return x.permute(1, 2, 0, 3, 4).reshape(b, s // degree, degree * h, d)
 
 
-def _all_gather_tokens(xs: Sequence[torch.Tensor], group: str) -> Tuple[torch.Tensor, ...]:
-    """[B, S/P, ...] tensors on each rank -> [B, S, ...] each, in rank order, in one (coalesced) all-gather;
-    a view of the received buffer for B = 1."""
-    out = funcol.all_gather_into_tensor_coalesced(list(xs), group)  # [P * B, S/P, ...] each
-    return tuple(g.unflatten(0, (-1, x.shape[0])).transpose(0, 1).flatten(1, 2) for g, x in zip(out, xs))
-
-
-def _all_gather_heads(x: torch.Tensor, group: str) -> torch.Tensor:
-    """[B, S, H/P, D] on each rank -> [B, S, H, D] (a replicated run's heads back on every rank)."""
-    return funcol.all_gather_single(x.movedim(2, 0).contiguous(), 0, group).movedim(0, 2)
+def _all_gather(xs: Sequence[torch.Tensor], dim: int, group: str) -> Tuple[torch.Tensor, ...]:
+    """Each tensor gathered from every rank along ``dim``, in rank order, in one (coalesced) call. ``dim`` goes to
+    the front and back: free where the dims before it have size 1 (tokens at B = 1), else one copy before."""
+    front = [x.movedim(dim, 0).contiguous() for x in xs]
+    out = funcol.all_gather_into_tensor_coalesced(front, group) if len(front) > 1 else \
+        [funcol.all_gather_single(front[0], 0, group)]
+    return tuple(g.movedim(0, dim) for g in out)
 
 
 def _all_keys(mask: torch.Tensor, group: str, heads: Optional[Tuple[int, int, int]] = None) -> torch.Tensor:
@@ -81,7 +78,7 @@ def _all_keys(mask: torch.Tensor, group: str, heads: Optional[Tuple[int, int, in
         m = torch.nn.functional.pad(m.permute(0, 3, 1, 2), (0, 0, 0, local * degree - count))  # [B, K, H, Q]
         m = seq_to_heads(m, degree, group).permute(0, 2, 3, 1)
     else:
-        m = funcol.all_gather_single(m.movedim(-1, 0).contiguous(), 0, group).movedim(0, -1)
+        (m,) = _all_gather((m,), -1, group)
     return m.to(mask.dtype)
 
 
@@ -120,7 +117,8 @@ def ulysses_attention(q, k, v, mask, scale, layout, degree, group, segments=None
         mask = _all_keys(mask, group, (heads, local, degree))[..., :k.shape[1]]
     out = torch.ops.mindiesd_compile.attention(q, k, v, mask, scale, "BSHD")
     runs = out.split([n * degree if sharded else n for sharded, n in segments], dim=1) if len(segments) > 1 else (out,)
-    out = _join([heads_to_seq(r, degree, group) if sharded else _all_gather_heads(r, group)
+    # a replicated run's heads are all-gathered back onto every rank
+    out = _join([heads_to_seq(r, degree, group) if sharded else _all_gather((r,), 2, group)[0]
                  for (sharded, _), r in zip(segments, runs)])[:, :, :heads]
     return out.transpose(1, 2) if layout == "BHSD" else out
 
@@ -134,7 +132,7 @@ def gather_kv_attention(q, k, v, mask, scale, layout, degree, group, segments=No
     if layout == "BHSD":
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     segments = segments or ((True, k.shape[1]),)
-    runs = [_all_gather_tokens(kv, group) if sharded else kv
+    runs = [_all_gather(kv, 1, group) if sharded else kv
             for (sharded, _), kv in zip(segments, zip(_split_runs(k, segments), _split_runs(v, segments)))]
     k, v = _join([r[0] for r in runs]), _join([r[1] for r in runs])
     if mask_split:

@@ -58,7 +58,7 @@ class CudaGraphForward:
             self.seen.add(key)
             return self._run(args)
         entry = self.captured.get(key, ...)
-        if entry is ... or (entry is not None and tuple(args[i].data_ptr() for i in self.static) != entry.static_ptrs):
+        if entry is ... or (entry is not None and self._static_ptrs(args) != entry.static_ptrs):
             entry = self.captured[key] = self._capture(args)
         if entry is None:
             return self._run(args)
@@ -86,7 +86,10 @@ class CudaGraphForward:
             warnings.warn(f"mindiesd_compile: cuda_graphs: capturing the forward failed ({type(err).__name__}: "
                           f"{str(err)[:200]}); these inputs run op by op", RuntimeWarning, stacklevel=3)
             return None
-        return Captured(graph, inputs, tuple(args[i].data_ptr() for i in self.static), outputs)
+        return Captured(graph, inputs, self._static_ptrs(args), outputs)
+
+    def _static_ptrs(self, args) -> Tuple[int, ...]:
+        return tuple(args[i].data_ptr() for i in self.static)
 
 
 def _clone(out):
