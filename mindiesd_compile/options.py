@@ -199,7 +199,7 @@ class CompileOptions:
 
     def sequence_parallel_exchange(self, target: Optional[str]) -> str:
         """The mode that runs, for ``target``. "auto": gather_kv on 2 ranks, where it moves the same bytes as
-        Ulysses with nothing exchanged after attention and no layout copies (0.7-1.7 % faster on 2 H200s,
+        Ulysses with nothing exchanged after attention and no layout copies (0.4-1.6 % faster on 2 H200s,
         bench/RESULTS.md 2026-11-27), Ulysses on more (the gathered keys and values grow with the degree: 2.4 %
         slower on 4), with sparse attention, and on the NPU, where neither has been timed (gather_kv lowers
         there too, to HcomAllGather: ask for it by name)."""
