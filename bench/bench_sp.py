@@ -7,7 +7,8 @@
 
 mindiesd: torch.compile(backend="mindiesd", options={"sequence_parallel": N}) (plain mindiesd compile
 for N=1); a suffix @ulysses or @gather_kv sets options["sequence_parallel_mode"] (default "auto");
-mindiesd+overlap: Inductor's comm/compute reordering. diffusers: the model's own context parallelism
+mindiesd+overlap: Inductor's comm/compute reordering; mindiesd+sync: sequence_parallel_overlap=False (gather_kv
+waits for every key, then one attention). diffusers: the model's own context parallelism
 (enable_parallelism, Ulysses, eager) as the anchor. Rank 0 prints median ms (--profile: and one call's kernel
 time split into compute, NCCL and NCCL not overlapped by compute) and saves the output under --out-dir;
 `python bench/bench_sp.py --compare` prints each saved output's relative L2 against the 1-GPU mindiesd one
@@ -128,9 +129,10 @@ def _mode(variant):
 
 def build_variant(variant, model, world):
     if variant.startswith("mindiesd"):
-        overlap = variant.split("@")[0] == "mindiesd+overlap"
-        options = {"target": _target(model), "inductor_config": OVERLAP if overlap else {}} | \
-            ({"sequence_parallel": world} | _mode(variant) if world > 1 else {})
+        modifier = variant.split("@")[0].partition("+")[2]
+        options = {"target": _target(model), "inductor_config": OVERLAP if modifier == "overlap" else {}} | \
+            ({"sequence_parallel": world, "sequence_parallel_overlap": modifier != "sync"} | _mode(variant)
+             if world > 1 else {})
         return torch.compile(model, backend="mindiesd", options=options, fullgraph=True)
     if world > 1:
         from diffusers import ContextParallelConfig

@@ -77,8 +77,10 @@ def _collectives(dumps):
     """Collective calls in the graphs the sequence-parallel pass left, per kind (every compiled piece once)."""
     graphs = [open(os.path.join(dumps, f)).read() for f in sorted(os.listdir(dumps))
               if f.endswith("_sequence_parallel.txt")]
-    kinds = ("all_to_all_single", "all_gather_into_tensor_coalesced", "all_gather_into_tensor")
-    return {kind: sum(g.count(f"_c10d_functional.{kind}.default]") for g in graphs) for kind in kinds}
+    kinds = ("_c10d_functional.all_to_all_single", "_c10d_functional.all_gather_into_tensor_coalesced",
+             "_c10d_functional.all_gather_into_tensor", "mindiesd_compile.gather_peers",
+             "mindiesd_compile.attention_partial", "mindiesd_compile.attention")
+    return {kind.split(".")[1]: sum(g.count(f"{kind}.default]") for g in graphs) for kind in kinds}
 
 
 def run_two_ranks(tmp_path, name, overrides=None, **options):
@@ -87,13 +89,16 @@ def run_two_ranks(tmp_path, name, overrides=None, **options):
     return [json.loads((tmp_path / f"{name}-{r}.json").read_text()) for r in range(WORLD)]
 
 
-@pytest.mark.parametrize("mode, collectives", [
+@pytest.mark.parametrize("mode, overlap, collectives", [
     # one block graph (both blocks share it): q, k, v and the output each in an all-to-all
-    ("ulysses", {"all_to_all_single": 4, "all_gather_into_tensor_coalesced": 0}),
+    ("ulysses", True, {"all_to_all_single": 4, "all_gather_into_tensor_coalesced": 0, "gather_peers": 0}),
     # keys and values in one all-gather, nothing after attention
-    ("gather_kv", {"all_to_all_single": 0, "all_gather_into_tensor_coalesced": 1})])
-def test_two_ranks_match_one_process_wan(tmp_path, mode, collectives):
-    for result in run_two_ranks(tmp_path, "wan", sequence_parallel_mode=mode):
+    ("gather_kv", False, {"all_to_all_single": 0, "all_gather_into_tensor_coalesced": 1, "gather_peers": 0}),
+    # the peer's keys and values gathered beside the attention over this rank's: two partial attentions
+    ("gather_kv", True, {"all_to_all_single": 0, "all_gather_into_tensor_coalesced": 0, "gather_peers": 1,
+                         "attention_partial": 2})])
+def test_two_ranks_match_one_process_wan(tmp_path, mode, overlap, collectives):
+    for result in run_two_ranks(tmp_path, "wan", sequence_parallel_mode=mode, sequence_parallel_overlap=overlap):
         assert "error" not in result, result
         assert result["shape_ok"] and result["rel"] <= 1e-5
         assert result["sp_sites"] == 2  # the self-attentions; cross-attention to replicated text stays local
@@ -137,6 +142,9 @@ def test_joint_attention_with_dynamic_sequence_dims_matches_one_process(tmp_path
         assert "error" not in result, result
         assert result["shape_ok"] and result["rel"] <= 1e-5
         assert result["sp_sites"] == 2 == result["attention"]  # the double-stream and the single-stream block
+        # joint attention without a mask: the peer's image keys arrive beside the attention over this rank's
+        # image keys and the (replicated) text keys
+        assert result["collectives"]["gather_peers"] == 2 == result["collectives"]["attention_partial"] / 2
 
 
 @pytest.mark.parametrize("mode", ["ulysses", "gather_kv"])
@@ -155,6 +163,7 @@ def test_hunyuan_video_with_text_padding_matches_one_process(tmp_path, mode):
         assert result["attention"] == 3  # + the token refiner's text self-attention (prologue, unsplit)
         exchanged = result["collectives"]["all_to_all_single"]  # the modes really differ
         assert (exchanged == 0) if mode == "gather_kv" else (exchanged > 0), result["collectives"]
+        assert result["collectives"]["gather_peers"] == 0  # masked: no overlap, the keys all-gathered first
 
 
 @pytest.mark.parametrize("mode", ["ulysses", "gather_kv"])

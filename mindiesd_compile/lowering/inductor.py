@@ -9,8 +9,11 @@ from __future__ import annotations
 
 from torch._inductor.compile_fx import compile_fx
 
+from ..ops.peer_gather import register_inductor_lowering
+
 
 def compile_inductor(gm, example_inputs, manager, config_patches=None, mode=None):
+    register_inductor_lowering()  # gather_peers as a collective (its inputs live until its wait)
     patches = {"post_grad_custom_pre_pass": manager}
     if mode is not None:
         import torch

@@ -11,12 +11,12 @@ bf16 therefore get a slightly *more* accurate result than eager, within bf16 tol
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from .attention_kernels import attention_cuda
+from .attention_kernels import attention_cuda, attention_partial_cuda
 
 NAMESPACE = "mindiesd_compile"
 LAYOUTS = ("BHSD", "BSHD")
@@ -68,6 +68,30 @@ def attention_ref(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale
     return out if layout == "BSHD" else out.transpose(1, 2)
 
 
+def attention_partial_ref(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: float, layout: str,
+                          sm_margin: int) -> Tuple[Tensor, Tensor]:
+    """Attention over some of the keys, with each query's log-sum-exp of scores ([B, H, S], fp32): two such
+    partial results over disjoint keys merge exactly (``merge_partials``). ``sm_margin``: SMs a CUDA kernel
+    leaves free for work beside it; no meaning here."""
+    if layout == "BSHD":
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    scores = q.float() @ k.float().transpose(-1, -2) * scale
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.float()
+    lse = torch.logsumexp(scores, dim=-1)
+    out = (torch.softmax(scores, dim=-1) @ v.float()).to(q.dtype).transpose(1, 2).contiguous()  # [B,S,H,D] memory
+    return (out if layout == "BSHD" else out.transpose(1, 2)), lse
+
+
+def merge_partials(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor, layout: str) -> Tensor:
+    """Attention over the keys of both partial results, from the two (pure torch: Inductor fuses it)."""
+    def weight(lse, total):  # [B, H, S] -> broadcast against the output's layout
+        w = torch.exp(lse - total)
+        return (w.transpose(1, 2) if layout == "BSHD" else w).unsqueeze(-1)
+    total = torch.logaddexp(lse_a, lse_b)
+    return (out_a.float() * weight(lse_a, total) + out_b.float() * weight(lse_b, total)).to(out_a.dtype)
+
+
 def rms_norm_ref(x: Tensor, weight: Optional[Tensor], eps: float, out_dtype: torch.dtype) -> Tensor:
     return _norm_fp32(x, weight, None, eps, "rms").to(out_dtype)
 
@@ -102,6 +126,8 @@ def addmm_gelu_ref(bias: Tensor, a: Tensor, b: Tensor) -> Tensor:
 
 _lib = torch.library.Library(NAMESPACE, "DEF")
 _lib.define("attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale, str layout) -> Tensor")
+_lib.define("attention_partial(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale, str layout, int sm_margin) "
+            "-> (Tensor, Tensor)")
 _lib.define("rms_norm(Tensor x, Tensor? weight, float eps, ScalarType out_dtype) -> Tensor")
 _lib.define("layer_norm(Tensor x, Tensor? weight, Tensor? bias, float eps, ScalarType out_dtype) -> Tensor")
 _lib.define("adaln(Tensor x, Tensor? weight, Tensor? bias, Tensor scale, Tensor shift, float eps, str norm, "
@@ -112,6 +138,7 @@ _lib.define("addmm_gelu(Tensor bias, Tensor a, Tensor b) -> Tensor")
 
 REFERENCE = {
     "attention": attention_ref,
+    "attention_partial": attention_partial_ref,
     "rms_norm": rms_norm_ref,
     "layer_norm": layer_norm_ref,
     "adaln": adaln_ref,
@@ -136,6 +163,7 @@ def _addmm_gelu_cuda(bias, a, b):
 
 
 _lib.impl("attention", _attention_cuda, "CUDA")
+_lib.impl("attention_partial", attention_partial_cuda, "CUDA")
 _lib.impl("addmm_gelu", _addmm_gelu_cuda, "CUDA")
 
 ops = getattr(torch.ops, NAMESPACE)
@@ -149,5 +177,6 @@ def op_name(target) -> Optional[str]:
 
 from . import fp8_attention as _fp8_attention  # noqa: E402,F401  (registers attention_fp8)
 from . import fp8_linear as _fp8_linear  # noqa: E402,F401  (registers scaled_linear)
+from . import peer_gather as _peer_gather  # noqa: E402,F401  (registers gather_peers)
 from . import norm_rope as _norm_rope  # noqa: E402,F401  (registers rms_norm_rope)
 from . import sparse as _sparse  # noqa: E402,F401  (registers sparse_attention)

@@ -70,21 +70,48 @@ def why_not_fa3(q, k, v, mask, cap) -> Optional[str]:
     return None
 
 
-def attention_cuda(q, k, v, mask, scale, layout, reference):
+def _fa3(q, k, v, scale, layout, sm_margin, with_lse):
+    qs, ks, vs = (t if layout == "BSHD" else t.transpose(1, 2) for t in (q, k, v))
+    margin = max(sm_margin, torch._C._get_sm_carveout_experimental() or 0)  # the user's carve-out, as cuBLAS does
+    out = flash_attn_3().func(qs, ks, vs, softmax_scale=scale, **({"sm_margin": margin} if margin else {}),
+                              **({"return_attn_probs": True} if with_lse else {}))
+    out, lse = out[:2] if isinstance(out, tuple) else (out, None)  # some versions return the logsumexp anyway
+    out = out if layout == "BSHD" else out.transpose(1, 2)
+    return (out, lse) if with_lse else out
+
+
+def _fa3_or_why(q, k, v, mask, scale, layout, sm_margin, with_lse):
+    """FA3's result, or (None, why it did not run); records the choice."""
     cap, card = capability(q.device)
     key = (card, q.shape[-1], q.dtype)
     why = why_not_fa3(q, k, v, mask, cap)
     if why is None:
         try:
-            qs, ks, vs = (t if layout == "BSHD" else t.transpose(1, 2) for t in (q, k, v))
-            margin = torch._C._get_sm_carveout_experimental()  # SMs the user keeps free (for collectives), as cuBLAS does
-            out = flash_attn_3().func(qs, ks, vs, softmax_scale=scale, **({"sm_margin": margin} if margin else {}))
-            out = out[0] if isinstance(out, tuple) else out  # some versions also return the logsumexp
+            result = _fa3(q, k, v, scale, layout, sm_margin, with_lse)
             CHOICES[key] = "fa3"
-            return out if layout == "BSHD" else out.transpose(1, 2)
+            return result, None
         except Exception as err:  # noqa: BLE001 - an optional kernel must never cost a result
             why = f"FA3 failed ({type(err).__name__}: {err})"
             if not CHOICES.get(key, "").startswith("sdpa"):  # once per (card, head dim, dtype)
-                warnings.warn(f"mindiesd_compile: {why}; attention runs SDPA", RuntimeWarning, stacklevel=2)
+                warnings.warn(f"mindiesd_compile: {why}; attention runs SDPA", RuntimeWarning, stacklevel=3)
     CHOICES[key] = f"sdpa: {why}"
-    return reference(q, k, v, mask, scale, layout)
+    return None, why
+
+
+def attention_cuda(q, k, v, mask, scale, layout, reference):
+    out, why = _fa3_or_why(q, k, v, mask, scale, layout, 0, with_lse=False)
+    return out if why is None else reference(q, k, v, mask, scale, layout)
+
+
+def attention_partial_cuda(q, k, v, mask, scale, layout, sm_margin):
+    """Attention with its log-sum-exp: FA3, else PyTorch's memory-efficient kernel (any dtype, a mask as bias)."""
+    result, why = _fa3_or_why(q, k, v, mask, scale, layout, sm_margin, with_lse=True)
+    if why is None:
+        return result
+    qh, kh, vh = (t.transpose(1, 2) if layout == "BSHD" else t for t in (q, k, v))
+    if mask is not None and mask.dtype == torch.bool:
+        mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf"))
+    bias = None if mask is None else mask.to(q.dtype).expand(qh.shape[0], qh.shape[1], qh.shape[2], kh.shape[2])
+    out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(qh, kh, vh, bias, True, scale=scale)[:2]
+    out = out.transpose(1, 2).contiguous()  # [B,S,H,D] memory, as the op promises
+    return (out if layout == "BSHD" else out.transpose(1, 2)), lse[..., :qh.shape[2]]

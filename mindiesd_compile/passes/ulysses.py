@@ -34,7 +34,7 @@ import torch
 import torch.distributed._functional_collectives as funcol
 
 from ..lowering.decompose import inline_decomposition
-from ..ops import op_name
+from ..ops import merge_partials, op_name
 from .base import RESHAPES, GraphPass
 
 
@@ -123,15 +123,19 @@ def ulysses_attention(q, k, v, mask, scale, layout, degree, group, segments=None
     return out.transpose(1, 2) if layout == "BHSD" else out
 
 
-def gather_kv_attention(q, k, v, mask, scale, layout, degree, group, segments=None, mask_split=False):
+def gather_kv_attention(q, k, v, mask, scale, layout, degree, group, segments=None, mask_split=False, overlap=False):
     """The same attention with keys and values all-gathered instead: each rank keeps its queries and every
     head and attends over all keys (sharded runs gathered in rank order, replicated runs as they are, i.e.
     the key order ``ulysses_attention`` has); its output holds its own tokens, so nothing is exchanged after
     attention, no layout is copied, and any head count works. The bytes received match Ulysses' on 2 ranks
-    and grow with the degree (keys and values: (P-1)/P of them, against 4 tensors' (P-1)/P^2)."""
+    and grow with the degree (keys and values: (P-1)/P of them, against 4 tensors' (P-1)/P^2).
+    ``overlap`` (no mask): attend to this rank's keys while the other ranks' arrive, then to theirs, and merge."""
     if layout == "BHSD":
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     segments = segments or ((True, k.shape[1]),)
+    if overlap and mask is None:
+        out = _attend_while_gathering(q, k, v, scale, group, segments)
+        return out.transpose(1, 2) if layout == "BHSD" else out
     runs = [_all_gather(kv, 1, group) if sharded else kv
             for (sharded, _), kv in zip(segments, zip(_split_runs(k, segments), _split_runs(v, segments)))]
     k, v = _join([r[0] for r in runs]), _join([r[1] for r in runs])
@@ -139,6 +143,26 @@ def gather_kv_attention(q, k, v, mask, scale, layout, degree, group, segments=No
         mask = _all_keys(mask, group)[..., :k.shape[1]]
     out = torch.ops.mindiesd_compile.attention(q, k, v, mask, scale, "BSHD")
     return out.transpose(1, 2) if layout == "BHSD" else out
+
+
+# SMs the local attention leaves free: the exchange beside it needs one for each of its barrier kernels
+# (ops/peer_gather.py); a 2-SM carve-out cost nothing measurable (bench/RESULTS.md, 2026-11-26)
+SM_MARGIN_BESIDE_EXCHANGE = 2
+
+
+def _attend_while_gathering(q, k, v, scale, group, segments):
+    """[B, S, H, D] attention over this rank's keys (its sharded runs and the replicated ones) while the other
+    ranks' sharded runs arrive (``gather_peers``, awaited only after it), then over those; the two partial
+    results merge by their log-sum-exp. Softmax does not depend on key order, so the peers' keys may come in
+    any order."""
+    ops = torch.ops.mindiesd_compile
+    sharded = [i for i, (s, _) in enumerate(segments) if s]
+    k_runs, v_runs = _split_runs(k, segments), _split_runs(v, segments)
+    peers = ops.gather_peers([t for i in sharded for t in (k_runs[i], v_runs[i])], 1, group)
+    local, local_lse = ops.attention_partial(q, k, v, None, scale, "BSHD", SM_MARGIN_BESIDE_EXCHANGE)
+    peers = [torch.ops._c10d_functional.wait_tensor(t) for t in peers]  # traced after the local attention
+    remote, remote_lse = ops.attention_partial(q, _join(peers[0::2]), _join(peers[1::2]), None, scale, "BSHD", 0)
+    return merge_partials(local, local_lse, remote, remote_lse, "BSHD")
 
 
 EXCHANGES = {"ulysses": ulysses_attention, "gather_kv": gather_kv_attention}
@@ -177,13 +201,15 @@ class UlyssesPass(GraphPass):
     name = "sequence_parallel"
     required = True  # a failure must stop the compile: the unrewritten graph would compute garbage
 
-    def __init__(self, report, degree: int, group: str, sharded_inputs: Sequence[int], mode: str = "ulysses"):
+    def __init__(self, report, degree: int, group: str, sharded_inputs: Sequence[int], mode: str = "ulysses",
+                 overlap: bool = False):
         super().__init__(report)
         self.degree, self.group, self.sharded_inputs = degree, group, frozenset(sharded_inputs)
         self.exchange = EXCHANGES[mode]
+        self.options = {"overlap": overlap} if mode == "gather_kv" else {}
 
     def uuid(self) -> bytes:
-        config = (self.degree, sorted(self.sharded_inputs), self.exchange.__name__)
+        config = (self.degree, sorted(self.sharded_inputs), self.exchange.__name__, self.options)
         return hashlib.sha256(super().uuid() + repr(config).encode()).digest()
 
     def __call__(self, graph: torch.fx.Graph) -> None:
@@ -307,9 +333,9 @@ class UlyssesPass(GraphPass):
                                         "joint tokens inside the block or differs per head; only a key mask "
                                         "built before the blocks can follow the split")
         self.report.found(self.name)
-        degree, group, segments, exchange = self.degree, self.group, q.segments, self.exchange
+        degree, group, segments, exchange, options = self.degree, self.group, q.segments, self.exchange, self.options
         result = inline_decomposition(graph, node, lambda q, k, v, mask, scale, layout: exchange(
-            q, k, v, mask, scale, layout, degree, group, segments, mask_state))
+            q, k, v, mask, scale, layout, degree, group, segments, mask_state, **options))
         self.report.rewritten(self.name)
         return result
 
@@ -330,8 +356,8 @@ class UlyssesPass(GraphPass):
                 "mask built from the split tokens (one entry per key on this rank and head, the same for every query) "
                 "follows the all-to-all: keep the masked (text) tokens whole, splitting only the image tokens as the "
                 "built-in plans do")
-        degree, group, exchange = self.degree, self.group, self.exchange
+        degree, group, exchange, options = self.degree, self.group, self.exchange, self.options
         result = inline_decomposition(graph, node, lambda q, k, v, mask, scale, layout: exchange(
-            q, k, v, mask, scale, layout, degree, group, mask_split=gather_mask))
+            q, k, v, mask, scale, layout, degree, group, mask_split=gather_mask, **options))
         self.report.rewritten(self.name)
         return result
