@@ -101,9 +101,10 @@ class CompileOptions:
     sequence_parallel_mode: how attention sees the whole sequence: "ulysses" (all-to-all: every token, this
                rank's heads), "gather_kv" (keys and values all-gathered: this rank's queries, every head) or
                "auto" (``sequence_parallel_exchange`` says which runs).
-    sequence_parallel_overlap: gather_kv attends to this rank's own keys while the other ranks' keys arrive
-               (copy engines on CUDA), then to theirs, merging the two by their log-sum-exp (not on the NPU,
-               with FP8 attention or a mask); False: one attention once every key is there.
+    sequence_parallel_overlap: True: gather_kv attends to this rank's own keys while the other ranks' keys
+               arrive (copy engines on CUDA), then to theirs, merging the two by their log-sum-exp (not on the
+               NPU, with FP8 attention or a mask); False: one attention once every key is there; "auto": where
+               a rank receives enough per attention to pay for the split (passes/ulysses.py OVERLAP_MIN_BYTES).
     parallel_plan: where the sequence is split/gathered, in diffusers' ``_cp_plan`` format
                (default: the model class's own ``_cp_plan``).
     parallel_group: the torch.distributed group of the sequence-parallel ranks (default: the world).
@@ -125,7 +126,7 @@ class CompileOptions:
     cache: Any = None
     sequence_parallel: int = 1
     sequence_parallel_mode: str = "auto"
-    sequence_parallel_overlap: bool = True
+    sequence_parallel_overlap: Any = "auto"
     parallel_plan: Any = None
     parallel_group: Any = None
     sparse_attention: Any = None
@@ -174,8 +175,8 @@ class CompileOptions:
         if self.sequence_parallel_mode not in SEQUENCE_PARALLEL_MODES:
             raise OptionsError(f"options['sequence_parallel_mode']={self.sequence_parallel_mode!r} is not a mode; "
                                f"valid modes: {SEQUENCE_PARALLEL_MODES}")
-        if not isinstance(self.sequence_parallel_overlap, bool):
-            raise OptionsError(f"options['sequence_parallel_overlap'] must be True or False, "
+        if not any(self.sequence_parallel_overlap is v for v in (True, False)) and self.sequence_parallel_overlap != "auto":
+            raise OptionsError(f"options['sequence_parallel_overlap'] must be True, False or 'auto', "
                                f"got {self.sequence_parallel_overlap!r}")
         if self.sequence_parallel > 1:
             if not self.partition:

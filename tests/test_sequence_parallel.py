@@ -78,7 +78,7 @@ def _collectives(dumps):
     graphs = [open(os.path.join(dumps, f)).read() for f in sorted(os.listdir(dumps))
               if f.endswith("_sequence_parallel.txt")]
     kinds = ("_c10d_functional.all_to_all_single", "_c10d_functional.all_gather_into_tensor_coalesced",
-             "_c10d_functional.all_gather_into_tensor", "mindiesd_compile.gather_peers",
+             "_c10d_functional.all_gather_into_tensor", "mindiesd_compile.all_gather_peers",
              "mindiesd_compile.attention_partial", "mindiesd_compile.attention")
     return {kind.split(".")[1]: sum(g.count(f"{kind}.default]") for g in graphs) for kind in kinds}
 
@@ -91,11 +91,12 @@ def run_two_ranks(tmp_path, name, overrides=None, **options):
 
 @pytest.mark.parametrize("mode, overlap, collectives", [
     # one block graph (both blocks share it): q, k, v and the output each in an all-to-all
-    ("ulysses", True, {"all_to_all_single": 4, "all_gather_into_tensor_coalesced": 0, "gather_peers": 0}),
-    # keys and values in one all-gather, nothing after attention
-    ("gather_kv", False, {"all_to_all_single": 0, "all_gather_into_tensor_coalesced": 1, "gather_peers": 0}),
+    ("ulysses", True, {"all_to_all_single": 4, "all_gather_into_tensor_coalesced": 0, "all_gather_peers": 0}),
+    # keys and values in one all-gather, nothing after attention ("auto": a tiny model's exchange is too small to
+    # pay for the split attention)
+    ("gather_kv", "auto", {"all_to_all_single": 0, "all_gather_into_tensor_coalesced": 1, "all_gather_peers": 0}),
     # the peer's keys and values gathered beside the attention over this rank's: two partial attentions
-    ("gather_kv", True, {"all_to_all_single": 0, "all_gather_into_tensor_coalesced": 0, "gather_peers": 1,
+    ("gather_kv", True, {"all_to_all_single": 0, "all_gather_into_tensor_coalesced": 0, "all_gather_peers": 1,
                          "attention_partial": 2})])
 def test_two_ranks_match_one_process_wan(tmp_path, mode, overlap, collectives):
     for result in run_two_ranks(tmp_path, "wan", sequence_parallel_mode=mode, sequence_parallel_overlap=overlap):
@@ -138,13 +139,13 @@ def test_length_specialised_joint_attention_is_a_clear_error(tmp_path):
 def test_joint_attention_with_dynamic_sequence_dims_matches_one_process(tmp_path):
     """Flux (text and image tokens both split, joint attention) traced with dynamic sequence dims (the default
     exchange on 2 ranks: gather_kv; Ulysses' joint path: the HunyuanVideo test)."""
-    for result in run_two_ranks(tmp_path, "flux", dynamic=True):
+    for result in run_two_ranks(tmp_path, "flux", dynamic=True, sequence_parallel_overlap=True):
         assert "error" not in result, result
         assert result["shape_ok"] and result["rel"] <= 1e-5
         assert result["sp_sites"] == 2 == result["attention"]  # the double-stream and the single-stream block
         # joint attention without a mask: the peer's image keys arrive beside the attention over this rank's
         # image keys and the (replicated) text keys
-        assert result["collectives"]["gather_peers"] == 2 == result["collectives"]["attention_partial"] / 2
+        assert result["collectives"]["all_gather_peers"] == 2 == result["collectives"]["attention_partial"] / 2
 
 
 @pytest.mark.parametrize("mode", ["ulysses", "gather_kv"])
@@ -163,7 +164,7 @@ def test_hunyuan_video_with_text_padding_matches_one_process(tmp_path, mode):
         assert result["attention"] == 3  # + the token refiner's text self-attention (prologue, unsplit)
         exchanged = result["collectives"]["all_to_all_single"]  # the modes really differ
         assert (exchanged == 0) if mode == "gather_kv" else (exchanged > 0), result["collectives"]
-        assert result["collectives"]["gather_peers"] == 0  # masked: no overlap, the keys all-gathered first
+        assert result["collectives"]["all_gather_peers"] == 0  # masked: no overlap, the keys all-gathered first
 
 
 @pytest.mark.parametrize("mode", ["ulysses", "gather_kv"])
@@ -192,10 +193,11 @@ def test_sd3_two_ranks_match_one_process(tmp_path):
     """SD3 ships no _cp_plan: the built-in one splits the image tokens where they enter the blocks, text stays
     whole (joint attention, no mask). Its blocks multiply the latent height in patches, handed over by the
     prologue, back into the image token count: each rank's blocks get their share, the epilogue the whole."""
-    for result in run_two_ranks(tmp_path, "sd3", dynamic=True):
+    for result in run_two_ranks(tmp_path, "sd3", dynamic=True, sequence_parallel_overlap=True):
         assert "error" not in result, result
         assert result["shape_ok"] and result["rel"] <= 1e-5
         assert result["sp_sites"] == 3  # joint attention in both blocks + block 0's image-only attn2 (dual attention)
+        assert result["collectives"]["all_gather_peers"] == 3  # each graph once: block 0 (2 sites), block 1
 
 
 def test_indivisible_image_tokens_are_a_clear_error(tmp_path):
@@ -230,6 +232,22 @@ def test_sequence_parallel_without_distributed_is_a_clear_error():
     from mindiesd_compile import CompileOptions, OptionsError
     with pytest.raises(OptionsError, match="needs torch.distributed initialised"):
         CompileOptions.from_dict({"sequence_parallel": 2})
+
+
+def test_overlap_auto_pays_for_large_exchanges_only():
+    """"auto" splits attention where a rank receives >= 256 MiB of keys and values: Wan2.1-14B at 832x480x81 on 2
+    ranks (40 heads: 335 MB) yes, 1.3B (12 heads: 101 MB) no (measured: +2.0 % / -1.3 %); on 4 ranks (three peers'
+    keys and values) 14B 503 MB, 1.3B 151 MB; a replicated text run adds nothing received."""
+    from mindiesd_compile.options import CompileOptions, OptionsError
+    from mindiesd_compile.passes.ulysses import overlap_pays
+    keys = lambda heads, degree: torch.empty(1, 32760 // degree, heads, 128, dtype=torch.bfloat16, device="meta")
+    assert overlap_pays(keys(40, 2), ((True, 16380),), 2)
+    assert not overlap_pays(keys(12, 2), ((True, 16380),), 2)
+    assert overlap_pays(keys(40, 4), ((True, 8190),), 4) and not overlap_pays(keys(12, 4), ((True, 8190),), 4)
+    text = torch.empty(1, 16380 + 512, 12, 128, dtype=torch.bfloat16, device="meta")
+    assert not overlap_pays(text, ((True, 16380), (False, 512)), 2)
+    with pytest.raises(OptionsError, match="must be True, False or 'auto', got 1"):
+        CompileOptions.from_dict({"sequence_parallel_overlap": 1})
 
 
 def test_unknown_sequence_parallel_mode_is_a_clear_error():

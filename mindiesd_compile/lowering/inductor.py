@@ -13,7 +13,7 @@ from ..ops.peer_gather import register_inductor_lowering
 
 
 def compile_inductor(gm, example_inputs, manager, config_patches=None, mode=None):
-    register_inductor_lowering()  # gather_peers as a collective (its inputs live until its wait)
+    register_inductor_lowering()  # all_gather_peers as a collective (its inputs live until its wait)
     patches = {"post_grad_custom_pre_pass": manager}
     if mode is not None:
         import torch

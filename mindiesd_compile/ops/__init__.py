@@ -177,6 +177,6 @@ def op_name(target) -> Optional[str]:
 
 from . import fp8_attention as _fp8_attention  # noqa: E402,F401  (registers attention_fp8)
 from . import fp8_linear as _fp8_linear  # noqa: E402,F401  (registers scaled_linear)
-from . import peer_gather as _peer_gather  # noqa: E402,F401  (registers gather_peers)
+from . import peer_gather as _peer_gather  # noqa: E402,F401  (registers all_gather_peers)
 from . import norm_rope as _norm_rope  # noqa: E402,F401  (registers rms_norm_rope)
 from . import sparse as _sparse  # noqa: E402,F401  (registers sparse_attention)

@@ -1,17 +1,19 @@
-"""``torch.ops.mindiesd_compile.gather_peers``: the other ranks' chunks of each tensor, started asynchronously.
+"""``torch.ops.mindiesd_compile.all_gather_peers``: the other ranks' chunks of each tensor, started asynchronously.
 
-``gather_peers(xs, dim, group)`` returns, per tensor, every other rank's tensor joined along ``dim`` in rank order
+``all_gather_peers(xs, dim, group)`` returns, per tensor, every other rank's tensor joined along ``dim`` in rank order
 (this rank's own chunk left out: the caller attends to it while the rest arrives). Await each output with
 ``_c10d_functional.wait_tensor`` like a functional collective; the outputs are undefined before.
 
 CUDA: copy engines over symmetric memory, no SM spent on the transfer (NCCL's kernels hold SMs, and a compute
-kernel beside them slows by what they hide: bench/RESULTS.md 2026-11-26). On a side stream: the tensors are copied
-into this rank's symmetric slot, a barrier, each peer's slot is pulled into the output, the outputs are marked
-ready, a second barrier (every peer has read the slot before the next call overwrites it). The barriers are
-one-block kernels: a persistent kernel beside them must leave an SM free (``attention_partial``'s ``sm_margin``).
-The inputs stay alive until their outputs are awaited (Inductor: the op lowers as a collective, whose wait holds
-its inputs; op by op: ``record_stream``). Where symmetric memory is unavailable (no peer access), NCCL
-all-gathers synchronously, after one warning. Other devices (gloo): a synchronous all-gather.
+kernel beside them slows by what they hide: bench/RESULTS.md 2026-11-26). On a side stream: a barrier, each
+tensor written straight into every peer's symmetric slot (GPU-to-GPU copies run on copy engines; a copy within
+one GPU would be an SM kernel, so nothing is staged locally), a barrier, the outputs marked ready. The outputs are
+views of this rank's slot, read in place; two slots alternate, and a call's first barrier waits until every rank
+has queued its reads of the slot's last contents. The barriers are one-block kernels: a persistent kernel beside
+them must leave an SM free (``attention_partial``'s ``sm_margin``). The inputs stay alive until their outputs are
+awaited (Inductor: the op lowers as a collective, whose wait holds its inputs; op by op: ``record_stream``). Where
+symmetric memory is unavailable (no peer access), NCCL all-gathers synchronously, after one warning. Other devices
+(gloo): a synchronous all-gather.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ from torch import Tensor
 from torch._C._distributed_c10d import Work
 
 _lib = torch.library.Library("mindiesd_compile", "FRAGMENT")
-_lib.define("gather_peers(Tensor[] xs, int dim, str group) -> Tensor[]")
+_lib.define("all_gather_peers(Tensor[] xs, int dim, str group) -> Tensor[]")
 
 
 def _peer_shape(x: Tensor, dim: int, world: int) -> List[int]:
@@ -50,7 +52,7 @@ def _gather_sync(xs: Sequence[Tensor], dim: int, group_name: str) -> List[Tensor
     return out
 
 
-def _gather_peers_fake(xs, dim, group):
+def _all_gather_peers_fake(xs, dim, group):
     world = dist.distributed_c10d._resolve_process_group(group).size()
     return [x.new_empty(_peer_shape(x, dim, world)) for x in xs]
 
@@ -69,76 +71,97 @@ class _Ready(Work):
 
 @functools.lru_cache(None)
 def _side_stream(device: int) -> torch.cuda.Stream:
-    return torch.cuda.Stream(device)
+    # high priority: the barrier kernels' blocks go before the waiting blocks of the compute kernels beside them
+    return torch.cuda.Stream(device, priority=-1)
+
+
+class _Slots:
+    """Per group: two symmetric buffers used in turn (a call's outputs are read in place while the next call's
+    pushes may already land), each grown by a new allocation when a call needs more (old ones are kept: earlier
+    outputs may still view them). Every rank makes the same calls in the same order, so turns and growth agree."""
+
+    def __init__(self, group: str):
+        self.group, self.buffers, self.turn, self.kept = group, [None, None], 0, []
+
+    def next(self, nbytes: int, device: torch.device):
+        from torch._C._distributed_c10d import _SymmetricMemory
+        i, self.turn = self.turn, 1 - self.turn
+        buf = self.buffers[i]
+        if buf is None or buf[0].numel() < nbytes:
+            if buf is not None:
+                self.kept.append(buf)
+            t = _SymmetricMemory.empty_strided_p2p((nbytes,), (1,), torch.uint8, device, self.group)
+            self.buffers[i] = buf = (t, _SymmetricMemory.rendezvous(t))
+        return buf[1]
 
 
 @functools.lru_cache(None)
-def _symmetric_memory_ok(group_name: str) -> bool:
+def _slots(group_name: str):
+    """The group's ``_Slots``, or None (after one warning) where symmetric memory is unavailable."""
     try:
         from torch.distributed import _symmetric_memory as symm
         if hasattr(symm, "enable_symm_mem_for_group"):  # required before torch 2.12, a deprecated no-op after
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", FutureWarning)
                 symm.enable_symm_mem_for_group(group_name)
-        symm.get_symm_mem_workspace(group_name, 1)
-        return True
+        symm.get_symm_mem_workspace(group_name, 1)  # fails here without peer access
+        return _Slots(group_name)
     except Exception as err:  # noqa: BLE001 - no P2P between the GPUs, a torch without it: fall back
         warnings.warn(f"mindiesd_compile: symmetric memory unavailable for group {group_name} ({type(err).__name__}: "
                       f"{err}); keys and values are all-gathered by NCCL, without overlap", RuntimeWarning)
-        return False
+        return None
 
 
-def _slot(hdl, rank: int, x: Tensor, at: int) -> Tensor:
-    """``x``'s place in ``rank``'s symmetric slot: the tensors lie back to back as bytes (one slot, any dtype)."""
-    return hdl.get_buffer(rank, (x.numel() * x.element_size(),), torch.uint8, at).view(x.dtype).view(x.shape)
+def _region(hdl, rank: int, at: int, shape, dtype) -> Tensor:
+    """A [outer, P-1, inner] region at byte offset ``at`` of ``rank``'s slot (mapped into this GPU if a peer's)."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    return hdl.get_buffer(rank, (nbytes,), torch.uint8, at).view(dtype).view(shape)
 
 
-def _gather_peers_cuda(xs: Sequence[Tensor], dim: int, group: str) -> List[Tensor]:
-    if not _symmetric_memory_ok(group):
+def _all_gather_peers_cuda(xs: Sequence[Tensor], dim: int, group: str) -> List[Tensor]:
+    slots = _slots(group)
+    if slots is None:
         return _gather_sync(xs, dim, group)
-    from torch.distributed import _symmetric_memory as symm
     xs = [x.contiguous() for x in xs]
-    sizes = [x.numel() * x.element_size() for x in xs]
-    hdl = symm.get_symm_mem_workspace(group, sum(sizes))
-    rank, world = hdl.rank, hdl.world_size
-    outs = [x.new_empty(_peer_shape(x, dim, world)) for x in xs]
+    world = dist.distributed_c10d._resolve_process_group(group).size()
+    regions = [(math.prod(x.shape[:dim]), world - 1, x[(0,) * dim].numel()) for x in xs]  # outer, P-1, inner
+    sizes = [math.prod(r) * x.element_size() for r, x in zip(regions, xs)]
+    offsets = [sum(sizes[:i]) for i in range(len(xs))]
+    hdl = slots.next(sum(sizes), xs[0].device)
+    rank = hdl.rank
     side, caller = _side_stream(xs[0].device.index), torch.cuda.current_stream()
-    side.wait_stream(caller)
+    side.wait_stream(caller)  # the tensors are ready, and this rank's reads of this slot's last contents queued
     ready = torch.cuda.Event()
     with torch.cuda.stream(side):
-        offsets = [sum(sizes[:i]) for i in range(len(xs))]
-        for x, at in zip(xs, offsets):
-            _slot(hdl, rank, x, at).copy_(x)
-        hdl.barrier(channel=0)
-        peers = [r for r in range(world) if r != rank]
-        for x, at, out in zip(xs, offsets, outs):
-            outer = math.prod(x.shape[:dim])
-            dst = out.view(outer, world - 1, -1)
-            for i, peer in enumerate(peers):
-                src = _slot(hdl, peer, x, at).view(outer, -1)
-                for o in range(outer):  # contiguous runs: plain copy-engine memcpys
-                    dst[o, i].copy_(src[o])
+        hdl.barrier(channel=0)  # every rank here: its tensors ready, its slot free
+        for peer in (r for r in range(world) if r != rank):
+            at_peer = rank - (rank > peer)  # this rank's place among the peer's peers
+            for x, region, at in zip(xs, regions, offsets):
+                dst, src = _region(hdl, peer, at, region, x.dtype), x.view(region[0], -1)
+                for o in range(region[0]):  # contiguous runs: copy-engine writes over NVLink
+                    dst[o, at_peer].copy_(src[o])
+        hdl.barrier(channel=0)  # every peer's writes into this rank's slot have landed
         ready.record(side)
-        hdl.barrier(channel=0)
+    outs = [_region(hdl, rank, at, region, x.dtype).view(_peer_shape(x, dim, world))
+            for x, region, at in zip(xs, regions, offsets)]
     for x in xs:
         x.record_stream(side)
     for out in outs:
-        out.record_stream(side)
         torch._C._distributed_c10d._register_work(out, _Ready(ready))
     return outs
 
 
-_lib.impl("gather_peers", _gather_sync, "CompositeExplicitAutograd")
-_lib.impl("gather_peers", _gather_peers_cuda, "CUDA")
-torch.library.register_fake("mindiesd_compile::gather_peers", _gather_peers_fake, lib=_lib)
+_lib.impl("all_gather_peers", _gather_sync, "CompositeExplicitAutograd")
+_lib.impl("all_gather_peers", _all_gather_peers_cuda, "CUDA")
+torch.library.register_fake("mindiesd_compile::all_gather_peers", _all_gather_peers_fake, lib=_lib)
 
 
 def register_inductor_lowering() -> None:
-    """Lower ``gather_peers`` as a collective: Inductor then keeps each input alive until its output's wait (the
+    """Lower ``all_gather_peers`` as a collective: Inductor then keeps each input alive until its output's wait (the
     side stream reads it until then). Called by the Inductor lowering, once."""
     from torch._inductor import ir
     from torch._inductor.lowering import lowerings, register_lowering
-    op = torch.ops.mindiesd_compile.gather_peers
+    op = torch.ops.mindiesd_compile.all_gather_peers
     if op in lowerings or op.default in lowerings:
         return
 

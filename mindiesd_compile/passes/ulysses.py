@@ -32,6 +32,10 @@ from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed._functional_collectives as funcol
+try:  # a symbolic size's traced value, no guard added (the name changed in torch 2.12)
+    from torch.fx.experimental.symbolic_shapes import optimization_hint as size_hint
+except ImportError:
+    from torch.fx.experimental.symbolic_shapes import hint_int as size_hint
 
 from ..lowering.decompose import inline_decomposition
 from ..ops import merge_partials, op_name
@@ -129,10 +133,13 @@ def gather_kv_attention(q, k, v, mask, scale, layout, degree, group, segments=No
     the key order ``ulysses_attention`` has); its output holds its own tokens, so nothing is exchanged after
     attention, no layout is copied, and any head count works. The bytes received match Ulysses' on 2 ranks
     and grow with the degree (keys and values: (P-1)/P of them, against 4 tensors' (P-1)/P^2).
-    ``overlap`` (no mask): attend to this rank's keys while the other ranks' arrive, then to theirs, and merge."""
+    ``overlap`` (no mask): attend to this rank's keys while the other ranks' arrive, then to theirs, and merge;
+    "auto": where the keys and values this rank receives reach ``OVERLAP_MIN_BYTES``."""
     if layout == "BHSD":
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     segments = segments or ((True, k.shape[1]),)
+    if overlap == "auto":
+        overlap = overlap_pays(k, segments, degree)
     if overlap and mask is None:
         out = _attend_while_gathering(q, k, v, scale, group, segments)
         return out.transpose(1, 2) if layout == "BHSD" else out
@@ -145,6 +152,17 @@ def gather_kv_attention(q, k, v, mask, scale, layout, degree, group, segments=No
     return out.transpose(1, 2) if layout == "BHSD" else out
 
 
+# "auto" overlaps where a rank receives at least this much per attention: the split costs a fixed ~0.2-0.4 ms
+# (a second attention kernel, the merge, host work) that the hidden exchange must pay back. Wan2.1 at 832x480x81
+# on 2 H200s: 14B (335 MB) 2.0 % faster, 1.3B (101 MB) 1.3 % slower (bench/RESULTS.md, 2026-11-27).
+OVERLAP_MIN_BYTES = 256 << 20
+
+
+def overlap_pays(k, segments, degree) -> bool:
+    """Whether the keys and values a rank receives for this [B, S, H, D] attention reach ``OVERLAP_MIN_BYTES``."""
+    sharded_tokens = sum(n for sharded, n in segments if sharded)
+    return 2 * (degree - 1) * size_hint(k[:, :1].numel() * sharded_tokens) * k.element_size() >= OVERLAP_MIN_BYTES
+
 # SMs the local attention leaves free: the exchange beside it needs one for each of its barrier kernels
 # (ops/peer_gather.py); a 2-SM carve-out cost nothing measurable (bench/RESULTS.md, 2026-11-26)
 SM_MARGIN_BESIDE_EXCHANGE = 2
@@ -152,13 +170,13 @@ SM_MARGIN_BESIDE_EXCHANGE = 2
 
 def _attend_while_gathering(q, k, v, scale, group, segments):
     """[B, S, H, D] attention over this rank's keys (its sharded runs and the replicated ones) while the other
-    ranks' sharded runs arrive (``gather_peers``, awaited only after it), then over those; the two partial
+    ranks' sharded runs arrive (``all_gather_peers``, awaited only after it), then over those; the two partial
     results merge by their log-sum-exp. Softmax does not depend on key order, so the peers' keys may come in
     any order."""
     ops = torch.ops.mindiesd_compile
     sharded = [i for i, (s, _) in enumerate(segments) if s]
     k_runs, v_runs = _split_runs(k, segments), _split_runs(v, segments)
-    peers = ops.gather_peers([t for i in sharded for t in (k_runs[i], v_runs[i])], 1, group)
+    peers = ops.all_gather_peers([t for i in sharded for t in (k_runs[i], v_runs[i])], 1, group)
     local, local_lse = ops.attention_partial(q, k, v, None, scale, "BSHD", SM_MARGIN_BESIDE_EXCHANGE)
     peers = [torch.ops._c10d_functional.wait_tensor(t) for t in peers]  # traced after the local attention
     remote, remote_lse = ops.attention_partial(q, _join(peers[0::2]), _join(peers[1::2]), None, scale, "BSHD", 0)
@@ -202,7 +220,7 @@ class UlyssesPass(GraphPass):
     required = True  # a failure must stop the compile: the unrewritten graph would compute garbage
 
     def __init__(self, report, degree: int, group: str, sharded_inputs: Sequence[int], mode: str = "ulysses",
-                 overlap: bool = False):
+                 overlap: Union[bool, str] = False):
         super().__init__(report)
         self.degree, self.group, self.sharded_inputs = degree, group, frozenset(sharded_inputs)
         self.exchange = EXCHANGES[mode]
