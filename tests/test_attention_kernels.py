@@ -8,8 +8,9 @@ import types
 
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 
-from mindiesd_compile.ops import attention_ref
+from mindiesd_compile.ops import attention_partial_ref, attention_ref, merge_partials
 from mindiesd_compile.ops import attention_kernels as K
 
 
@@ -140,3 +141,61 @@ def test_fa3_leaves_free_the_sms_the_carveout_asks_for(hopper, monkeypatch, carv
         torch._C._set_sm_carveout_experimental(previous)
     assert margins == [carveout]
     assert torch.allclose(out.float(), attention_ref(q, k, v, None, 0.125, "BSHD").float(), atol=1e-2)
+
+
+@pytest.mark.parametrize("layout", ["BSHD", "BHSD"])
+@pytest.mark.parametrize("margin, carveout", [(0, None), (2, None), (2, 8)])
+def test_partial_attention_gets_fa3s_logsumexp_and_leaves_the_sms_asked_for(hopper, monkeypatch, layout, margin,
+                                                                           carveout):
+    """The attention that runs beside the key/value exchange leaves ``sm_margin`` SMs (or the user's larger
+    carve-out) and returns FA3's log-sum-exp ([B, H, S], asked for by ``return_attn_probs``)."""
+    seen = []
+
+    def flash_attn_func(q, k, v, softmax_scale=None, sm_margin=0, return_attn_probs=False):
+        seen.append((sm_margin, return_attn_probs))  # FA3's contract on [B, S, H, D]: (out, lse [B, H, S] fp32)
+        out, lse = attention_partial_ref(q, k, v, None, softmax_scale, "BSHD", 0)
+        return (out, lse) if return_attn_probs else out
+    monkeypatch.setattr(K, "flash_attn_3", lambda: K.FlashAttention3("double", flash_attn_func, BF16_FP16))
+    previous = torch._C._get_sm_carveout_experimental()
+    torch._C._set_sm_carveout_experimental(carveout)
+    try:
+        q, k, v = qkv(layout)
+        out, lse = K.attention_partial_cuda(q, k, v, None, 0.125, layout, margin)
+    finally:
+        torch._C._set_sm_carveout_experimental(previous)
+    ref_out, ref_lse = attention_partial_ref(q, k, v, None, 0.125, layout, margin)
+    assert seen == [(max(margin, carveout or 0), True)]
+    assert out.shape == ref_out.shape and out.stride() == ref_out.stride() and lse.shape == ref_lse.shape
+    assert torch.allclose(out.float(), ref_out.float(), atol=1e-2) and torch.allclose(lse, ref_lse, atol=1e-3)
+
+
+
+@settings(deadline=None, max_examples=60)
+@given(st.integers(1, 2), st.integers(1, 3), st.integers(1, 9), st.integers(2, 12), st.data(), st.sampled_from([4, 8]),
+       st.sampled_from([torch.float32, torch.bfloat16]), st.sampled_from(["BSHD", "BHSD"]),
+       st.sampled_from([None, "bool keys", "additive per head"]))
+def test_partial_attentions_over_split_keys_merge_into_attention(b, h, sq, sk, data, d, dtype, layout, mask_kind):
+    """gather_kv's overlap: attention over keys [0, cut) and over [cut, S) (each with its log-sum-exp), merged,
+    is attention over all keys, for any split, shape, dtype, layout and key mask (fp32 1e-5, bf16 2e-2)."""
+    cut = data.draw(st.integers(1, sk - 1))
+    g = torch.Generator().manual_seed(sq * 100 + sk)
+    q = torch.randn(b, sq, h, d, generator=g).to(dtype)
+    k, v = (torch.randn(b, sk, h, d, generator=g).to(dtype) for _ in range(2))
+    mask = None
+    if mask_kind == "bool keys":  # a padding mask: each part's last key off where it has more than one
+        mask = torch.ones(b, 1, 1, sk, dtype=torch.bool)
+        for last, n in ((cut - 1, cut), (sk - 1, sk - cut)):
+            mask[..., last] = n == 1
+    elif mask_kind == "additive per head":
+        mask = torch.randn(b, h, 1, sk, generator=g).to(dtype)
+    if layout == "BHSD":
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    keys = 1 if layout == "BSHD" else 2
+    parts = [attention_partial_ref(q, k.narrow(keys, a, n), v.narrow(keys, a, n),
+                                   None if mask is None else mask[..., a:a + n], 0.3, layout, 2)
+             for a, n in ((0, cut), (cut, sk - cut))]
+    merged = merge_partials(*parts[0], *parts[1], layout)
+    ref = attention_ref(q, k, v, mask, 0.3, layout)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert merged.shape == ref.shape and merged.dtype == dtype
+    assert torch.allclose(merged.float(), ref.float(), atol=tol, rtol=tol)

@@ -78,7 +78,10 @@ def _cfg_worker(rank, world, name, store, out_dir):
         pipe = make()
         with torch.no_grad():
             reference = run(pipe)
-            mindiesd_compile.optimize(pipe, target="eager", cfg_parallel=2, sequence_parallel=world // 2)
+            # CFG 2 x 2: gather_kv inside each branch's group, the exchange beside the local attention (a subgroup's
+            # all_gather_peers; "auto" would leave these tiny models on one attention)
+            overlap = {"sequence_parallel_overlap": True} if world > 2 else {}
+            mindiesd_compile.optimize(pipe, target="eager", cfg_parallel=2, sequence_parallel=world // 2, **overlap)
             batches = set()  # the batch each rank's compiled transformer runs
             pipe.transformer.inner.register_forward_pre_hook(
                 lambda _, args, kwargs: batches.add(kwargs["hidden_states"].shape[0]), with_kwargs=True)

@@ -63,7 +63,7 @@ def _worker(rank, name, options, overrides, store, out_dir):
         result = dict(rel=rels[0], rels=rels, rel_to_dense=result_dense, rel_to_unmasked=rel_to_unmasked,
                       shape_ok=out.shape == ref.shape, skipped=cache.stats["skipped"],
                       sp_sites=runner.compiler.report.stats("sequence_parallel").rewritten,  # exchanged attentions
-                      collectives=_collectives(dumps),
+                      collectives=_collectives(dumps), exchange_order=_exchange_order(dumps),
                       attention=runner.compiler.report.stats("attention").rewritten, compiles=runner.compiler.compiles)
     except Exception as err:  # reported to the test, which asserts on it
         result = dict(error=f"{type(err).__name__}: {err}")
@@ -81,6 +81,14 @@ def _collectives(dumps):
              "_c10d_functional.all_gather_into_tensor", "mindiesd_compile.all_gather_peers",
              "mindiesd_compile.attention_partial", "mindiesd_compile.attention")
     return {kind.split(".")[1]: sum(g.count(f"{kind}.default]") for g in graphs) for kind in kinds}
+
+
+def _exchange_order(dumps):
+    """The overlapped exchange's ops in the order the first rewritten graph runs them."""
+    import re
+    graphs = sorted(f for f in os.listdir(dumps) if f.endswith("_sequence_parallel.txt"))
+    text = open(os.path.join(dumps, graphs[0])).read() if graphs else ""
+    return re.findall(r"\.(all_gather_peers|attention_partial|wait_tensor)\.default\]", text)
 
 
 def run_two_ranks(tmp_path, name, overrides=None, **options):
@@ -106,6 +114,19 @@ def test_two_ranks_match_one_process_wan(tmp_path, mode, overlap, collectives):
         assert result["attention"] == 4
         assert result["compiles"] == 3  # prologue, one block for both (the first block's sharded input too), epilogue
         assert {k: result["collectives"][k] for k in collectives} == collectives
+        if collectives.get("all_gather_peers"):  # the peers' keys awaited only after the local attention
+            assert result["exchange_order"] == ["all_gather_peers", "attention_partial", "wait_tensor", "wait_tensor",
+                                                "attention_partial"], result["exchange_order"]
+
+
+def test_overlapped_gather_kv_through_inductor_matches_one_process(tmp_path):
+    """The exchange lowered by Inductor (CPU): all_gather_peers as a collective whose wait comes after the local
+    attention, then the peers' attention and the fused merge; every rank gets the single-process output."""
+    for result in run_two_ranks(tmp_path, "wan", target="cpu", sequence_parallel_mode="gather_kv",
+                                sequence_parallel_overlap=True):
+        assert "error" not in result, result
+        assert result["shape_ok"] and result["rel"] <= 1e-5
+        assert result["collectives"]["all_gather_peers"] == 1 and result["collectives"]["attention_partial"] == 2
 
 
 def test_sequence_parallel_composes_with_caching(tmp_path):
