@@ -120,8 +120,9 @@ def main():
         ref, out = attention(), overlapped()
         rel = float((out.float() - ref.float()).norm() / ref.float().norm())
         variants = (("attention", attention), ("local", local),
-                    ("local-margin0", lambda: ops.attention_partial(q, k, v, None, scale, "BSHD", 0)), ("split", split), ("exchange", exchange),
-                    ("nccl+attn", nccl_then_attention), ("overlapped", overlapped))
+                    ("local-margin0", lambda: ops.attention_partial(q, k, v, None, scale, "BSHD", 0)),
+                    ("split", split), ("exchange", exchange), ("nccl+attn", nccl_then_attention),
+                    ("overlapped", overlapped))
         times = {}
         for name, fn in variants:
             times[name] = per_call_ms(fn)

@@ -175,7 +175,8 @@ class CompileOptions:
         if self.sequence_parallel_mode not in SEQUENCE_PARALLEL_MODES:
             raise OptionsError(f"options['sequence_parallel_mode']={self.sequence_parallel_mode!r} is not a mode; "
                                f"valid modes: {SEQUENCE_PARALLEL_MODES}")
-        if not any(self.sequence_parallel_overlap is v for v in (True, False)) and self.sequence_parallel_overlap != "auto":
+        overlap = self.sequence_parallel_overlap
+        if not (overlap is True or overlap is False or overlap == "auto"):
             raise OptionsError(f"options['sequence_parallel_overlap'] must be True, False or 'auto', "
                                f"got {self.sequence_parallel_overlap!r}")
         if self.sequence_parallel > 1:

@@ -160,7 +160,7 @@ def test_partial_attention_gets_fa3s_logsumexp_and_leaves_the_sms_asked_for(hopp
     torch._C._set_sm_carveout_experimental(carveout)
     try:
         q, k, v = qkv(layout)
-        out, lse = K.attention_partial_cuda(q, k, v, None, 0.125, layout, margin)
+        out, lse = K.attention_partial_cuda(q, k, v, None, 0.125, layout, margin, attention_partial_ref)
     finally:
         torch._C._set_sm_carveout_experimental(previous)
     ref_out, ref_lse = attention_partial_ref(q, k, v, None, 0.125, layout, margin)

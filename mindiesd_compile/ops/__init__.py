@@ -157,13 +157,17 @@ def _attention_cuda(q, k, v, mask, scale, layout):  # FA3 where it applies, else
     return attention_cuda(q, k, v, mask, scale, layout, attention_ref)
 
 
+def _attention_partial_cuda(q, k, v, mask, scale, layout, sm_margin):
+    return attention_partial_cuda(q, k, v, mask, scale, layout, sm_margin, attention_partial_ref)
+
+
 def _addmm_gelu_cuda(bias, a, b):
     # cuBLASLt's bias+GELU epilogue (tanh GELU on CUDA; on the CPU this ATen op means exact GELU)
     return torch._addmm_activation(bias, a, b, use_gelu=True)
 
 
 _lib.impl("attention", _attention_cuda, "CUDA")
-_lib.impl("attention_partial", attention_partial_cuda, "CUDA")
+_lib.impl("attention_partial", _attention_partial_cuda, "CUDA")
 _lib.impl("addmm_gelu", _addmm_gelu_cuda, "CUDA")
 
 ops = getattr(torch.ops, NAMESPACE)

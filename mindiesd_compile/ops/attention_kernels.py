@@ -103,15 +103,15 @@ def attention_cuda(q, k, v, mask, scale, layout, reference):
     return out if why is None else reference(q, k, v, mask, scale, layout)
 
 
-def attention_partial_cuda(q, k, v, mask, scale, layout, sm_margin):
-    """Attention with its log-sum-exp: FA3, else PyTorch's memory-efficient kernel (any dtype, a mask as bias)."""
+def attention_partial_cuda(q, k, v, mask, scale, layout, sm_margin, reference):
+    """Attention with its log-sum-exp: FA3, else PyTorch's memory-efficient kernel; with a mask (never from the
+    sequence-parallel pass, which splits only unmasked attention) the reference."""
     result, why = _fa3_or_why(q, k, v, mask, scale, layout, sm_margin, with_lse=True)
     if why is None:
         return result
+    if mask is not None:
+        return reference(q, k, v, mask, scale, layout, sm_margin)
     qh, kh, vh = (t.transpose(1, 2) if layout == "BSHD" else t for t in (q, k, v))
-    if mask is not None and mask.dtype == torch.bool:
-        mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf"))
-    bias = None if mask is None else mask.to(q.dtype).expand(qh.shape[0], qh.shape[1], qh.shape[2], kh.shape[2])
-    out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(qh, kh, vh, bias, True, scale=scale)[:2]
+    out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(qh, kh, vh, None, True, scale=scale)[:2]
     out = out.transpose(1, 2).contiguous()  # [B,S,H,D] memory, as the op promises
-    return (out if layout == "BSHD" else out.transpose(1, 2)), lse[..., :qh.shape[2]]
+    return (out if layout == "BSHD" else out.transpose(1, 2)), lse[..., :qh.shape[2]]  # lse is padded to 32 rows

@@ -2,7 +2,8 @@
 
 ``all_gather_peers(xs, dim, group)`` returns, per tensor, every other rank's tensor joined along ``dim`` in rank order
 (this rank's own chunk left out: the caller attends to it while the rest arrives). Await each output with
-``_c10d_functional.wait_tensor`` like a functional collective; the outputs are undefined before.
+``_c10d_functional.wait_tensor`` like a functional collective: undefined before, on CUDA valid until the call after
+next (they view a buffer the calls take in turn; the sequence-parallel pass reads them in the next attention).
 
 CUDA: copy engines over symmetric memory, no SM spent on the transfer (NCCL's kernels hold SMs, and a compute
 kernel beside them slows by what they hide: bench/RESULTS.md 2026-11-26). On a side stream: a barrier, each
@@ -96,8 +97,10 @@ class _Slots:
 
 
 @functools.lru_cache(None)
-def _slots(group_name: str):
-    """The group's ``_Slots``, or None (after one warning) where symmetric memory is unavailable."""
+def _slots(group_name: str, device: torch.device):
+    """The group's ``_Slots``, or None (after one warning) where symmetric memory is unavailable on any rank (all
+    ranks must take the same path: one waiting at a barrier for a rank that went to NCCL would hang)."""
+    why = ""
     try:
         from torch.distributed import _symmetric_memory as symm
         if hasattr(symm, "enable_symm_mem_for_group"):  # required before torch 2.12, a deprecated no-op after
@@ -105,11 +108,15 @@ def _slots(group_name: str):
                 warnings.simplefilter("ignore", FutureWarning)
                 symm.enable_symm_mem_for_group(group_name)
         symm.get_symm_mem_workspace(group_name, 1)  # fails here without peer access
-        return _Slots(group_name)
     except Exception as err:  # noqa: BLE001 - no P2P between the GPUs, a torch without it: fall back
-        warnings.warn(f"mindiesd_compile: symmetric memory unavailable for group {group_name} ({type(err).__name__}: "
-                      f"{err}); keys and values are all-gathered by NCCL, without overlap", RuntimeWarning)
-        return None
+        why = f"{type(err).__name__}: {err}"
+    everywhere = torch.tensor([0 if why else 1], device=device)
+    dist.all_reduce(everywhere, dist.ReduceOp.MIN, group=dist.distributed_c10d._resolve_process_group(group_name))
+    if everywhere.item():
+        return _Slots(group_name)
+    warnings.warn(f"mindiesd_compile: symmetric memory unavailable for group {group_name} ({why or 'on another rank'}); "
+                  "keys and values are all-gathered by NCCL, without overlap", RuntimeWarning)
+    return None
 
 
 def _region(hdl, rank: int, at: int, shape, dtype) -> Tensor:
@@ -119,7 +126,7 @@ def _region(hdl, rank: int, at: int, shape, dtype) -> Tensor:
 
 
 def _all_gather_peers_cuda(xs: Sequence[Tensor], dim: int, group: str) -> List[Tensor]:
-    slots = _slots(group)
+    slots = _slots(group, xs[0].device)
     if slots is None:
         return _gather_sync(xs, dim, group)
     xs = [x.contiguous() for x in xs]
