@@ -13,7 +13,6 @@ Also the overlapped output's rel. L2 against ``attention`` over the NCCL-gathere
 """
 import argparse
 import os
-import statistics
 import sys
 from pathlib import Path
 
@@ -22,27 +21,13 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 
 sys.path.append(str(Path(__file__).resolve().parents[1]))
+sys.path.append(str(Path(__file__).resolve().parent))
 import mindiesd_compile  # noqa: E402,F401
+from bench_exchange import per_call_ms  # noqa: E402
 from mindiesd_compile.ops import merge_partials, peer_gather  # noqa: E402
 from mindiesd_compile.passes.ulysses import SM_MARGIN_BESIDE_EXCHANGE  # noqa: E402
 
 HEADS = {"1.3b": 12, "14b": 40}
-
-
-def per_call_ms(fn, calls=10, runs=10):
-    fn()
-    out = []
-    for _ in range(runs):
-        dist.barrier()
-        torch.cuda.synchronize()
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        for _ in range(calls):
-            fn()
-        b.record()
-        b.synchronize()
-        out.append(a.elapsed_time(b) / calls)
-    return statistics.median(out)
 
 
 def timeline(fn, show):
@@ -125,7 +110,7 @@ def main():
                     ("overlapped", overlapped))
         times = {}
         for name, fn in variants:
-            times[name] = per_call_ms(fn)
+            times[name] = per_call_ms(fn, torch.device("cuda", torch.cuda.current_device()))
             if rank == 0:
                 print(f"  {config} {name} {times[name]:.3f} ms", flush=True)
         if args.trace:  # every rank calls it (the exchange is collective), rank 0 prints

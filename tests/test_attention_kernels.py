@@ -169,7 +169,6 @@ def test_partial_attention_gets_fa3s_logsumexp_and_leaves_the_sms_asked_for(hopp
     assert torch.allclose(out.float(), ref_out.float(), atol=1e-2) and torch.allclose(lse, ref_lse, atol=1e-3)
 
 
-
 @settings(deadline=None, max_examples=60)
 @given(st.integers(1, 2), st.integers(1, 3), st.integers(1, 9), st.integers(2, 12), st.data(), st.sampled_from([4, 8]),
        st.sampled_from([torch.float32, torch.bfloat16]), st.sampled_from(["BSHD", "BHSD"]),

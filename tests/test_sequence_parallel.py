@@ -79,7 +79,7 @@ def _collectives(dumps):
               if f.endswith("_sequence_parallel.txt")]
     kinds = ("_c10d_functional.all_to_all_single", "_c10d_functional.all_gather_into_tensor_coalesced",
              "_c10d_functional.all_gather_into_tensor", "mindiesd_compile.all_gather_peers",
-             "mindiesd_compile.attention_partial", "mindiesd_compile.attention")
+             "mindiesd_compile.attention_partial")
     return {kind.split(".")[1]: sum(g.count(f"{kind}.default]") for g in graphs) for kind in kinds}
 
 

@@ -163,6 +163,7 @@ def overlap_pays(k, segments, degree) -> bool:
     sharded_tokens = sum(n for sharded, n in segments if sharded)
     return 2 * (degree - 1) * size_hint(k[:, :1].numel() * sharded_tokens) * k.element_size() >= OVERLAP_MIN_BYTES
 
+
 # SMs the local attention leaves free: the exchange beside it needs one for each of its barrier kernels
 # (ops/peer_gather.py); a 2-SM carve-out cost nothing measurable (bench/RESULTS.md, 2026-11-26)
 SM_MARGIN_BESIDE_EXCHANGE = 2
