@@ -37,8 +37,7 @@ def build_manager(options: CompileOptions, target: str, report: Report, sharded:
         passes.insert(passes.index(next(p for p in passes if p.name == "attention")) + 1,
                       UlyssesPass(report, options.sequence_parallel, group.group_name, sorted(sharded),
                                   options.sequence_parallel_exchange(target),
-                                  options.sequence_parallel_overlap if target != "npu" and not options.fp8.attention
-                                  else False))
+                                  options.sequence_parallel_overlap_for(target)))
     if target == "cuda" and "norm_rope" in options.patterns and not offline:  # a Triton kernel: CUDA only
         from .lowering.norm_rope import NormRopeIntoOne
         passes.append(NormRopeIntoOne(report))

@@ -177,8 +177,7 @@ class CompileOptions:
                                f"valid modes: {SEQUENCE_PARALLEL_MODES}")
         overlap = self.sequence_parallel_overlap
         if not (overlap is True or overlap is False or overlap == "auto"):
-            raise OptionsError(f"options['sequence_parallel_overlap'] must be True, False or 'auto', "
-                               f"got {self.sequence_parallel_overlap!r}")
+            raise OptionsError(f"options['sequence_parallel_overlap'] must be True, False or 'auto', got {overlap!r}")
         if self.sequence_parallel > 1:
             if not self.partition:
                 raise OptionsError("options['sequence_parallel'] needs options['partition']=True")
@@ -216,6 +215,11 @@ class CompileOptions:
             return self.sequence_parallel_mode
         two = self.sequence_parallel == 2 and self.sparse_attention is None
         return "gather_kv" if two and target != "npu" else "ulysses"
+
+    def sequence_parallel_overlap_for(self, target: Optional[str]) -> Any:
+        """``sequence_parallel_overlap`` where it can run: not on the NPU (torchair lowers no copy-engine exchange)
+        nor with FP8 attention (the split attention has no FP8 kernel); there False."""
+        return False if target == "npu" or self.fp8.attention else self.sequence_parallel_overlap
 
     def check_cuda_graphs_target(self, target: Optional[str]) -> None:
         """Here with the target asked for, in the backend with the one the inputs' device gave."""

@@ -1,6 +1,7 @@
 """Ulysses sequence parallelism over 2 gloo processes: every rank gets the single-process output."""
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -85,7 +86,6 @@ def _collectives(dumps):
 
 def _exchange_order(dumps):
     """The overlapped exchange's ops in the order the first rewritten graph runs them."""
-    import re
     graphs = sorted(f for f in os.listdir(dumps) if f.endswith("_sequence_parallel.txt"))
     text = open(os.path.join(dumps, graphs[0])).read() if graphs else ""
     return re.findall(r"\.(all_gather_peers|attention_partial|wait_tensor)\.default\]", text)

@@ -120,7 +120,7 @@ def ulysses_attention(q, k, v, mask, scale, layout, degree, group, segments=None
     if mask_split:
         mask = _all_keys(mask, group, (heads, local, degree))[..., :k.shape[1]]
     out = torch.ops.mindiesd_compile.attention(q, k, v, mask, scale, "BSHD")
-    runs = out.split([n * degree if sharded else n for sharded, n in segments], dim=1) if len(segments) > 1 else (out,)
+    runs = _split_runs(out, [(sharded, n * degree if sharded else n) for sharded, n in segments])
     # a replicated run's heads are all-gathered back onto every rank
     out = _join([heads_to_seq(r, degree, group) if sharded else _all_gather((r,), 2, group)[0]
                  for (sharded, _), r in zip(segments, runs)])[:, :, :heads]
