@@ -7,8 +7,8 @@
 
 mindiesd: torch.compile(backend="mindiesd", options={"sequence_parallel": N}) (plain mindiesd compile
 for N=1); a suffix @ulysses or @gather_kv sets options["sequence_parallel_mode"] (default "auto");
-mindiesd+overlap: Inductor's comm/compute reordering; mindiesd+sync: sequence_parallel_overlap=False (gather_kv
-waits for every key, then one attention). diffusers: the model's own context parallelism
+mindiesd+overlap: Inductor's comm/compute reordering; mindiesd+sync, +ahead, +split: sequence_parallel_overlap=
+False (gather_kv waits for every key, then one attention), "ahead" or "split" (default "auto"). diffusers: the model's own context parallelism
 (enable_parallelism, Ulysses, eager) as the anchor. Rank 0 prints median ms (--profile: and one call's kernel
 time split into compute, NCCL and NCCL not overlapped by compute) and saves the output under --out-dir;
 `python bench/bench_sp.py --compare` prints each saved output's relative L2 against the 1-GPU mindiesd one
@@ -32,6 +32,7 @@ import mindiesd_compile  # noqa: E402,F401
 # exists, its wait sunk to the first use, independent compute moved in between)
 OVERLAP = {"reorder_for_compute_comm_overlap": True,
            "reorder_for_compute_comm_overlap_passes": ["sink_waits", "raise_comms", "reorder_compute_for_overlap"]}
+OVERLAPS = {"sync": False, "ahead": "ahead", "split": "split"}  # variant modifier -> sequence_parallel_overlap
 
 
 def main():
@@ -94,19 +95,22 @@ def main():
 
 def interleaved(model, inputs, world, rank, dev, args):
     variants = args.variants.split(",")
-    fns, times = {}, {v: [] for v in variants}
+    fns, outs, times = {}, {}, {v: [] for v in variants}
     with torch.no_grad():
         for v in variants:  # each compiled at its first call, with its own backend instance
             fns[v] = build_variant(v, model, world)
-            fns[v](**inputs), fns[v](**inputs)
+            outs[v] = fns[v](**inputs)[0].float()
+            fns[v](**inputs)
         for _ in range(args.rounds):
             for v in variants:
                 times[v] += time_calls(lambda: fns[v](**inputs), dev, args.iters)
     if rank == 0:
+        first = outs[variants[0]]
         for v in variants:
             ms = sorted(times[v])
             print(f"RESULT {v} gpus={world} median_ms={statistics.median(ms):.1f} min_ms={ms[0]:.1f} "
-                  f"max_ms={ms[-1]:.1f} calls={len(ms)} (interleaved)", flush=True)
+                  f"max_ms={ms[-1]:.1f} calls={len(ms)} (interleaved) rel L2 vs {variants[0]} "
+                  f"{float((outs[v] - first).norm() / first.norm()):.1e}", flush=True)
     dist.destroy_process_group()
 
 
@@ -131,7 +135,7 @@ def build_variant(variant, model, world):
     if variant.startswith("mindiesd"):
         modifier = variant.split("@")[0].partition("+")[2]
         options = {"target": _target(model), "inductor_config": OVERLAP if modifier == "overlap" else {}} | \
-            ({"sequence_parallel": world, "sequence_parallel_overlap": modifier != "sync"} | _mode(variant)
+            ({"sequence_parallel": world, "sequence_parallel_overlap": OVERLAPS.get(modifier, "auto")} | _mode(variant)
              if world > 1 else {})
         return torch.compile(model, backend="mindiesd", options=options, fullgraph=True)
     if world > 1:

@@ -60,6 +60,9 @@ def build_manager(options: CompileOptions, target: str, report: Report, sharded:
     if options.fp8.attention and not offline and target != "npu":  # last: after every pass that reads attention
         from .lowering.fp8_attention import AttentionToFp8
         passes.append(AttentionToFp8(report))
+    if sharded:  # last: the passes above re-place the nodes they rewrite
+        from .passes.early_exchange import StartExchangesEarly
+        passes.append(StartExchangesEarly(report))
     key = repr((target, options.patterns, options.strict, offline, options.fp8))  # what changes the compiled code
     return PassManager(passes, report, strict=options.strict, dump_graphs=options.dump_graphs, config_key=key)
 

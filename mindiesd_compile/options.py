@@ -101,10 +101,12 @@ class CompileOptions:
     sequence_parallel_mode: how attention sees the whole sequence: "ulysses" (all-to-all: every token, this
                rank's heads), "gather_kv" (keys and values all-gathered: this rank's queries, every head) or
                "auto" (``sequence_parallel_exchange`` says which runs).
-    sequence_parallel_overlap: True: gather_kv attends to this rank's own keys while the other ranks' keys
-               arrive (copy engines on CUDA), then to theirs, merging the two by their log-sum-exp (not on the
-               NPU, with FP8 attention or a mask); False: one attention once every key is there; "auto": where
-               a rank receives enough per attention to pay for the split (passes/ulysses.py OVERLAP_MIN_BYTES).
+    sequence_parallel_overlap: how gather_kv hides its exchange behind compute (CUDA: copy engines; not on the
+               NPU nor with FP8 attention): "ahead" starts it before the query projection, which runs beside it;
+               "split" also attends to this rank's own keys while the others arrive, then to theirs, merging the
+               two by their log-sum-exp (not with a mask); "auto" or True: "split" where a rank receives enough
+               per attention to pay for the split (passes/ulysses.py OVERLAP_MIN_BYTES), else "ahead"; False:
+               NCCL, awaited before attention.
     parallel_plan: where the sequence is split/gathered, in diffusers' ``_cp_plan`` format
                (default: the model class's own ``_cp_plan``).
     parallel_group: the torch.distributed group of the sequence-parallel ranks (default: the world).
@@ -176,8 +178,9 @@ class CompileOptions:
             raise OptionsError(f"options['sequence_parallel_mode']={self.sequence_parallel_mode!r} is not a mode; "
                                f"valid modes: {SEQUENCE_PARALLEL_MODES}")
         overlap = self.sequence_parallel_overlap
-        if not (overlap is True or overlap is False or overlap == "auto"):
-            raise OptionsError(f"options['sequence_parallel_overlap'] must be True, False or 'auto', got {overlap!r}")
+        if not (isinstance(overlap, bool) or overlap in ("auto", "ahead", "split")):
+            raise OptionsError("options['sequence_parallel_overlap'] must be 'auto', 'ahead', 'split', True (= 'auto') "
+                               f"or False, got {overlap!r}")
         if self.sequence_parallel > 1:
             if not self.partition:
                 raise OptionsError("options['sequence_parallel'] needs options['partition']=True")
@@ -218,8 +221,10 @@ class CompileOptions:
 
     def sequence_parallel_overlap_for(self, target: Optional[str]) -> Any:
         """``sequence_parallel_overlap`` where it can run: not on the NPU (torchair lowers no copy-engine exchange)
-        nor with FP8 attention (the split attention has no FP8 kernel); there False."""
-        return False if target == "npu" or self.fp8.attention else self.sequence_parallel_overlap
+        nor with FP8 attention (not timed; the split attention has no FP8 kernel); there False."""
+        if target == "npu" or self.fp8.attention:
+            return False
+        return "auto" if self.sequence_parallel_overlap is True else self.sequence_parallel_overlap
 
     def check_cuda_graphs_target(self, target: Optional[str]) -> None:
         """Here with the target asked for, in the backend with the one the inputs' device gave."""

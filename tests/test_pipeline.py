@@ -79,8 +79,8 @@ def _cfg_worker(rank, world, name, store, out_dir):
         with torch.no_grad():
             reference = run(pipe)
             # CFG 2 x 2: gather_kv inside each branch's group, the exchange beside the local attention (a subgroup's
-            # all_gather_peers; "auto" would leave these tiny models on one attention)
-            overlap = {"sequence_parallel_overlap": True} if world > 2 else {}
+            # all_gather_peers; "auto" would gather these tiny models' keys ahead)
+            overlap = {"sequence_parallel_overlap": "split"} if world > 2 else {}
             mindiesd_compile.optimize(pipe, target="eager", cfg_parallel=2, sequence_parallel=world // 2, **overlap)
             batches = set()  # the batch each rank's compiled transformer runs
             pipe.transformer.inner.register_forward_pre_hook(

@@ -85,10 +85,13 @@ def _collectives(dumps):
 
 
 def _exchange_order(dumps):
-    """The overlapped exchange's ops in the order the first rewritten graph runs them."""
-    graphs = sorted(f for f in os.listdir(dumps) if f.endswith("_sequence_parallel.txt"))
+    """The first rewritten graph's matmuls, exchange and attention ops in the order it runs them (after the last
+    pass), up to the attention that reads the first exchange."""
+    graphs = sorted(f for f in os.listdir(dumps) if f.endswith("_early_exchange.txt"))
     text = open(os.path.join(dumps, graphs[0])).read() if graphs else ""
-    return re.findall(r"\.(all_gather_peers|attention_partial|wait_tensor)\.default\]", text)
+    ops = re.findall(r"\.(addmm|mm|all_gather_peers|wait_tensor|attention_partial|attention)\.default\]", text)
+    waits = [i for i, op in enumerate(ops) if op == "wait_tensor"]
+    return ops[:waits[-1] + 2] if waits else []
 
 
 def run_two_ranks(tmp_path, name, overrides=None, **options):
@@ -97,16 +100,23 @@ def run_two_ranks(tmp_path, name, overrides=None, **options):
     return [json.loads((tmp_path / f"{name}-{r}.json").read_text()) for r in range(WORLD)]
 
 
-@pytest.mark.parametrize("mode, overlap, collectives", [
+@pytest.mark.parametrize("mode, overlap, collectives, order", [
     # one block graph (both blocks share it): q, k, v and the output each in an all-to-all
-    ("ulysses", True, {"all_to_all_single": 4, "all_gather_into_tensor_coalesced": 0, "all_gather_peers": 0}),
-    # keys and values in one all-gather, nothing after attention ("auto": a tiny model's exchange is too small to
-    # pay for the split attention)
-    ("gather_kv", "auto", {"all_to_all_single": 0, "all_gather_into_tensor_coalesced": 1, "all_gather_peers": 0}),
-    # the peer's keys and values gathered beside the attention over this rank's: two partial attentions
-    ("gather_kv", True, {"all_to_all_single": 0, "all_gather_into_tensor_coalesced": 0, "all_gather_peers": 1,
-                         "attention_partial": 2})])
-def test_two_ranks_match_one_process_wan(tmp_path, mode, overlap, collectives):
+    ("ulysses", "auto", {"all_to_all_single": 4, "all_gather_into_tensor_coalesced": 0, "all_gather_peers": 0}, None),
+    # keys and values in one NCCL all-gather, awaited at once; nothing after attention
+    ("gather_kv", False, {"all_to_all_single": 0, "all_gather_into_tensor_coalesced": 1, "all_gather_peers": 0},
+     ["addmm", "addmm", "addmm", "wait_tensor", "wait_tensor", "attention"]),
+    # "auto" on a tiny model: "ahead", the exchange started after the key and value projections, before the
+    # query's (the model projects q first), awaited just before attention
+    ("gather_kv", "auto", {"all_to_all_single": 0, "all_gather_into_tensor_coalesced": 0, "all_gather_peers": 1,
+                           "attention_partial": 0},
+     ["addmm", "addmm", "all_gather_peers", "addmm", "wait_tensor", "wait_tensor", "attention"]),
+    # "split": also the attention over this rank's keys before the wait, then the peer's: two partial attentions
+    ("gather_kv", "split", {"all_to_all_single": 0, "all_gather_into_tensor_coalesced": 0, "all_gather_peers": 1,
+                            "attention_partial": 2},
+     ["addmm", "addmm", "all_gather_peers", "addmm", "attention_partial", "wait_tensor", "wait_tensor",
+      "attention_partial"])])
+def test_two_ranks_match_one_process_wan(tmp_path, mode, overlap, collectives, order):
     for result in run_two_ranks(tmp_path, "wan", sequence_parallel_mode=mode, sequence_parallel_overlap=overlap):
         assert "error" not in result, result
         assert result["shape_ok"] and result["rel"] <= 1e-5
@@ -114,19 +124,21 @@ def test_two_ranks_match_one_process_wan(tmp_path, mode, overlap, collectives):
         assert result["attention"] == 4
         assert result["compiles"] == 3  # prologue, one block for both (the first block's sharded input too), epilogue
         assert {k: result["collectives"][k] for k in collectives} == collectives
-        if collectives.get("all_gather_peers"):  # the peers' keys awaited only after the local attention
-            assert result["exchange_order"] == ["all_gather_peers", "attention_partial", "wait_tensor", "wait_tensor",
-                                                "attention_partial"], result["exchange_order"]
+        if order:
+            assert result["exchange_order"] == order
 
 
-def test_overlapped_gather_kv_through_inductor_matches_one_process(tmp_path):
-    """The exchange lowered by Inductor (CPU): all_gather_peers as a collective whose wait comes after the local
-    attention, then the peers' attention and the fused merge; every rank gets the single-process output."""
+@pytest.mark.parametrize("overlap, partials", [("ahead", 0), ("split", 2)])
+def test_overlapped_gather_kv_through_inductor_matches_one_process(tmp_path, overlap, partials):
+    """The exchange lowered by Inductor (CPU): all_gather_peers as a collective whose inputs live until its wait
+    ("ahead": every rank's chunk in one buffer; "split": the peers' only, the merge fused); every rank gets the
+    single-process output."""
     for result in run_two_ranks(tmp_path, "wan", target="cpu", sequence_parallel_mode="gather_kv",
-                                sequence_parallel_overlap=True):
+                                sequence_parallel_overlap=overlap):
         assert "error" not in result, result
         assert result["shape_ok"] and result["rel"] <= 1e-5
-        assert result["collectives"]["all_gather_peers"] == 1 and result["collectives"]["attention_partial"] == 2
+        assert result["collectives"]["all_gather_peers"] == 1
+        assert result["collectives"]["attention_partial"] == partials
 
 
 def test_sequence_parallel_composes_with_caching(tmp_path):
@@ -160,12 +172,12 @@ def test_length_specialised_joint_attention_is_a_clear_error(tmp_path):
 def test_joint_attention_with_dynamic_sequence_dims_matches_one_process(tmp_path):
     """Flux (text and image tokens both split, joint attention) traced with dynamic sequence dims (the default
     exchange on 2 ranks: gather_kv; Ulysses' joint path: the HunyuanVideo test)."""
-    for result in run_two_ranks(tmp_path, "flux", dynamic=True, sequence_parallel_overlap=True):
+    for result in run_two_ranks(tmp_path, "flux", dynamic=True, sequence_parallel_overlap="split"):
         assert "error" not in result, result
         assert result["shape_ok"] and result["rel"] <= 1e-5
         assert result["sp_sites"] == 2 == result["attention"]  # the double-stream and the single-stream block
-        # joint attention without a mask: the peer's image keys arrive beside the attention over this rank's
-        # image keys and the (replicated) text keys
+        # "split" joint attention: the peer's image keys arrive beside the attention over this rank's image keys
+        # and the (replicated) text keys
         assert result["collectives"]["all_gather_peers"] == 2 == result["collectives"]["attention_partial"] / 2
 
 
@@ -185,7 +197,9 @@ def test_hunyuan_video_with_text_padding_matches_one_process(tmp_path, mode):
         assert result["attention"] == 3  # + the token refiner's text self-attention (prologue, unsplit)
         exchanged = result["collectives"]["all_to_all_single"]  # the modes really differ
         assert (exchanged == 0) if mode == "gather_kv" else (exchanged > 0), result["collectives"]
-        assert result["collectives"]["all_gather_peers"] == 0  # masked: no overlap, the keys all-gathered first
+        # masked: no split; "auto" gathers the image keys ahead (the mask by NCCL)
+        assert result["collectives"]["all_gather_peers"] == (2 if mode == "gather_kv" else 0), result["collectives"]
+        assert result["collectives"]["attention_partial"] == 0
 
 
 @pytest.mark.parametrize("mode", ["ulysses", "gather_kv"])
@@ -214,11 +228,12 @@ def test_sd3_two_ranks_match_one_process(tmp_path):
     """SD3 ships no _cp_plan: the built-in one splits the image tokens where they enter the blocks, text stays
     whole (joint attention, no mask). Its blocks multiply the latent height in patches, handed over by the
     prologue, back into the image token count: each rank's blocks get their share, the epilogue the whole."""
-    for result in run_two_ranks(tmp_path, "sd3", dynamic=True, sequence_parallel_overlap=True):
+    for result in run_two_ranks(tmp_path, "sd3", dynamic=True, sequence_parallel_overlap=True):  # "auto": ahead
         assert "error" not in result, result
         assert result["shape_ok"] and result["rel"] <= 1e-5
         assert result["sp_sites"] == 3  # joint attention in both blocks + block 0's image-only attn2 (dual attention)
         assert result["collectives"]["all_gather_peers"] == 3  # each graph once: block 0 (2 sites), block 1
+        assert result["collectives"]["attention_partial"] == 0
 
 
 def test_indivisible_image_tokens_are_a_clear_error(tmp_path):
@@ -255,20 +270,22 @@ def test_sequence_parallel_without_distributed_is_a_clear_error():
         CompileOptions.from_dict({"sequence_parallel": 2})
 
 
-def test_overlap_auto_pays_for_large_exchanges_only():
+def test_overlap_auto_splits_for_large_exchanges_only():
     """"auto" splits attention where a rank receives >= 256 MiB of keys and values: Wan2.1-14B at 832x480x81 on 2
-    ranks (40 heads: 335 MB) yes, 1.3B (12 heads: 101 MB) no (measured: +2.0 % / -1.3 %); on 4 ranks (three peers'
-    keys and values) 14B 503 MB, 1.3B 151 MB; a replicated text run adds nothing received."""
+    ranks (40 heads: 335 MB) yes, 1.3B (12 heads: 101 MB) no; on 4 ranks (three peers' keys and values) 14B 503
+    MB, 1.3B 151 MB; a replicated text run adds nothing received. Elsewhere "ahead"."""
     from mindiesd_compile.options import CompileOptions, OptionsError
-    from mindiesd_compile.passes.ulysses import overlap_pays
+    from mindiesd_compile.passes.ulysses import overlap_for
     keys = lambda heads, degree: torch.empty(1, 32760 // degree, heads, 128, dtype=torch.bfloat16, device="meta")
-    assert overlap_pays(keys(40, 2), ((True, 16380),), 2)
-    assert not overlap_pays(keys(12, 2), ((True, 16380),), 2)
-    assert overlap_pays(keys(40, 4), ((True, 8190),), 4) and not overlap_pays(keys(12, 4), ((True, 8190),), 4)
+    assert overlap_for(keys(40, 2), ((True, 16380),), 2) == "split"
+    assert overlap_for(keys(12, 2), ((True, 16380),), 2) == "ahead"
+    assert overlap_for(keys(40, 4), ((True, 8190),), 4) == "split"
+    assert overlap_for(keys(12, 4), ((True, 8190),), 4) == "ahead"
     text = torch.empty(1, 16380 + 512, 12, 128, dtype=torch.bfloat16, device="meta")
-    assert not overlap_pays(text, ((True, 16380), (False, 512)), 2)
-    with pytest.raises(OptionsError, match="must be True, False or 'auto', got 1"):
-        CompileOptions.from_dict({"sequence_parallel_overlap": 1})
+    assert overlap_for(text, ((True, 16380), (False, 512)), 2) == "ahead"
+    for wrong in (1, "early", None):
+        with pytest.raises(OptionsError, match=f"must be 'auto', 'ahead', 'split', True .* or False, got {wrong!r}"):
+            CompileOptions.from_dict({"sequence_parallel_overlap": wrong})
 
 
 def test_unknown_sequence_parallel_mode_is_a_clear_error():

@@ -1,20 +1,22 @@
-"""``torch.ops.mindiesd_compile.all_gather_peers``: the other ranks' chunks of each tensor, started asynchronously.
+"""``torch.ops.mindiesd_compile.all_gather_peers``: the ranks' chunks of each tensor, gathered asynchronously.
 
-``all_gather_peers(xs, dim, group)`` returns, per tensor, every other rank's tensor joined along ``dim`` in rank order
-(this rank's own chunk left out: the caller attends to it while the rest arrives). Await each output with
-``_c10d_functional.wait_tensor`` like a functional collective: undefined before, on CUDA valid until the call after
-next (they view a buffer the calls take in turn; the sequence-parallel pass reads them in the next attention).
+``all_gather_peers(xs, dim, group, include_self)`` returns, per tensor, the ranks' tensors joined along ``dim`` in
+rank order, this rank's own chunk left out unless ``include_self`` (the caller may attend to it while the rest
+arrives). Await each output with ``_c10d_functional.wait_tensor`` like a functional collective: undefined before,
+on CUDA valid until the call after next (they view a buffer the calls take in turn; the sequence-parallel pass
+reads them in the next attention).
 
 CUDA: copy engines over symmetric memory, no SM spent on the transfer (NCCL's kernels hold SMs, and a compute
 kernel beside them slows by what they hide: bench/RESULTS.md 2026-11-26). On a side stream: a barrier, each
-tensor written straight into every peer's symmetric slot (GPU-to-GPU copies run on copy engines; a copy within
-one GPU would be an SM kernel, so nothing is staged locally), a barrier, the outputs marked ready. The outputs are
-views of this rank's slot, read in place; two slots alternate, and a call's first barrier waits until every rank
-has queued its reads of the slot's last contents. The barriers are one-block kernels: a persistent kernel beside
-them must leave an SM free (``attention_partial``'s ``sm_margin``). The inputs stay alive until their outputs are
-awaited (Inductor: the op lowers as a collective, whose wait holds its inputs; op by op: ``record_stream``). Where
-symmetric memory is unavailable (no peer access), NCCL all-gathers synchronously, after one warning. Other devices
-(gloo): a synchronous all-gather.
+tensor written straight into every peer's symmetric slot (GPU-to-GPU copies run on copy engines), a barrier, the
+outputs marked ready. A copy within one GPU is an SM kernel, slow beside a compute kernel: the own chunk, when
+included, is copied on the calling stream. The outputs are views of this rank's slot, read in place; two slots
+alternate, and a call's first barrier waits until every rank has queued its reads of the slot's last contents.
+The barriers are one-block kernels: a persistent kernel beside them must leave an SM free (``attention_partial``'s
+``sm_margin``) or they run after it. The inputs stay alive until their outputs are awaited (Inductor: the op
+lowers as a collective, whose wait holds its inputs; op by op: ``record_stream``). Where symmetric memory is
+unavailable (no peer access), NCCL all-gathers synchronously, after one warning. Other devices (gloo): a
+synchronous all-gather.
 """
 from __future__ import annotations
 
@@ -29,33 +31,33 @@ from torch import Tensor
 from torch._C._distributed_c10d import Work
 
 _lib = torch.library.Library("mindiesd_compile", "FRAGMENT")
-_lib.define("all_gather_peers(Tensor[] xs, int dim, str group) -> Tensor[]")
+_lib.define("all_gather_peers(Tensor[] xs, int dim, str group, bool include_self=False) -> Tensor[]")
 
 
-def _peer_shape(x: Tensor, dim: int, world: int) -> List[int]:
+def _gathered_shape(x: Tensor, dim: int, chunks: int) -> List[int]:
     shape = list(x.shape)
-    shape[dim] *= world - 1
+    shape[dim] *= chunks
     return shape
 
 
 def _assemble(x: Tensor, dim: int, chunks: Sequence[Tensor]) -> Tensor:
-    return torch.cat(list(chunks), dim=dim) if chunks else x.new_empty(_peer_shape(x, dim, 1))
+    return torch.cat(list(chunks), dim=dim) if chunks else x.new_empty(_gathered_shape(x, dim, 0))
 
 
-def _gather_sync(xs: Sequence[Tensor], dim: int, group_name: str) -> List[Tensor]:
+def _gather_sync(xs: Sequence[Tensor], dim: int, group_name: str, include_self: bool = False) -> List[Tensor]:
     group = dist.distributed_c10d._resolve_process_group(group_name)
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     out = []
     for x in xs:
         chunks = [torch.empty_like(x) for _ in range(world)]
         dist.all_gather(chunks, x.contiguous(), group=group)
-        out.append(_assemble(x, dim, [c for r, c in enumerate(chunks) if r != rank]))
+        out.append(_assemble(x, dim, [c for r, c in enumerate(chunks) if include_self or r != rank]))
     return out
 
 
-def _all_gather_peers_fake(xs, dim, group):
+def _all_gather_peers_fake(xs, dim, group, include_self=False):
     world = dist.distributed_c10d._resolve_process_group(group).size()
-    return [x.new_empty(_peer_shape(x, dim, world)) for x in xs]
+    return [x.new_empty(_gathered_shape(x, dim, world - (not include_self))) for x in xs]
 
 
 class _Ready(Work):
@@ -120,18 +122,19 @@ def _slots(group_name: str, device: torch.device):
 
 
 def _region(hdl, rank: int, at: int, shape, dtype) -> Tensor:
-    """A [outer, P-1, inner] region at byte offset ``at`` of ``rank``'s slot (mapped into this GPU if a peer's)."""
+    """A [outer, chunks, inner] region at byte offset ``at`` of ``rank``'s slot (mapped into this GPU if a peer's)."""
     nbytes = math.prod(shape) * dtype.itemsize
     return hdl.get_buffer(rank, (nbytes,), torch.uint8, at).view(dtype).view(shape)
 
 
-def _all_gather_peers_cuda(xs: Sequence[Tensor], dim: int, group: str) -> List[Tensor]:
+def _all_gather_peers_cuda(xs: Sequence[Tensor], dim: int, group: str, include_self: bool = False) -> List[Tensor]:
     slots = _slots(group, xs[0].device)
     if slots is None:
-        return _gather_sync(xs, dim, group)
+        return _gather_sync(xs, dim, group, include_self)
     xs = [x.contiguous() for x in xs]
     world = dist.distributed_c10d._resolve_process_group(group).size()
-    regions = [(math.prod(x.shape[:dim]), world - 1, x[(0,) * dim].numel()) for x in xs]  # outer, P-1, inner
+    chunks = world - (not include_self)
+    regions = [(math.prod(x.shape[:dim]), chunks, x[(0,) * dim].numel()) for x in xs]  # outer, chunks, inner
     sizes = [math.prod(r) * x.element_size() for r, x in zip(regions, xs)]
     offsets = [sum(sizes[:i]) for i in range(len(xs))]
     hdl = slots.next(sum(sizes), xs[0].device)
@@ -142,15 +145,18 @@ def _all_gather_peers_cuda(xs: Sequence[Tensor], dim: int, group: str) -> List[T
     with torch.cuda.stream(side):
         hdl.barrier(channel=0)  # every rank here: its tensors ready, its slot free
         for peer in (r for r in range(world) if r != rank):
-            at_peer = rank - (rank > peer)  # this rank's place among the peer's peers
+            at_peer = rank if include_self else rank - (rank > peer)  # this rank's place in the peer's slot
             for x, region, at in zip(xs, regions, offsets):
                 dst, src = _region(hdl, peer, at, region, x.dtype), x.view(region[0], -1)
                 for o in range(region[0]):  # contiguous runs: copy-engine writes over NVLink
                     dst[o, at_peer].copy_(src[o])
         hdl.barrier(channel=0)  # every peer's writes into this rank's slot have landed
         ready.record(side)
-    outs = [_region(hdl, rank, at, region, x.dtype).view(_peer_shape(x, dim, world))
-            for x, region, at in zip(xs, regions, offsets)]
+    outs = [_region(hdl, rank, at, region, x.dtype) for region, at, x in zip(regions, offsets, xs)]
+    if include_self:  # after the side stream's start: the pushes need not wait for this copy
+        for out, x in zip(outs, xs):
+            out[:, rank].copy_(x.view(out.shape[0], -1))
+    outs = [out.view(_gathered_shape(x, dim, chunks)) for out, x in zip(outs, xs)]
     for x in xs:
         x.record_stream(side)
     for out in outs:
@@ -173,5 +179,6 @@ def register_inductor_lowering() -> None:
         return
 
     @register_lowering(op, type_promotion_kind=None)
-    def _lower(xs, dim, group):
-        return [ir.TensorBox.create(t) for t in ir._CollectiveKernel.create_out_of_place(op.default, xs, dim, group)]
+    def _lower(xs, dim, group, include_self=False):
+        return [ir.TensorBox.create(t) for t in
+                ir._CollectiveKernel.create_out_of_place(op.default, xs, dim, group, include_self)]

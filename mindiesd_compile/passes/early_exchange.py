@@ -1,0 +1,70 @@
+"""Start each key/value exchange before the query work of its attention.
+
+The sequence-parallel pass traces an ``all_gather_peers`` just before the attention it feeds, i.e. after the
+query projection, whose GEMM the model wrote first (``to_q`` before ``to_k`` and ``to_v``). On CUDA the exchange
+runs on copy engines beside whatever the GPU computes next, so this pass moves it, with the key/value work it
+needs, ahead of the first node only the queries need: the transfer then runs beside the query projection and its
+norm/RoPE instead of in front of attention. It only moves nodes earlier that the exchange depends on (never past
+their own inputs), so the graph computes the same values; the waits stay where the sequence-parallel pass put
+them. Runs last: later rewrites re-place the nodes they fuse.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Set
+
+import torch
+from torch.fx import Graph, Node
+
+from ..ops import op_name
+from .base import GraphPass
+
+_ATTENTIONS = ("attention", "attention_partial")
+
+
+def _ancestors(roots: Iterable[Node]) -> Set[Node]:
+    seen, todo = set(), list(roots)
+    while todo:
+        n = todo.pop()
+        if n not in seen:
+            seen.add(n)
+            todo.extend(n.all_input_nodes)
+    return seen
+
+
+def _attention_fed_by(start: Node) -> Node:
+    """The first attention reached from ``start`` through its users (waits, joins, views)."""
+    seen, todo = set(), [start]
+    while todo:
+        n = todo.pop(0)
+        if op_name(n.target) in _ATTENTIONS and n is not start:
+            return n
+        for u in n.users:
+            if u not in seen:
+                seen.add(u)
+                todo.append(u)
+    return None
+
+
+class StartExchangesEarly(GraphPass):
+    name = "early_exchange"
+
+    def __call__(self, graph: Graph) -> None:
+        gather = torch.ops.mindiesd_compile.all_gather_peers.default
+        for exchange in [n for n in graph.nodes if n.target is gather]:
+            self.report.found(self.name)
+            attention = _attention_fed_by(exchange)
+            if attention is None:
+                self.report.skipped(self.name, exchange.name, "no attention reads this exchange")
+                continue
+            needed = _ancestors([exchange])
+            query_only = [n for n in _ancestors([attention.args[0]]) - needed if n.op == "call_function"]
+            order = {n: i for i, n in enumerate(graph.nodes)}
+            first = min(query_only, key=order.__getitem__, default=None)
+            if first is None or order[first] > order[exchange]:
+                self.report.skipped(self.name, exchange.name, "no query work before the exchange")
+                continue
+            # what the exchange needs, between the first query-only node and the exchange, keeps its order
+            moved = [n for n in graph.nodes if order[first] < order[n] < order[exchange] and n in needed]
+            for n in moved + [exchange]:
+                first.prepend(n)
+            self.report.rewritten(self.name)
