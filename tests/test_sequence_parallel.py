@@ -89,7 +89,8 @@ def _exchange_order(dumps):
     pass), up to the attention that reads the first exchange."""
     graphs = sorted(f for f in os.listdir(dumps) if f.endswith("_early_exchange.txt"))
     text = open(os.path.join(dumps, graphs[0])).read() if graphs else ""
-    ops = re.findall(r"\.(addmm|mm|all_gather_peers|wait_tensor|attention_partial|attention)\.default\]", text)
+    ops = re.findall(r"\.(addmm|mm|all_gather_peers|wait_tensor|attention_partial|attention|control_deps)(?:\.default)?\]",
+                     text)
     waits = [i for i, op in enumerate(ops) if op == "wait_tensor"]
     return ops[:waits[-1] + 2] if waits else []
 
@@ -107,14 +108,15 @@ def run_two_ranks(tmp_path, name, overrides=None, **options):
     ("gather_kv", False, {"all_to_all_single": 0, "all_gather_into_tensor_coalesced": 1, "all_gather_peers": 0},
      ["addmm", "addmm", "addmm", "wait_tensor", "wait_tensor", "attention"]),
     # "auto" on a tiny model: "ahead", the exchange started after the key and value projections, before the
-    # query's (the model projects q first), awaited just before attention
+    # query's (the model projects q first; its GEMM now ordered after the exchange: control_deps), awaited just
+    # before attention
     ("gather_kv", "auto", {"all_to_all_single": 0, "all_gather_into_tensor_coalesced": 0, "all_gather_peers": 1,
                            "attention_partial": 0},
-     ["addmm", "addmm", "all_gather_peers", "addmm", "wait_tensor", "wait_tensor", "attention"]),
+     ["addmm", "addmm", "all_gather_peers", "control_deps", "wait_tensor", "wait_tensor", "attention"]),
     # "split": also the attention over this rank's keys before the wait, then the peer's: two partial attentions
     ("gather_kv", "split", {"all_to_all_single": 0, "all_gather_into_tensor_coalesced": 0, "all_gather_peers": 1,
                             "attention_partial": 2},
-     ["addmm", "addmm", "all_gather_peers", "addmm", "attention_partial", "wait_tensor", "wait_tensor",
+     ["addmm", "addmm", "all_gather_peers", "control_deps", "attention_partial", "wait_tensor", "wait_tensor",
       "attention_partial"])])
 def test_two_ranks_match_one_process_wan(tmp_path, mode, overlap, collectives, order):
     for result in run_two_ranks(tmp_path, "wan", sequence_parallel_mode=mode, sequence_parallel_overlap=overlap):
