@@ -78,7 +78,13 @@ def lower(gm: torch.fx.GraphModule, example_inputs, options: CompileOptions, tar
         from .lowering.torchair import compile_npu
         return compile_npu(gm, example_inputs, manager, options.npu)
     from .lowering.inductor import compile_inductor
-    compiled = compile_inductor(gm, example_inputs, manager, dict(options.inductor_config), mode)
+    config = dict(options.inductor_config)
+    if sharded and options.sequence_parallel_exchange(target) == "gather_kv" and \
+            options.sequence_parallel_overlap_for(target):
+        # Inductor's peak-memory order (torch 2.11) ignores control_deps and put the query GEMM back before the
+        # exchange started ahead of it (passes/early_exchange.py): the graph order stands
+        config.setdefault("reorder_for_peak_memory", False)
+    compiled = compile_inductor(gm, example_inputs, manager, config, mode)
     if not manager.graph_id:  # Inductor found the graph in its cache: the passes never ran
         report.cache_hits += 1
     return compiled
