@@ -104,9 +104,8 @@ class CompileOptions:
     sequence_parallel_overlap: how gather_kv hides its exchange behind compute (CUDA: copy engines; not on the
                NPU nor with FP8 attention): "ahead" starts it before the query projection, which runs beside it;
                "split" also attends to this rank's own keys while the others arrive, then to theirs, merging the
-               two by their log-sum-exp (not with a mask); "auto" or True: "split" where a rank receives enough
-               per attention to pay for the split (passes/ulysses.py OVERLAP_MIN_BYTES), else "ahead"; False:
-               NCCL, awaited before attention.
+               two by their log-sum-exp (not with a mask); "auto" or True: "ahead" on 2 ranks, "split" on more
+               (``sequence_parallel_overlap_for``); False: NCCL, awaited before attention.
     parallel_plan: where the sequence is split/gathered, in diffusers' ``_cp_plan`` format
                (default: the model class's own ``_cp_plan``).
     parallel_group: the torch.distributed group of the sequence-parallel ranks (default: the world).
@@ -210,21 +209,32 @@ class CompileOptions:
 
     def sequence_parallel_exchange(self, target: Optional[str]) -> str:
         """The mode that runs, for ``target``. "auto": gather_kv on 2 ranks, where it moves the same bytes as
-        Ulysses with nothing exchanged after attention and no layout copies (0.4-1.6 % faster on 2 H200s,
-        bench/RESULTS.md 2026-11-27), Ulysses on more (the gathered keys and values grow with the degree: 2.4 %
-        slower on 4), with sparse attention, and on the NPU, where neither has been timed (gather_kv lowers
-        there too, to HcomAllGather: ask for it by name)."""
+        Ulysses with nothing exchanged after attention and no layout copies (0.4-1.6 % faster on 2 H200s without
+        overlap, bench/RESULTS.md 2026-11-27), and on 3-4 ranks where its exchange is overlapped on CUDA (2-3 %
+        faster than Ulysses on 4 H200s; without the overlap 2.4 % slower: the gathered keys and values grow with
+        the degree); Ulysses on more ranks (not timed), with sparse attention, and on the NPU, where neither has
+        been timed (gather_kv lowers there too, to HcomAllGather: ask for it by name)."""
         if self.sequence_parallel_mode != "auto":
             return self.sequence_parallel_mode
-        two = self.sequence_parallel == 2 and self.sparse_attention is None
-        return "gather_kv" if two and target != "npu" else "ulysses"
+        if self.sparse_attention is not None or target == "npu":
+            return "ulysses"
+        overlapped = target == "cuda" and self.sequence_parallel_overlap_for(target)
+        return "gather_kv" if self.sequence_parallel == 2 or (self.sequence_parallel <= 4 and overlapped) \
+            else "ulysses"
 
     def sequence_parallel_overlap_for(self, target: Optional[str]) -> Any:
-        """``sequence_parallel_overlap`` where it can run: not on the NPU (torchair lowers no copy-engine exchange)
-        nor with FP8 attention (not timed; the split attention has no FP8 kernel); there False."""
-        if target == "npu" or self.fp8.attention:
+        """The gather_kv overlap that runs (False, "ahead" or "split"): none on the NPU (torchair lowers no
+        copy-engine exchange) nor with FP8 attention (not timed; the split attention has no FP8 kernel). "auto":
+        "ahead" on 2 ranks, where the exchange fits beside the query projection (Wan2.1 on 2 H200s: 14B 2.2 %, 1.3B
+        2.5 % faster than waiting for NCCL; "split" 0.5-0.9 % slower than "ahead"), "split" on more, where a
+        rank receives more in less projection time (4 H200s: 14B 5.3 %, 1.3B 7.1 % faster than "ahead";
+        bench/RESULTS.md 2026-11-27, eleventh session)."""
+        overlap = self.sequence_parallel_overlap
+        if target == "npu" or self.fp8.attention or overlap is False:
             return False
-        return "auto" if self.sequence_parallel_overlap is True else self.sequence_parallel_overlap
+        if overlap is True or overlap == "auto":
+            return "ahead" if self.sequence_parallel == 2 else "split"
+        return overlap
 
     def check_cuda_graphs_target(self, target: Optional[str]) -> None:
         """Here with the target asked for, in the backend with the one the inputs' device gave."""

@@ -1,5 +1,6 @@
 """Ulysses sequence parallelism over 2 gloo processes: every rank gets the single-process output."""
 import json
+import operator
 import os
 import re
 
@@ -272,19 +273,21 @@ def test_sequence_parallel_without_distributed_is_a_clear_error():
         CompileOptions.from_dict({"sequence_parallel": 2})
 
 
-def test_overlap_auto_splits_for_large_exchanges_only():
-    """"auto" splits attention where a rank receives >= 256 MiB of keys and values: Wan2.1-14B at 832x480x81 on 2
-    ranks (40 heads: 335 MB) yes, 1.3B (12 heads: 101 MB) no; on 4 ranks (three peers' keys and values) 14B 503
-    MB, 1.3B 151 MB; a replicated text run adds nothing received. Elsewhere "ahead"."""
+def test_overlap_auto_is_ahead_on_two_ranks_and_split_on_more(one_rank):
+    """"auto" (or True): the exchange ahead of the query projection on 2 ranks, the split attention on more (both
+    measured fastest there, bench/RESULTS.md 2026-11-27); none on the NPU or with FP8 attention; a name is kept."""
     from mindiesd_compile.options import CompileOptions, OptionsError
-    from mindiesd_compile.passes.ulysses import overlap_for
-    keys = lambda heads, degree: torch.empty(1, 32760 // degree, heads, 128, dtype=torch.bfloat16, device="meta")
-    assert overlap_for(keys(40, 2), ((True, 16380),), 2) == "split"
-    assert overlap_for(keys(12, 2), ((True, 16380),), 2) == "ahead"
-    assert overlap_for(keys(40, 4), ((True, 8190),), 4) == "split"
-    assert overlap_for(keys(12, 4), ((True, 8190),), 4) == "ahead"
-    text = torch.empty(1, 16380 + 512, 12, 128, dtype=torch.bfloat16, device="meta")
-    assert overlap_for(text, ((True, 16380), (False, 512)), 2) == "ahead"
+
+    def overlap(target, **options):
+        return CompileOptions.from_dict(options).sequence_parallel_overlap_for(target)
+    assert overlap("cuda", sequence_parallel=2) == "ahead" == overlap("cuda", sequence_parallel=2,
+                                                                       sequence_parallel_overlap=True)
+    assert overlap("cuda", sequence_parallel=4) == "split" == overlap("cuda", sequence_parallel=3)
+    assert overlap("cuda", sequence_parallel=2, sequence_parallel_overlap="split") == "split"
+    assert overlap("cuda", sequence_parallel=4, sequence_parallel_overlap="ahead") == "ahead"
+    assert overlap("cuda", sequence_parallel=2, sequence_parallel_overlap=False) is False
+    assert overlap("npu", sequence_parallel=2) is False
+    assert overlap("cuda", sequence_parallel=2, fp8={"attention": True}) is False
     for wrong in (1, "early", None):
         with pytest.raises(OptionsError, match=f"must be 'auto', 'ahead', 'split', True .* or False, got {wrong!r}"):
             CompileOptions.from_dict({"sequence_parallel_overlap": wrong})
@@ -305,14 +308,18 @@ def one_rank(tmp_path):
 
 
 def test_auto_mode_picks_the_exchange_measured_faster(one_rank):
-    """gather_kv on 2 ranks, Ulysses on more, with sparse attention and on the NPU (untimed there); a mode named
-    is the mode that runs."""
+    """gather_kv on 2 ranks and, overlapped, on 3-4; Ulysses on more, with sparse attention and on the NPU (untimed
+    there); a mode named is the mode that runs."""
     from mindiesd_compile import CompileOptions
 
     def exchange(target, **options):
         return CompileOptions.from_dict(options).sequence_parallel_exchange(target)
     assert exchange("cuda", sequence_parallel=2) == "gather_kv" == exchange("eager", sequence_parallel=2)
-    assert exchange("cuda", sequence_parallel=4) == "ulysses" == exchange("cuda", sequence_parallel=3)
+    # 3-4 ranks: gather_kv where its exchange is overlapped (CUDA), else Ulysses; more ranks: Ulysses
+    assert exchange("cuda", sequence_parallel=4) == "gather_kv" == exchange("cuda", sequence_parallel=3)
+    assert exchange("cuda", sequence_parallel=4, sequence_parallel_overlap=False) == "ulysses"
+    assert exchange("cuda", sequence_parallel=4, fp8={"attention": True}) == "ulysses"
+    assert exchange("eager", sequence_parallel=4) == "ulysses" == exchange("cuda", sequence_parallel=8)
     assert exchange("npu", sequence_parallel=2) == "ulysses"
     assert exchange("cuda", sequence_parallel=2, sparse_attention={"sparsity": 0.5}) == "ulysses"
     assert exchange("cuda", sequence_parallel=4, sequence_parallel_mode="gather_kv") == "gather_kv"
@@ -355,3 +362,42 @@ def test_optimize_marks_the_sequence_dims_before_the_first_trace():
     with torch.no_grad():
         compiled(**kwargs)
     assert sizes == [4]
+
+
+def _exchange_graph(query_first: bool) -> torch.fx.GraphModule:
+    """x -> q, k, v projections (q written first or last) -> all_gather_peers(k, v) -> waits -> attention."""
+    aten, ops = torch.ops.aten, torch.ops.mindiesd_compile
+    g = torch.fx.Graph()
+    x, wq, wk, wv = (g.placeholder(n) for n in ("x", "wq", "wk", "wv"))
+    q = g.call_function(aten.mm.default, (x, wq)) if query_first else None
+    k, v = g.call_function(aten.mm.default, (x, wk)), g.call_function(aten.mm.default, (x, wv))
+    exchange = g.call_function(ops.all_gather_peers.default, ([k, v], 1, "0", True))
+    if not query_first:
+        q = g.call_function(aten.mm.default, (x, wq))
+    q = g.call_function(aten.view.default, (q, [1, 4, 2, 2]))
+    k, v = (g.call_function(torch.ops._c10d_functional.wait_tensor.default,
+                            (g.call_function(operator.getitem, (exchange, i)),)) for i in (0, 1))
+    g.output(g.call_function(ops.attention.default, (q, k, v, None, 1.0, "BSHD")))
+    return torch.fx.GraphModule(torch.nn.Module(), g)
+
+
+def test_early_exchange_moves_the_exchange_ahead_of_the_query_work_only():
+    """The exchange and the key/value projections it needs go before the query projection, which then depends on
+    the exchange (control_deps: Inductor must keep that order); nothing else moves. A graph whose query work
+    already follows the exchange is left alone, with the reason."""
+    from mindiesd_compile.passes.early_exchange import StartExchangesEarly
+    from mindiesd_compile.report import Report
+    gm, report = _exchange_graph(query_first=True), Report()
+    StartExchangesEarly(report)(gm.graph)
+    gm.graph.lint()
+    calls = [n for n in gm.graph.nodes if n.op == "call_function"]
+    names = [getattr(n.target, "__name__", str(n.target)) for n in calls]
+    assert names[:4] == ["mm.default", "mm.default", "all_gather_peers.default", "control_deps"], names
+    assert calls[3].args[0] == (calls[2],)  # the query GEMM (not its view) waits for the exchange's start
+    assert report.stats("early_exchange").rewritten == 1
+
+    gm, report = _exchange_graph(query_first=False), Report()
+    before = [n.name for n in gm.graph.nodes]
+    StartExchangesEarly(report)(gm.graph)
+    assert [n.name for n in gm.graph.nodes] == before
+    assert report.stats("early_exchange").skipped[0]["why"] == "no query work before the exchange"

@@ -32,10 +32,6 @@ from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed._functional_collectives as funcol
-try:  # a symbolic size's traced value, no guard added (the name changed in torch 2.12)
-    from torch.fx.experimental.symbolic_shapes import optimization_hint as size_hint
-except ImportError:
-    from torch.fx.experimental.symbolic_shapes import hint_int as size_hint
 
 from ..lowering.decompose import inline_decomposition
 from ..ops import merge_partials, op_name
@@ -133,12 +129,14 @@ def gather_kv_attention(q, k, v, mask, scale, layout, degree, group, segments=No
     the key order ``ulysses_attention`` has); its output holds its own tokens, so nothing is exchanged after
     attention, no layout is copied, and any head count works. The bytes received match Ulysses' on 2 ranks
     and grow with the degree (keys and values: (P-1)/P of them, against 4 tensors' (P-1)/P^2).
-    ``overlap`` (``OVERLAPS``): how the exchange hides behind compute; False: NCCL, awaited at once."""
+    ``overlap``: how the exchange hides behind compute (options.py picks): "ahead", started before the query
+    projection (passes/early_exchange.py), which runs beside it, attention waiting for every key; "split", also
+    attention over this rank's own keys while the other ranks' arrive, then over theirs, the two merged by their
+    log-sum-exp (a second attention kernel and the merge for more to hide behind; with a mask: "ahead"); False:
+    NCCL, awaited at once."""
     if layout == "BHSD":
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     segments = segments or ((True, k.shape[1]),)
-    if overlap == "auto":
-        overlap = overlap_for(k, segments, degree)
     if overlap == "split" and mask is None:
         out = _attend_while_gathering(q, k, v, scale, group, segments)
         return out.transpose(1, 2) if layout == "BHSD" else out
@@ -157,26 +155,6 @@ def _gather_ahead(xs, dim, group):
     which it runs on copy engines; awaited here, just before attention."""
     wait = torch.ops._c10d_functional.wait_tensor
     return tuple(wait(t) for t in torch.ops.mindiesd_compile.all_gather_peers(list(xs), dim, group, True))
-
-
-# How gather_kv's exchange may hide behind compute (options["sequence_parallel_overlap"]):
-# - "ahead": started before the query projection, which runs beside it; attention waits for every key.
-# - "split": also attends to this rank's own keys while the other ranks' arrive, then to theirs, and merges
-#   the two by their log-sum-exp: more to hide behind, for a second attention kernel and the merge (no mask).
-OVERLAPS = ("ahead", "split")
-
-# "auto" splits where a rank receives at least this much per attention: the split costs a fixed ~0.2-0.4 ms
-# (a second attention kernel, the merge, host work) that the hidden exchange must pay back. Wan2.1 at 832x480x81
-# on 2 H200s: 14B (335 MB) 2.0 % faster, 1.3B (101 MB) 1.3 % slower (bench/RESULTS.md, 2026-11-27).
-OVERLAP_MIN_BYTES = 256 << 20
-
-
-def overlap_for(k, segments, degree) -> str:
-    """"split" where the keys and values a rank receives for this [B, S, H, D] attention reach
-    ``OVERLAP_MIN_BYTES``, else "ahead"."""
-    sharded_tokens = sum(n for sharded, n in segments if sharded)
-    received = 2 * (degree - 1) * size_hint(k[:, :1].numel() * sharded_tokens) * k.element_size()
-    return "split" if received >= OVERLAP_MIN_BYTES else "ahead"
 
 
 # SMs the local attention leaves free: the exchange beside it needs one for each of its barrier kernels
