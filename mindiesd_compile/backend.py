@@ -81,8 +81,8 @@ def lower(gm: torch.fx.GraphModule, example_inputs, options: CompileOptions, tar
     config = dict(options.inductor_config)
     if sharded and options.sequence_parallel_exchange(target) == "gather_kv" and \
             options.sequence_parallel_overlap_for(target):
-        # Inductor's peak-memory order (torch 2.11) ignores control_deps and put the query GEMM back before the
-        # exchange started ahead of it (passes/early_exchange.py): the graph order stands
+        # Inductor's peak-memory reordering put the query GEMM back before the exchange started ahead of it
+        # (passes/early_exchange.py), its control_deps notwithstanding (torch 2.11, H200s): the graph order stands
         config.setdefault("reorder_for_peak_memory", False)
     compiled = compile_inductor(gm, example_inputs, manager, config, mode)
     if not manager.graph_id:  # Inductor found the graph in its cache: the passes never ran

@@ -6,9 +6,10 @@ runs on copy engines beside whatever the GPU computes next, so this pass moves i
 needs, ahead of the first node only the queries need: the transfer then runs beside the query projection and its
 norm/RoPE instead of in front of attention. It only moves nodes earlier that the exchange depends on (never past
 their own inputs), so the graph computes the same values; the waits stay where the sequence-parallel pass put
-them. Inductor's scheduler would still order independent nodes by its own heuristics (its peak-memory order put
-the query GEMM back before the exchange on H200s), so the query work's first kernels also get an explicit
-dependency on the exchange (Inductor's ``control_deps``). Runs last: later rewrites re-place the nodes they fuse.
+them. Inductor's scheduler orders independent nodes by its own heuristics (fusion, peak memory), so the query
+work's first kernels also get an explicit dependency on the exchange (Inductor's ``control_deps``); torch 2.11's
+peak-memory reordering still moved the query GEMM back, so the backend turns it off for these graphs. Runs last:
+later rewrites re-place the nodes they fuse.
 """
 from __future__ import annotations
 
