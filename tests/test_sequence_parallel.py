@@ -53,10 +53,15 @@ def _worker(rank, name, options, overrides, store, out_dir):
             if cached_reference:
                 one = torch.compile(model, backend="mindiesd",
                                     options={"target": "eager", "cache": mindiesd_compile.StepCache(cache_config)})
-            rels = []
+            rels, codes = [], []
             for step in range(steps):
                 kw = dict(kwargs, timestep=kwargs["timestep"] - 100 * step)
-                ref, out = one(**kw)[0], fn(**kw)[0]
+                if step == 0 and options.get("target") == "cpu":  # Inductor: keep the code it generates
+                    from torch._inductor.utils import run_and_get_code
+                    outs, codes = run_and_get_code(fn, **kw)
+                    ref, out = one(**kw)[0], outs[0]
+                else:
+                    ref, out = one(**kw)[0], fn(**kw)[0]
                 rels.append(float((out - ref).norm() / ref.norm()))
             dense, plain = model(**kwargs)[0], model(**unmasked)[0]
             result_dense = float((out - dense).norm() / dense.norm())
@@ -66,7 +71,10 @@ def _worker(rank, name, options, overrides, store, out_dir):
                       shape_ok=out.shape == ref.shape, skipped=cache.stats["skipped"],
                       sp_sites=runner.compiler.report.stats("sequence_parallel").rewritten,  # exchanged attentions
                       collectives=_collectives(dumps), exchange_order=_exchange_order(dumps),
-                      attention=runner.compiler.report.stats("attention").rewritten, compiles=runner.compiler.compiles)
+                      attention=runner.compiler.report.stats("attention").rewritten, compiles=runner.compiler.compiles,
+                      # per generated graph with an exchange: the matrix products it runs before starting it
+                      products_before_exchange=[c.split("all_gather_peers.default(")[0].count("extern_kernels.addmm(")
+                                                for c in codes if "all_gather_peers.default(" in c])
     except Exception as err:  # reported to the test, which asserts on it
         result = dict(error=f"{type(err).__name__}: {err}")
     finally:
@@ -134,14 +142,17 @@ def test_two_ranks_match_one_process_wan(tmp_path, mode, overlap, collectives, o
 @pytest.mark.parametrize("overlap, partials", [("ahead", 0), ("split", 2)])
 def test_overlapped_gather_kv_through_inductor_matches_one_process(tmp_path, overlap, partials):
     """The exchange lowered by Inductor (CPU): all_gather_peers as a collective whose inputs live until its wait
-    ("ahead": every rank's chunk in one buffer; "split": the peers' only, the merge fused); every rank gets the
-    single-process output."""
+    ("ahead": every rank's chunk in one buffer; "split": the peers' only, the merge fused), started before the
+    query projection in the generated code; every rank gets the single-process output."""
     for result in run_two_ranks(tmp_path, "wan", target="cpu", sequence_parallel_mode="gather_kv",
                                 sequence_parallel_overlap=overlap):
         assert "error" not in result, result
         assert result["shape_ok"] and result["rel"] <= 1e-5
         assert result["collectives"]["all_gather_peers"] == 1
         assert result["collectives"]["attention_partial"] == partials
+        # Inductor keeps the exchange ahead of the query projection: the key and value GEMMs only before it
+        # (without the control dependency it fused the queries' norm/RoPE with the keys' and ran all three first)
+        assert result["products_before_exchange"] == [2], result["products_before_exchange"]
 
 
 def test_sequence_parallel_composes_with_caching(tmp_path):
