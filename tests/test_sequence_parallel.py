@@ -1,4 +1,4 @@
-"""Ulysses sequence parallelism over 2 gloo processes: every rank gets the single-process output."""
+"""Sequence parallelism over 2 (and 4) gloo processes: every rank gets the single-process output."""
 import json
 import operator
 import os
@@ -16,8 +16,8 @@ MODELS = {**MODELS, "ltx": ltx}
 WORLD = 2
 
 
-def _worker(rank, name, options, overrides, store, out_dir):
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
+def _worker(rank, world, name, options, overrides, store, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     result = {}
     try:
         import mindiesd_compile
@@ -45,7 +45,7 @@ def _worker(rank, name, options, overrides, store, out_dir):
         dumps = os.path.join(out_dir, f"graphs-{name}-{rank}")
         with torch.no_grad():
             fn = torch.compile(model, backend="mindiesd", fullgraph=True,
-                               options={"target": "eager", "cache": cache, "sequence_parallel": WORLD,
+                               options={"target": "eager", "cache": cache, "sequence_parallel": world,
                                         "dump_graphs": dumps, **options})
             # the reference: one process, same options but the parallelism (e.g. sparse attention is not eager's)
             one = torch.compile(model, backend="mindiesd", options={"target": "eager", **options}) \
@@ -104,10 +104,10 @@ def _exchange_order(dumps):
     return ops[:waits[-1] + 2] if waits else []
 
 
-def run_two_ranks(tmp_path, name, overrides=None, **options):
-    mp.spawn(_worker, args=(name, options, overrides, str(tmp_path / f"store-{name}"), str(tmp_path)),
-             nprocs=WORLD, join=True)
-    return [json.loads((tmp_path / f"{name}-{r}.json").read_text()) for r in range(WORLD)]
+def run_ranks(tmp_path, name, overrides=None, world=WORLD, **options):
+    mp.spawn(_worker, args=(world, name, options, overrides, str(tmp_path / f"store-{name}"), str(tmp_path)),
+             nprocs=world, join=True)
+    return [json.loads((tmp_path / f"{name}-{r}.json").read_text()) for r in range(world)]
 
 
 @pytest.mark.parametrize("mode, overlap, collectives, order", [
@@ -128,7 +128,7 @@ def run_two_ranks(tmp_path, name, overrides=None, **options):
      ["addmm", "addmm", "all_gather_peers", "control_deps", "attention_partial", "wait_tensor", "wait_tensor",
       "attention_partial"])])
 def test_two_ranks_match_one_process_wan(tmp_path, mode, overlap, collectives, order):
-    for result in run_two_ranks(tmp_path, "wan", sequence_parallel_mode=mode, sequence_parallel_overlap=overlap):
+    for result in run_ranks(tmp_path, "wan", sequence_parallel_mode=mode, sequence_parallel_overlap=overlap):
         assert "error" not in result, result
         assert result["shape_ok"] and result["rel"] <= 1e-5
         assert result["sp_sites"] == 2  # the self-attentions; cross-attention to replicated text stays local
@@ -139,13 +139,25 @@ def test_two_ranks_match_one_process_wan(tmp_path, mode, overlap, collectives, o
             assert result["exchange_order"] == order
 
 
+@pytest.mark.parametrize("overlap, collectives", [
+    ("split", {"all_gather_peers": 1, "attention_partial": 2, "all_to_all_single": 0}),
+    ("ahead", {"all_gather_peers": 1, "attention_partial": 0, "all_to_all_single": 0})])
+def test_four_ranks_gather_kv_matches_one_process(tmp_path, overlap, collectives):
+    """gather_kv on 4 ranks (the default on 4 GPUs, with "split"): three peers' keys and values per attention."""
+    for result in run_ranks(tmp_path, "wan", world=4, sequence_parallel_mode="gather_kv",
+                            sequence_parallel_overlap=overlap):
+        assert "error" not in result, result
+        assert result["shape_ok"] and result["rel"] <= 1e-5 and result["sp_sites"] == 2
+        assert {k: result["collectives"][k] for k in collectives} == collectives
+
+
 @pytest.mark.parametrize("overlap, partials", [("ahead", 0), ("split", 2)])
 def test_overlapped_gather_kv_through_inductor_matches_one_process(tmp_path, overlap, partials):
     """The exchange lowered by Inductor (CPU): all_gather_peers as a collective whose inputs live until its wait
     ("ahead": every rank's chunk in one buffer; "split": the peers' only, the merge fused), started before the
     query projection in the generated code; every rank gets the single-process output."""
-    for result in run_two_ranks(tmp_path, "wan", target="cpu", sequence_parallel_mode="gather_kv",
-                                sequence_parallel_overlap=overlap):
+    for result in run_ranks(tmp_path, "wan", target="cpu", sequence_parallel_mode="gather_kv",
+                            sequence_parallel_overlap=overlap):
         assert "error" not in result, result
         assert result["shape_ok"] and result["rel"] <= 1e-5
         assert result["collectives"]["all_gather_peers"] == 1
@@ -157,7 +169,7 @@ def test_overlapped_gather_kv_through_inductor_matches_one_process(tmp_path, ove
 
 def test_sequence_parallel_composes_with_caching(tmp_path):
     cache = {"policy": "block", "step_start": 1, "step_interval": 2, "block_start": 0, "block_end": 2}
-    results = run_two_ranks(tmp_path, "wan", cache=cache, steps=4)
+    results = run_ranks(tmp_path, "wan", cache=cache, steps=4)
     for result in results:
         assert "error" not in result, result
         assert result["skipped"] == 1  # step 2 reuses the (sharded) residual on both ranks
@@ -170,7 +182,7 @@ def test_attention_reuse_under_sequence_parallelism_matches_one_process(tmp_path
     """The attention cache's reused step (step 2: blocks 0-1 take step 1's attention outputs, their q/k/v and
     exchanges not run) gives each rank the single-process cached output, with either exchange."""
     cache = {"policy": "attention", "step_start": 1, "step_interval": 2, "block_start": 0, "block_end": 2}
-    results = run_two_ranks(tmp_path, "wan", cache=cache, steps=4, cached_reference=True, sequence_parallel_mode=mode)
+    results = run_ranks(tmp_path, "wan", cache=cache, steps=4, cached_reference=True, sequence_parallel_mode=mode)
     for result in results:
         assert "error" not in result, result
         assert result["skipped"] == 1 and max(result["rels"]) <= 1e-5, result
@@ -179,14 +191,14 @@ def test_attention_reuse_under_sequence_parallelism_matches_one_process(tmp_path
 def test_length_specialised_joint_attention_is_a_clear_error(tmp_path):
     """Flux traced with static shapes splits joint attention back by the traced text length: the error says
     how to trace it instead."""
-    for result in run_two_ranks(tmp_path, "flux"):
+    for result in run_ranks(tmp_path, "flux"):
         assert "fixes token counts" in result["error"] and "mark_sequence_dynamic" in result["error"]
 
 
 def test_joint_attention_with_dynamic_sequence_dims_matches_one_process(tmp_path):
     """Flux (text and image tokens both split, joint attention) traced with dynamic sequence dims (the default
     exchange on 2 ranks: gather_kv; Ulysses' joint path: the HunyuanVideo test)."""
-    for result in run_two_ranks(tmp_path, "flux", dynamic=True, sequence_parallel_overlap="split"):
+    for result in run_ranks(tmp_path, "flux", dynamic=True, sequence_parallel_overlap="split"):
         assert "error" not in result, result
         assert result["shape_ok"] and result["rel"] <= 1e-5
         assert result["sp_sites"] == 2 == result["attention"]  # the double-stream and the single-stream block
@@ -202,8 +214,8 @@ def test_hunyuan_video_with_text_padding_matches_one_process(tmp_path, mode):
     padded chunk and is gathered back whole; joint attention runs in the single-process key order. Batch 2:
     the joint sequence is followed through the projections' [B*S, C] views; 3 heads: padded to 4 (Ulysses)."""
     heads = {"num_attention_heads": 3}
-    for result in run_two_ranks(tmp_path, "hunyuan", heads, dynamic=True, text_padding=3, batch2=True,
-                                sequence_parallel_mode=mode):
+    for result in run_ranks(tmp_path, "hunyuan", heads, dynamic=True, text_padding=3, batch2=True,
+                            sequence_parallel_mode=mode):
         assert "error" not in result, result
         assert result["shape_ok"] and result["rel"] <= 1e-5
         assert result["rel_to_unmasked"] > 1e-3  # the padding mask really changes the output
@@ -221,7 +233,7 @@ def test_ltx_text_split_with_its_padding_mask_matches_one_process(tmp_path, mode
     """LTX-Video's _cp_plan splits the text (and its padding mask) with the video tokens: its cross-attention has
     every token split, and the key mask built from each rank's text (per head, as LTX repeats it) goes through
     the all-to-all with the keys. The last 3 of 8 text tokens are padding: all on rank 1."""
-    for result in run_two_ranks(tmp_path, "ltx", dynamic=True, text_padding=3, sequence_parallel_mode=mode):
+    for result in run_ranks(tmp_path, "ltx", dynamic=True, text_padding=3, sequence_parallel_mode=mode):
         assert "error" not in result, result
         assert result["shape_ok"] and result["rel"] <= 1e-5
         assert result["rel_to_unmasked"] > 1e-3  # the padding mask really changes the output
@@ -233,7 +245,7 @@ def test_a_whole_mask_over_split_keys_is_a_clear_error(tmp_path):
     covers them all: a clear error, not a silently misapplied mask."""
     plan = {k: v for k, v in ltx()[0]._cp_plan.items()}
     plan[""] = {k: v for k, v in plan[""].items() if k != "encoder_attention_mask"}
-    for result in run_two_ranks(tmp_path, "ltx", dynamic=True, text_padding=3, parallel_plan=plan):
+    for result in run_ranks(tmp_path, "ltx", dynamic=True, text_padding=3, parallel_plan=plan):
         assert "takes a mask over the whole joint sequence" in result["error"], result
         assert "only key-padding masks built before the blocks can follow the split" in result["error"]
 
@@ -242,7 +254,7 @@ def test_sd3_two_ranks_match_one_process(tmp_path):
     """SD3 ships no _cp_plan: the built-in one splits the image tokens where they enter the blocks, text stays
     whole (joint attention, no mask). Its blocks multiply the latent height in patches, handed over by the
     prologue, back into the image token count: each rank's blocks get their share, the epilogue the whole."""
-    for result in run_two_ranks(tmp_path, "sd3", dynamic=True, sequence_parallel_overlap=True):  # "auto": ahead
+    for result in run_ranks(tmp_path, "sd3", dynamic=True, sequence_parallel_overlap=True):  # "auto": ahead
         assert "error" not in result, result
         assert result["shape_ok"] and result["rel"] <= 1e-5
         assert result["sp_sites"] == 3  # joint attention in both blocks + block 0's image-only attn2 (dual attention)
@@ -252,14 +264,14 @@ def test_sd3_two_ranks_match_one_process(tmp_path):
 
 def test_indivisible_image_tokens_are_a_clear_error(tmp_path):
     """1 x 3 x 3 = 9 image tokens on 2 ranks."""
-    for result in run_two_ranks(tmp_path, "hunyuan", dynamic=True, hidden_states_shape=(1, 4, 1, 3, 3)):
+    for result in run_ranks(tmp_path, "hunyuan", dynamic=True, hidden_states_shape=(1, 4, 1, 3, 3)):
         assert ("HunyuanVideoTransformer3DModel: the sequence entering the blocks has 9 tokens, not divisible by "
                 "sequence_parallel=2") in result["error"], result
 
 
 def test_per_block_plan_entries_are_a_clear_error(tmp_path):
     """Qwen-Image's _cp_plan splits the text mask and modulation index again at every block."""
-    for result in run_two_ranks(tmp_path, "qwen"):
+    for result in run_ranks(tmp_path, "qwen"):
         assert "QwenImageTransformer2DModel's parallel plan splits inputs of every block" in result["error"], result
         assert "transformer_blocks.*" in result["error"]
 
@@ -268,13 +280,13 @@ def test_heads_not_divisible_are_padded(tmp_path):
     """3 heads on 2 ranks under Ulysses: a zero head pads them to 4; every rank still gets the single-process
     output (gather_kv keeps every head on every rank: the HunyuanVideo test runs 3 heads with it)."""
     heads = {"num_attention_heads": 3}
-    for result in run_two_ranks(tmp_path, "wan", overrides=heads, sequence_parallel_mode="ulysses"):
+    for result in run_ranks(tmp_path, "wan", overrides=heads, sequence_parallel_mode="ulysses"):
         assert "error" not in result, result
         assert result["rel"] <= 1e-5 and result["sp_sites"] == 2
 
 
 def test_world_size_must_match_the_degree(tmp_path):
-    for result in run_two_ranks(tmp_path, "wan", sequence_parallel=4):
+    for result in run_ranks(tmp_path, "wan", sequence_parallel=4):
         assert "sequence_parallel=4 but the process group has 2 rank(s)" in result["error"]
 
 
@@ -350,7 +362,7 @@ def test_block_sparse_attention_under_sequence_parallelism(tmp_path):
     """Ulysses gives each rank the whole sequence for its heads, so block-sparse attention (grid 3x4x4: 12 blocks
     of 4 tokens, sparsity 0.9) selects and runs per head exactly as on one process."""
     sparse = {"sparsity": 0.9, "block": 4, "tile": (2, 2)}
-    for result in run_two_ranks(tmp_path, "wan", sparse_attention=sparse, hidden_states_shape=(1, 4, 3, 8, 8)):
+    for result in run_ranks(tmp_path, "wan", sparse_attention=sparse, hidden_states_shape=(1, 4, 3, 8, 8)):
         assert "error" not in result, result
         assert result["rel"] <= 1e-5 and result["sp_sites"] == 2
         assert result["rel_to_dense"] > 1e-3  # sparse attention really ran (it differs from dense attention)
