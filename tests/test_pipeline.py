@@ -79,7 +79,7 @@ def _cfg_worker(rank, world, name, store, out_dir):
         with torch.no_grad():
             reference = run(pipe)
             # CFG 2 x 2: gather_kv inside each branch's group, the exchange beside the local attention (a subgroup's
-            # all_gather_peers; "auto" would gather these tiny models' keys ahead)
+            # all_gather_peers; "auto" on 2 ranks gathers ahead, as the sequence-parallel tests check)
             overlap = {"sequence_parallel_overlap": "split"} if world > 2 else {}
             mindiesd_compile.optimize(pipe, target="eager", cfg_parallel=2, sequence_parallel=world // 2, **overlap)
             batches = set()  # the batch each rank's compiled transformer runs
