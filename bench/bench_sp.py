@@ -9,10 +9,11 @@ mindiesd: torch.compile(backend="mindiesd", options={"sequence_parallel": N}) (p
 for N=1); a suffix @ulysses or @gather_kv sets options["sequence_parallel_mode"] (default "auto");
 mindiesd+overlap: Inductor's comm/compute reordering; mindiesd+sync, +ahead, +split: sequence_parallel_overlap=
 False (gather_kv waits for every key, then one attention), "ahead" or "split" (default "auto"). diffusers: the
-model's own context parallelism (enable_parallelism, Ulysses, eager) as the anchor. Rank 0 prints median ms (--profile: and one call's kernel
-time split into compute, NCCL and NCCL not overlapped by compute) and saves the output under --out-dir;
-`python bench/bench_sp.py --compare` prints each saved output's relative L2 against the 1-GPU mindiesd one
-(so runs on different GPUs of one host may run at the same time).
+model's own context parallelism (enable_parallelism, Ulysses, eager) as the anchor. Rank 0 prints median ms
+(--profile: and one call's kernel time split into compute, NCCL and NCCL not overlapped by compute) and saves the
+output under --out-dir; `python bench/bench_sp.py --compare` prints each saved output's relative L2 against the
+1-GPU mindiesd one (so runs on different GPUs of one host may run at the same time); --rounds prints each
+variant's against the first variant's.
 """
 import argparse
 import os
