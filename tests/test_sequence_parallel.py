@@ -95,7 +95,7 @@ def _collectives(dumps):
 
 def _exchange_order(dumps):
     """The first rewritten graph's matmuls, exchange and attention ops in the order it runs them (after the last
-    pass), up to the attention that reads the first exchange."""
+    pass), up to the op after the last wait (the attention that reads the exchange)."""
     graphs = sorted(f for f in os.listdir(dumps) if f.endswith("_early_exchange.txt"))
     text = open(os.path.join(dumps, graphs[0])).read() if graphs else ""
     ops = re.findall(r"\.(addmm|mm|all_gather_peers|wait_tensor|attention_partial|attention|control_deps)(?:\.default)?\]",
@@ -116,7 +116,7 @@ def run_ranks(tmp_path, name, overrides=None, world=WORLD, **options):
     # keys and values in one NCCL all-gather, awaited at once; nothing after attention
     ("gather_kv", False, {"all_to_all_single": 0, "all_gather_into_tensor_coalesced": 1, "all_gather_peers": 0},
      ["addmm", "addmm", "addmm", "wait_tensor", "wait_tensor", "attention"]),
-    # "auto" on a tiny model: "ahead", the exchange started after the key and value projections, before the
+    # "auto" on 2 ranks: "ahead", the exchange started after the key and value projections, before the
     # query's (the model projects q first; its GEMM now ordered after the exchange: control_deps), awaited just
     # before attention
     ("gather_kv", "auto", {"all_to_all_single": 0, "all_gather_into_tensor_coalesced": 0, "all_gather_peers": 1,
