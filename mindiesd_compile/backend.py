@@ -28,6 +28,13 @@ def infer_target(example_inputs) -> str:
     return next((d for d in ("npu", "cuda") if d in devices), "cpu")
 
 
+def _exchanges_start_early(options: CompileOptions, target: str, sharded: frozenset) -> bool:
+    """Whether this piece's attention gathers keys/values by ``all_gather_peers``, started early (gather_kv with
+    an overlap): what ``StartExchangesEarly`` and its Inductor setting are for."""
+    return bool(sharded) and options.sequence_parallel_exchange(target) == "gather_kv" and \
+        bool(options.sequence_parallel_overlap_for(target))
+
+
 def build_manager(options: CompileOptions, target: str, report: Report, sharded: frozenset = frozenset(),
                   offline: bool = False) -> PassManager:
     passes = [PASSES[name](report) for name in options.patterns if name in PASSES]
@@ -60,7 +67,7 @@ def build_manager(options: CompileOptions, target: str, report: Report, sharded:
     if options.fp8.attention and not offline and target != "npu":  # last: after every pass that reads attention
         from .lowering.fp8_attention import AttentionToFp8
         passes.append(AttentionToFp8(report))
-    if sharded:  # last: the passes above re-place the nodes they rewrite
+    if _exchanges_start_early(options, target, sharded):  # last: the passes above re-place the nodes they rewrite
         from .passes.early_exchange import StartExchangesEarly
         passes.append(StartExchangesEarly(report))
     key = repr((target, options.patterns, options.strict, offline, options.fp8))  # what changes the compiled code
@@ -79,8 +86,7 @@ def lower(gm: torch.fx.GraphModule, example_inputs, options: CompileOptions, tar
         return compile_npu(gm, example_inputs, manager, options.npu)
     from .lowering.inductor import compile_inductor
     config = dict(options.inductor_config)
-    if sharded and options.sequence_parallel_exchange(target) == "gather_kv" and \
-            options.sequence_parallel_overlap_for(target):
+    if _exchanges_start_early(options, target, sharded):
         # Inductor's peak-memory reordering put the query GEMM back before the exchange started ahead of it
         # (passes/early_exchange.py), its control_deps notwithstanding (torch 2.11, H200s): the graph order stands
         config.setdefault("reorder_for_peak_memory", False)

@@ -96,8 +96,9 @@ def _collectives(dumps):
 def _exchange_order(dumps):
     """The first rewritten graph's matmuls, exchange and attention ops in the order it runs them (after the last
     pass), up to the op after the last wait (the attention that reads the exchange)."""
-    graphs = sorted(f for f in os.listdir(dumps) if f.endswith("_early_exchange.txt"))
-    text = open(os.path.join(dumps, graphs[0])).read() if graphs else ""
+    rewritten = sorted(f.split("_")[0] for f in os.listdir(dumps) if f.endswith("_sequence_parallel.txt"))
+    last = max((f for f in os.listdir(dumps) if rewritten and f.startswith(rewritten[0] + "_")), default=None)
+    text = open(os.path.join(dumps, last)).read() if last else ""
     ops = re.findall(r"\.(addmm|mm|all_gather_peers|wait_tensor|attention_partial|attention|control_deps)(?:\.default)?\]",
                      text)
     waits = [i for i, op in enumerate(ops) if op == "wait_tensor"]
