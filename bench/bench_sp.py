@@ -47,8 +47,10 @@ def main():
     ap.add_argument("--rounds", type=int, default=0,
                     help="compile every variant first, then time them in turn, --iters calls each per round, this "
                          "many rounds (clock drift over a run then weighs on all alike); median over all calls")
+    ap.add_argument("--aligned", action="store_true",
+                    help="with --rounds: a barrier before each timed call, so every rank starts it at once")
     ap.add_argument("--profile", action="store_true", help="also split one call's kernel time: compute, NCCL, exposed")
-    ap.add_argument("--trace", default="", help="with --profile: rank 0 writes <trace>-<variant>-<gpus>.json")
+    ap.add_argument("--trace", default="", help="with --profile: each rank writes <trace>-<variant>-<gpus>-rank<r>.json")
     ap.add_argument("--out-dir", default="/tmp/sp_out")
     ap.add_argument("--carveout", type=int, default=0,
                     help="SMs cuBLAS and FA3 leave free (torch._C._set_sm_carveout_experimental), e.g. for NCCL")
@@ -83,7 +85,7 @@ def main():
             out = fn(**inputs)[0]
             fn(**inputs)
             ms = statistics.median(time_calls(lambda: fn(**inputs), dev, args.iters))
-            trace = args.trace and rank == 0 and f"{args.trace}-{variant}-{world}.json"
+            trace = args.trace and f"{args.trace}-{variant}-{world}-rank{rank}.json"
             split = comm_split(lambda: fn(**inputs), dev, trace) if args.profile else None
         if rank == 0:
             os.makedirs(args.out_dir, exist_ok=True)
@@ -102,16 +104,20 @@ def interleaved(model, inputs, world, rank, dev, args):
             fns[v] = build_variant(v, model, world)
             outs[v] = fns[v](**inputs)[0].float()
             fns[v](**inputs)
+        host = {v: [] for v in variants}
         for _ in range(args.rounds):
             for v in variants:
-                times[v] += time_calls(lambda: fns[v](**inputs), dev, args.iters)
+                times[v] += time_calls(lambda: fns[v](**inputs), dev, args.iters, host[v], args.aligned)
+    ranks = [None] * world  # every rank's median wall and host ms: an early starter waits for the others
+    dist.all_gather_object(ranks, {v: (statistics.median(times[v]), statistics.median(host[v])) for v in variants})
     if rank == 0:
         first = outs[variants[0]]
         for v in variants:
             ms = sorted(times[v])
             print(f"RESULT {v} gpus={world} median_ms={statistics.median(ms):.1f} min_ms={ms[0]:.1f} "
                   f"max_ms={ms[-1]:.1f} calls={len(ms)} (interleaved) rel L2 vs {variants[0]} "
-                  f"{float((outs[v] - first).norm() / first.norm()):.1e}", flush=True)
+                  f"{float((outs[v] - first).norm() / first.norm()):.1e} | per rank wall/host ms: "
+                  + " ".join(f"{r[v][0]:.1f}/{r[v][1]:.1f}" for r in ranks), flush=True)
     dist.destroy_process_group()
 
 

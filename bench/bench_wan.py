@@ -85,16 +85,27 @@ def merge_intervals(spans):
     return merged
 
 
-def time_calls(fn, dev, n):
-    """Wall ms per call: CUDA events on GPU, synchronize + perf_counter elsewhere."""
+def time_calls(fn, dev, n, host=None, aligned=False):
+    """Wall ms per call: CUDA events on GPU, synchronize + perf_counter elsewhere. ``host``: a list that gets
+    the ms the host took to issue each call (elsewhere: the wall ms). ``aligned``: every rank of the default group starts each call
+    together (a barrier before it)."""
     out = []
     for _ in range(n):
         if dev.type == "cuda":
+            if aligned:
+                torch.distributed.barrier()
+                torch.cuda.synchronize(dev)
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record(); fn(); b.record(); b.synchronize()
+            t = time.perf_counter()
+            a.record(); fn(); b.record()
+            if host is not None:
+                host.append((time.perf_counter() - t) * 1e3)
+            b.synchronize()
             out.append(a.elapsed_time(b))
         else:
             t = time.perf_counter(); fn(); out.append((time.perf_counter() - t) * 1e3)
+            if host is not None:
+                host.append(out[-1])
     return out
 
 

@@ -425,3 +425,14 @@ def test_early_exchange_moves_the_exchange_ahead_of_the_query_work_only():
     StartExchangesEarly(report)(gm.graph)
     assert [n.name for n in gm.graph.nodes] == before
     assert report.stats("early_exchange").skipped[0]["why"] == "no query work before the exchange"
+
+
+@pytest.mark.parametrize("world", [2, 3, 4, 8])
+def test_peer_writes_go_round_the_ring(world):
+    """all_gather_peers' copy-engine writes: every rank writes to every peer once, and at each step every GPU is
+    written to by exactly one peer (in rank order all ranks wrote into rank 0 first: on 4 H200s its links then
+    carried 3 writers and the other ranks' writes ran 2.9x slower, bench/RESULTS.md 2026-11-27)."""
+    from mindiesd_compile.ops.peer_gather import _ring_order
+    orders = [_ring_order(rank, world) for rank in range(world)]
+    assert all(sorted(o) == sorted(set(range(world)) - {r}) for r, o in enumerate(orders))
+    assert all(sorted(o[step] for o in orders) == list(range(world)) for step in range(world - 1))

@@ -127,6 +127,12 @@ def _region(hdl, rank: int, at: int, shape, dtype) -> Tensor:
     return hdl.get_buffer(rank, (nbytes,), torch.uint8, at).view(dtype).view(shape)
 
 
+def _ring_order(rank: int, world: int) -> List[int]:
+    """The peers this rank writes to, in turn: the next rank first. At every step each GPU then receives from
+    one peer; in rank order all ranks would write into rank 0 first, 3 writers sharing its links on 4 GPUs."""
+    return [(rank + i) % world for i in range(1, world)]
+
+
 def _all_gather_peers_cuda(xs: Sequence[Tensor], dim: int, group: str, include_self: bool = False) -> List[Tensor]:
     slots = _slots(group, xs[0].device)
     if slots is None:
@@ -144,7 +150,7 @@ def _all_gather_peers_cuda(xs: Sequence[Tensor], dim: int, group: str, include_s
     ready = torch.cuda.Event()
     with torch.cuda.stream(side):
         hdl.barrier(channel=0)  # every rank here: its tensors ready, its slot free
-        for peer in (r for r in range(world) if r != rank):
+        for peer in _ring_order(rank, world):
             at_peer = rank if include_self else rank - (rank > peer)  # this rank's place in the peer's slot
             for x, region, at in zip(xs, regions, offsets):
                 dst, src = _region(hdl, peer, at, region, x.dtype), x.view(region[0], -1)
