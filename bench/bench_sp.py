@@ -13,7 +13,7 @@ model's own context parallelism (enable_parallelism, Ulysses, eager) as the anch
 (--profile: and one call's kernel time split into compute, NCCL and NCCL not overlapped by compute) and saves the
 output under --out-dir; `python bench/bench_sp.py --compare` prints each saved output's relative L2 against the
 1-GPU mindiesd one (so runs on different GPUs of one host may run at the same time); --rounds prints each
-variant's against the first variant's.
+variant's against the first variant's, and every rank's median wall and host (time to issue a call) ms.
 """
 import argparse
 import os
@@ -50,7 +50,8 @@ def main():
     ap.add_argument("--aligned", action="store_true",
                     help="with --rounds: a barrier before each timed call, so every rank starts it at once")
     ap.add_argument("--profile", action="store_true", help="also split one call's kernel time: compute, NCCL, exposed")
-    ap.add_argument("--trace", default="", help="with --profile: each rank writes <trace>-<variant>-<gpus>-rank<r>.json")
+    ap.add_argument("--trace", default="",
+                    help="with --profile: each rank writes <trace>-<variant>-<gpus>-rank<r>.json")
     ap.add_argument("--out-dir", default="/tmp/sp_out")
     ap.add_argument("--carveout", type=int, default=0,
                     help="SMs cuBLAS and FA3 leave free (torch._C._set_sm_carveout_experimental), e.g. for NCCL")

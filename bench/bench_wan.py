@@ -87,8 +87,8 @@ def merge_intervals(spans):
 
 def time_calls(fn, dev, n, host=None, aligned=False):
     """Wall ms per call: CUDA events on GPU, synchronize + perf_counter elsewhere. ``host``: a list that gets
-    the ms the host took to issue each call (elsewhere: the wall ms). ``aligned``: every rank of the default group starts each call
-    together (a barrier before it)."""
+    the ms the host took to issue each call (elsewhere: the wall ms). ``aligned``: every rank of the default group
+    starts each call together (a barrier before it)."""
     out = []
     for _ in range(n):
         if dev.type == "cuda":
