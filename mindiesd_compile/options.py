@@ -211,8 +211,8 @@ class CompileOptions:
         """The mode that runs, for ``target``. "auto": gather_kv on 2 ranks, where it moves the same bytes as
         Ulysses with nothing exchanged after attention and no layout copies (0.4-1.6 % faster on 2 H200s without
         overlap, bench/RESULTS.md 2026-11-27), and on 3-4 ranks where its exchange is overlapped on CUDA (2-3 %
-        faster than Ulysses on 4 H200s; without the overlap 2.4 % slower: the gathered keys and values grow with
-        the degree); Ulysses on more ranks (not timed), with sparse attention, and on the NPU, where neither has
+        faster than Ulysses on 4 H200s, with "ahead" (masked attention) 1.8 %; without the overlap 2.4 % slower:
+        the gathered keys and values grow with the degree); Ulysses on more ranks (not timed), with sparse attention, and on the NPU, where neither has
         been timed (gather_kv lowers there too, to HcomAllGather: ask for it by name)."""
         if self.sequence_parallel_mode != "auto":
             return self.sequence_parallel_mode
@@ -227,8 +227,8 @@ class CompileOptions:
         copy-engine exchange) nor with FP8 attention (not timed; the split attention has no FP8 kernel). "auto":
         "ahead" on 2 ranks, where the exchange fits beside the query projection (Wan2.1 on 2 H200s: 14B 2.2 %, 1.3B
         2.5 % faster than waiting for NCCL; "split" 0.5-0.9 % slower than "ahead"), "split" on more, where a
-        rank receives more in less projection time (4 H200s: 14B 5.3 %, 1.3B 7.1 % faster than "ahead";
-        bench/RESULTS.md 2026-11-27, eleventh session)."""
+        rank receives more in less projection time (4 H200s, 14B: 1.1 % faster than "ahead", 5.3 % before the
+        peers were written round a ring; bench/RESULTS.md 2026-11-27)."""
         overlap = self.sequence_parallel_overlap
         if target == "npu" or self.fp8.attention or overlap is False:
             return False
