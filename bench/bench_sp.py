@@ -99,13 +99,12 @@ def main():
 
 def interleaved(model, inputs, world, rank, dev, args):
     variants = args.variants.split(",")
-    fns, outs, times = {}, {}, {v: [] for v in variants}
+    fns, outs, times, host = {}, {}, {v: [] for v in variants}, {v: [] for v in variants}
     with torch.no_grad():
         for v in variants:  # each compiled at its first call, with its own backend instance
             fns[v] = build_variant(v, model, world)
             outs[v] = fns[v](**inputs)[0].float()
             fns[v](**inputs)
-        host = {v: [] for v in variants}
         for _ in range(args.rounds):
             for v in variants:
                 times[v] += time_calls(lambda: fns[v](**inputs), dev, args.iters, host[v], args.aligned)

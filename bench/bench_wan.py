@@ -91,10 +91,11 @@ def time_calls(fn, dev, n, host=None, aligned=False):
     starts each call together (a barrier before it)."""
     out = []
     for _ in range(n):
-        if dev.type == "cuda":
-            if aligned:
-                torch.distributed.barrier()
+        if aligned:
+            torch.distributed.barrier()
+            if dev.type == "cuda":
                 torch.cuda.synchronize(dev)
+        if dev.type == "cuda":
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             t = time.perf_counter()
             a.record(); fn(); b.record()
