@@ -14,7 +14,7 @@ later rewrites re-place the nodes they fuse.
 from __future__ import annotations
 
 import warnings
-from typing import Iterable, List, Set
+from typing import Iterable, List, Optional, Set
 
 import torch
 from torch.fx import Graph, Node
@@ -38,7 +38,7 @@ def _ancestors(roots: Iterable[Node]) -> Set[Node]:
     return seen
 
 
-def _attention_fed_by(start: Node) -> Node:
+def _attention_fed_by(start: Node) -> Optional[Node]:
     """The first attention reached from ``start`` through its users (waits, joins, views)."""
     seen, todo = set(), [start]
     while todo:
