@@ -72,8 +72,9 @@ def _worker(rank, world, name, options, overrides, store, out_dir):
                       sp_sites=runner.compiler.report.stats("sequence_parallel").rewritten,  # exchanged attentions
                       collectives=_collectives(dumps), exchange_order=_exchange_order(dumps),
                       attention=runner.compiler.report.stats("attention").rewritten, compiles=runner.compiler.compiles,
-                      # per generated graph with an exchange: the matrix products it runs before starting it
-                      products_before_exchange=[c.split("all_gather_peers.default(")[0].count("extern_kernels.addmm(")
+                      # per generated graph with an exchange: the matrix products it runs before starting each
+                      products_before_exchange=[[c[:m.start()].count("extern_kernels.addmm(")
+                                                 for m in re.finditer(r"all_gather_peers\.default\(", c)]
                                                 for c in codes if "all_gather_peers.default(" in c])
     except Exception as err:  # reported to the test, which asserts on it
         result = dict(error=f"{type(err).__name__}: {err}")
@@ -117,12 +118,13 @@ def run_ranks(tmp_path, name, overrides=None, world=WORLD, **options):
     # keys and values in one NCCL all-gather, awaited at once; nothing after attention
     ("gather_kv", False, {"all_to_all_single": 0, "all_gather_into_tensor_coalesced": 1, "all_gather_peers": 0},
      ["addmm", "addmm", "addmm", "wait_tensor", "wait_tensor", "attention"]),
-    # "auto" on 2 ranks: "ahead", the exchange started after the key and value projections, before the
-    # query's (the model projects q first; its GEMM now ordered after the exchange: control_deps), awaited just
-    # before attention
-    ("gather_kv", "auto", {"all_to_all_single": 0, "all_gather_into_tensor_coalesced": 0, "all_gather_peers": 1,
+    # "auto" on 2 ranks: "ahead", one exchange per tensor, each started as soon as its tensor exists: the values'
+    # after their projection, the key projection after it (control_deps), then the keys' exchange, then the
+    # query's projection (the model projects q first; now ordered after both); both awaited just before attention
+    ("gather_kv", "auto", {"all_to_all_single": 0, "all_gather_into_tensor_coalesced": 0, "all_gather_peers": 2,
                            "attention_partial": 0},
-     ["addmm", "addmm", "all_gather_peers", "control_deps", "wait_tensor", "wait_tensor", "attention"]),
+     ["addmm", "all_gather_peers", "control_deps", "all_gather_peers", "control_deps", "wait_tensor", "wait_tensor",
+      "attention"]),
     # "split": also the attention over this rank's keys before the wait, then the peer's: two partial attentions
     ("gather_kv", "split", {"all_to_all_single": 0, "all_gather_into_tensor_coalesced": 0, "all_gather_peers": 1,
                             "attention_partial": 2},
@@ -142,7 +144,7 @@ def test_two_ranks_match_one_process_wan(tmp_path, mode, overlap, collectives, o
 
 @pytest.mark.parametrize("overlap, collectives", [
     ("split", {"all_gather_peers": 1, "attention_partial": 2, "all_to_all_single": 0}),
-    ("ahead", {"all_gather_peers": 1, "attention_partial": 0, "all_to_all_single": 0})])
+    ("ahead", {"all_gather_peers": 2, "attention_partial": 0, "all_to_all_single": 0})])
 def test_four_ranks_gather_kv_matches_one_process(tmp_path, overlap, collectives):
     """gather_kv on 4 ranks (the default on 4 GPUs, with "split"): three peers' keys and values per attention."""
     for result in run_ranks(tmp_path, "wan", world=4, sequence_parallel_mode="gather_kv",
@@ -152,20 +154,22 @@ def test_four_ranks_gather_kv_matches_one_process(tmp_path, overlap, collectives
         assert {k: result["collectives"][k] for k in collectives} == collectives
 
 
-@pytest.mark.parametrize("overlap, partials", [("ahead", 0), ("split", 2)])
-def test_overlapped_gather_kv_through_inductor_matches_one_process(tmp_path, overlap, partials):
+@pytest.mark.parametrize("overlap, exchanges, partials, products", [("ahead", 2, 0, [1, 2]), ("split", 1, 2, [2])])
+def test_overlapped_gather_kv_through_inductor_matches_one_process(tmp_path, overlap, exchanges, partials, products):
     """The exchange lowered by Inductor (CPU): all_gather_peers as a collective whose inputs live until its wait
-    ("ahead": every rank's chunk in one buffer; "split": the peers' only, the merge fused), started before the
-    query projection in the generated code; every rank gets the single-process output."""
+    ("ahead": every rank's chunk of one tensor in one buffer; "split": the peers' keys and values, the merge
+    fused), started before the query projection in the generated code; every rank gets the single-process
+    output."""
     for result in run_ranks(tmp_path, "wan", target="cpu", sequence_parallel_mode="gather_kv",
                             sequence_parallel_overlap=overlap):
         assert "error" not in result, result
         assert result["shape_ok"] and result["rel"] <= 1e-5
-        assert result["collectives"]["all_gather_peers"] == 1
+        assert result["collectives"]["all_gather_peers"] == exchanges
         assert result["collectives"]["attention_partial"] == partials
-        # Inductor keeps the exchange ahead of the query projection: the key and value GEMMs only before it
-        # (without the control dependency it fused the queries' norm/RoPE with the keys' and ran all three first)
-        assert result["products_before_exchange"] == [2], result["products_before_exchange"]
+        # Inductor keeps each exchange where the pass put it: "ahead" starts the values' after the value GEMM
+        # alone and the keys' before the query GEMM; "split" starts its one after the key and value GEMMs (without
+        # the control dependencies it fused the queries' norm/RoPE with the keys' and ran all three GEMMs first)
+        assert result["products_before_exchange"] == [products], result["products_before_exchange"]
 
 
 def test_sequence_parallel_composes_with_caching(tmp_path):
@@ -224,8 +228,8 @@ def test_hunyuan_video_with_text_padding_matches_one_process(tmp_path, mode):
         assert result["attention"] == 3  # + the token refiner's text self-attention (prologue, unsplit)
         exchanged = result["collectives"]["all_to_all_single"]  # the modes really differ
         assert (exchanged == 0) if mode == "gather_kv" else (exchanged > 0), result["collectives"]
-        # masked: no split; "auto" gathers the image keys ahead (the mask by NCCL)
-        assert result["collectives"]["all_gather_peers"] == (2 if mode == "gather_kv" else 0), result["collectives"]
+        # masked: no split; "auto" gathers the image keys, values and key mask ahead, one exchange each, per site
+        assert result["collectives"]["all_gather_peers"] == (6 if mode == "gather_kv" else 0), result["collectives"]
         assert result["collectives"]["attention_partial"] == 0
 
 
@@ -259,7 +263,8 @@ def test_sd3_two_ranks_match_one_process(tmp_path):
         assert "error" not in result, result
         assert result["shape_ok"] and result["rel"] <= 1e-5
         assert result["sp_sites"] == 3  # joint attention in both blocks + block 0's image-only attn2 (dual attention)
-        assert result["collectives"]["all_gather_peers"] == 3  # each graph once: block 0 (2 sites), block 1
+        # keys and values, one exchange each, per site: block 0 (2 sites), block 1 (each graph counted once)
+        assert result["collectives"]["all_gather_peers"] == 6
         assert result["collectives"]["attention_partial"] == 0
 
 
@@ -388,21 +393,29 @@ def test_optimize_marks_the_sequence_dims_before_the_first_trace():
     assert sizes == [4]
 
 
-def _exchange_graph(query_first: bool) -> torch.fx.GraphModule:
-    """x -> q, k, v projections (q written first or last) -> all_gather_peers(k, v) -> waits -> attention."""
+def _exchange_graph(query_first: bool, per_tensor: bool = False) -> torch.fx.GraphModule:
+    """x -> q, k, v projections (q written first or last) -> all_gather_peers(k, v), or one call per tensor ->
+    waits -> attention."""
     aten, ops = torch.ops.aten, torch.ops.mindiesd_compile
     g = torch.fx.Graph()
     x, wq, wk, wv = (g.placeholder(n) for n in ("x", "wq", "wk", "wv"))
     q = g.call_function(aten.mm.default, (x, wq)) if query_first else None
     k, v = g.call_function(aten.mm.default, (x, wk)), g.call_function(aten.mm.default, (x, wv))
-    exchange = g.call_function(ops.all_gather_peers.default, ([k, v], 1, "0", True))
+    exchanges = [g.call_function(ops.all_gather_peers.default, ([t], 1, "0", True)) for t in (k, v)] \
+        if per_tensor else [g.call_function(ops.all_gather_peers.default, ([k, v], 1, "0", True))] * 2
     if not query_first:
         q = g.call_function(aten.mm.default, (x, wq))
     q = g.call_function(aten.view.default, (q, [1, 4, 2, 2]))
     k, v = (g.call_function(torch.ops._c10d_functional.wait_tensor.default,
-                            (g.call_function(operator.getitem, (exchange, i)),)) for i in (0, 1))
+                            (g.call_function(operator.getitem, (e, 0 if per_tensor else i)),))
+            for i, e in enumerate(exchanges))
     g.output(g.call_function(ops.attention.default, (q, k, v, None, 1.0, "BSHD")))
     return torch.fx.GraphModule(torch.nn.Module(), g)
+
+
+def _calls(gm):
+    calls = [n for n in gm.graph.nodes if n.op == "call_function"]
+    return calls, [getattr(n.target, "__name__", str(n.target)) for n in calls]
 
 
 def test_early_exchange_moves_the_exchange_ahead_of_the_query_work_only():
@@ -414,8 +427,7 @@ def test_early_exchange_moves_the_exchange_ahead_of_the_query_work_only():
     gm, report = _exchange_graph(query_first=True), Report()
     StartExchangesEarly(report)(gm.graph)
     gm.graph.lint()
-    calls = [n for n in gm.graph.nodes if n.op == "call_function"]
-    names = [getattr(n.target, "__name__", str(n.target)) for n in calls]
+    calls, names = _calls(gm)
     assert names[:4] == ["mm.default", "mm.default", "all_gather_peers.default", "control_deps"], names
     assert calls[3].args[0] == (calls[2],)  # the query GEMM (not its view) waits for the exchange's start
     assert report.stats("early_exchange").rewritten == 1
@@ -424,7 +436,27 @@ def test_early_exchange_moves_the_exchange_ahead_of_the_query_work_only():
     before = [n.name for n in gm.graph.nodes]
     StartExchangesEarly(report)(gm.graph)
     assert [n.name for n in gm.graph.nodes] == before
-    assert report.stats("early_exchange").skipped[0]["why"] == "no query work before the exchange"
+    assert report.stats("early_exchange").skipped[0]["why"] == "no other work before the exchange"
+
+
+def test_early_exchange_starts_each_tensor_as_soon_as_it_exists():
+    """Keys and values exchanged by separate calls: the keys' exchange goes right after their projection (ready
+    first), the value projection after it (beside it), then the values' exchange, then the query projection,
+    which follows both; every wait stays before the attention."""
+    from mindiesd_compile.passes.early_exchange import StartExchangesEarly
+    from mindiesd_compile.report import Report
+    gm, report = _exchange_graph(query_first=True, per_tensor=True), Report()
+    StartExchangesEarly(report)(gm.graph)
+    gm.graph.lint()
+    calls, names = _calls(gm)
+    assert names[:5] == ["mm.default", "all_gather_peers.default", "control_deps", "all_gather_peers.default",
+                         "control_deps"], names
+    k_exchange, v_gemm, v_exchange, q_gemm = calls[1:5]
+    assert k_exchange.args[0][0] is calls[0] and v_exchange.args[0][0] is v_gemm
+    assert v_gemm.args[0] == (k_exchange,) and q_gemm.args[0] == (k_exchange, v_exchange)
+    waits = [i for i, name in enumerate(names) if name == "wait_tensor.default"]
+    assert len(waits) == 2 and min(waits) > 4 and names[-1] == "attention.default", names
+    assert report.stats("early_exchange").rewritten == 2
 
 
 @pytest.mark.parametrize("world", [2, 3, 4, 8])

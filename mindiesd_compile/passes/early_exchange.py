@@ -1,20 +1,23 @@
-"""Start each key/value exchange before the query work of its attention.
+"""Start each key/value exchange as soon as its tensor exists, before the work its attention needs besides.
 
-The sequence-parallel pass traces an ``all_gather_peers`` just before the attention it feeds, i.e. after the
-query projection, whose GEMM the model wrote first (``to_q`` before ``to_k`` and ``to_v``). On CUDA the exchange
-runs on copy engines beside whatever the GPU computes next, so this pass moves it, with the key/value work it
-needs, ahead of the first node only the queries need: the transfer then runs beside the query projection and its
-norm/RoPE instead of in front of attention. It only moves nodes earlier that the exchange depends on (never past
-their own inputs), so the graph computes the same values; the waits stay where the sequence-parallel pass put
-them. Inductor's scheduler orders independent nodes by its own heuristics (fusion, peak memory), so the query
-work's first kernels also get an explicit dependency on the exchange (Inductor's ``control_deps``); torch 2.11's
-peak-memory reordering still moved the query GEMM back, so the backend turns it off for these graphs. Runs last:
-later rewrites re-place the nodes they fuse.
+The sequence-parallel pass traces one ``all_gather_peers`` per tensor (keys, values) just before the attention
+they feed, i.e. after the query projection, whose GEMM the model wrote first (``to_q`` before ``to_k`` and
+``to_v``). On CUDA an exchange runs on copy engines beside whatever the GPU computes next, so this pass moves each,
+with the work it needs, ahead of the first node of the attention's other work: the exchange whose tensor is
+ready first (in graph order) goes first, and the rest of the projections run beside it; the next runs beside
+what is left (on 4 H200s, Wan2.1-14B, each tensor's exchange takes about as long as one projection GEMM; the step
+measured the same as with one exchange of both beside the query projection, since there the slowest rank's
+transfer was already hidden, bench/RESULTS.md 2026-11-27). It only moves nodes earlier that an exchange
+depends on (never past their own inputs), so the graph computes the same values; the waits stay where the
+sequence-parallel pass put them. Inductor's scheduler orders independent nodes by its own heuristics (fusion,
+peak memory), so the first kernels of the work left after an exchange also get an explicit dependency on it
+(Inductor's ``control_deps``); torch 2.11's peak-memory reordering still moved the query GEMM back, so the
+backend turns it off for these graphs. Runs last: later rewrites re-place the nodes they fuse.
 """
 from __future__ import annotations
 
 import warnings
-from typing import Iterable, List, Optional, Set
+from typing import Dict, Iterable, List, Optional, Set
 
 import torch
 from torch.fx import Graph, Node
@@ -52,9 +55,19 @@ def _attention_fed_by(start: Node) -> Optional[Node]:
     return None
 
 
-def _first_kernels(query_only: Set[Node], needed: Set[Node]) -> List[Node]:
-    """Where the query work leaves what the exchange needs: its first nodes that are not views."""
-    todo = [n for n in query_only if any(a in needed for a in n.all_input_nodes)]
+def _descendants(start: Node) -> Set[Node]:
+    seen, todo = set(), [start]
+    while todo:
+        n = todo.pop()
+        if n not in seen:
+            seen.add(n)
+            todo.extend(n.users)
+    return seen
+
+
+def _first_kernels(other: Set[Node], needed: Set[Node]) -> List[Node]:
+    """Where the other work leaves what the exchange needs: its first nodes that are not views."""
+    todo = [n for n in other if any(a in needed for a in n.all_input_nodes)]
     found, seen = [], set()
     while todo:
         n = todo.pop()
@@ -62,22 +75,32 @@ def _first_kernels(query_only: Set[Node], needed: Set[Node]) -> List[Node]:
             continue
         seen.add(n)
         if n.target in _VIEWS:
-            todo.extend(u for u in n.users if u in query_only)
+            todo.extend(u for u in n.users if u in other)
         else:
             found.append(n)
     return [n for n in found if not _ancestors(n.all_input_nodes) & set(found)]  # the rest follow those
 
 
-def _order_after(graph: Graph, exchange: Node, nodes: List[Node]) -> None:
-    """Make Inductor schedule ``nodes`` after ``exchange`` (a no-op elsewhere: the graph order already says so)."""
+def _order_after(graph: Graph, deps: Dict[Node, List[Node]]) -> None:
+    """Make Inductor schedule each node after its exchanges in ``deps`` (a no-op elsewhere: the graph order
+    already says so)."""
+    if not deps:
+        return
     try:
         from torch._inductor.fx_passes.control_dependencies import preserve_node_ordering
         from torch.utils._ordered_set import OrderedSet
     except ImportError:  # an older torch: the graph order only, which Inductor may change
-        warnings.warn("mindiesd_compile: this torch has no control_deps; Inductor may schedule the query "
-                      "projection before the key/value exchange", RuntimeWarning)
+        warnings.warn("mindiesd_compile: this torch has no control_deps; Inductor may schedule the projections "
+                      "before the key/value exchanges", RuntimeWarning)
         return
-    preserve_node_ordering(graph, {n: OrderedSet([exchange]) for n in nodes})
+    preserve_node_ordering(graph, {n: OrderedSet(exchanges) for n, exchanges in deps.items()})
+
+
+def _exchanges_by_readiness(exchanges: List[Node], order) -> List[Node]:
+    """The exchanges in the order their inputs are complete in the graph."""
+    def ready(exchange: Node) -> int:
+        return max((order[n] for n in _ancestors(exchange.all_input_nodes) if n.op == "call_function"), default=-1)
+    return sorted(exchanges, key=ready)
 
 
 class StartExchangesEarly(GraphPass):
@@ -85,22 +108,36 @@ class StartExchangesEarly(GraphPass):
 
     def __call__(self, graph: Graph) -> None:
         gather = torch.ops.mindiesd_compile.all_gather_peers.default
+        feeding: Dict[Node, List[Node]] = {}  # attention -> the exchanges it reads
         for exchange in [n for n in graph.nodes if n.target is gather]:
             self.report.found(self.name)
             attention = _attention_fed_by(exchange)
             if attention is None:
                 self.report.skipped(self.name, exchange.name, "no attention reads this exchange")
-                continue
-            needed = _ancestors([exchange])
-            query_only = {n for n in _ancestors([attention.args[0]]) - needed if n.op == "call_function"}
+            else:
+                feeding.setdefault(attention, []).append(exchange)
+        deps: Dict[Node, List[Node]] = {}  # kernel -> the exchanges it must follow
+        for attention, exchanges in feeding.items():
+            self._start_early(graph, attention, exchanges, deps)
+        _order_after(graph, deps)
+
+    def _start_early(self, graph: Graph, attention: Node, exchanges: List[Node], deps) -> None:
+        work = {n for n in _ancestors(attention.all_input_nodes) if n.op == "call_function"}
+        received = set().union(*(_descendants(e) for e in exchanges))  # exchanges, their waits: stay put
+        placed: Set[Node] = set()  # what earlier exchanges needed: already ahead of this one
+        for exchange in _exchanges_by_readiness(exchanges, {n: i for i, n in enumerate(graph.nodes)}):
             order = {n: i for i, n in enumerate(graph.nodes)}
-            first = min(query_only, key=order.__getitem__, default=None)
+            needed = _ancestors([exchange])
+            other = work - needed - received - placed
+            first = min(other, key=order.__getitem__, default=None)
+            placed |= needed
             if first is None or order[first] > order[exchange]:
-                self.report.skipped(self.name, exchange.name, "no query work before the exchange")
+                self.report.skipped(self.name, exchange.name, "no other work before the exchange")
                 continue
-            # what the exchange needs, between the first query-only node and the exchange, keeps its order
+            # what the exchange needs, between the first other node and the exchange, keeps its order
             moved = [n for n in graph.nodes if order[first] < order[n] < order[exchange] and n in needed]
             for n in moved + [exchange]:
                 first.prepend(n)
-            _order_after(graph, exchange, _first_kernels(query_only, needed))
+            for n in _first_kernels(other, needed):
+                deps.setdefault(n, []).append(exchange)
             self.report.rewritten(self.name)

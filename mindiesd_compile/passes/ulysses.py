@@ -68,17 +68,18 @@ def _all_gather(xs: Sequence[torch.Tensor], dim: int, group: str) -> Tuple[torch
     return tuple(g.movedim(0, dim) for g in out)
 
 
-def _all_keys(mask: torch.Tensor, group: str, heads: Optional[Tuple[int, int, int]] = None) -> torch.Tensor:
+def _all_keys(mask: torch.Tensor, group: str, heads: Optional[Tuple[int, int, int]] = None,
+              gather=None) -> torch.Tensor:
     """A mask over this rank's keys -> over every rank's keys, in rank order (the order both exchanges gather
     keys in). ``heads`` = (heads, local heads, degree) under Ulysses: a mask per head ([B, H, Q, K]) then also
-    goes to this rank's heads, by the same all-to-all as q, k and v."""
+    goes to this rank's heads, by the same all-to-all as q, k and v. ``gather``: how (default ``_all_gather``)."""
     m = mask.to(torch.uint8) if mask.dtype == torch.bool else mask  # collectives take no bool
     if heads is not None and m.dim() == 4 and m.shape[1] == heads[0] > 1:
         count, local, degree = heads
         m = torch.nn.functional.pad(m.permute(0, 3, 1, 2), (0, 0, 0, local * degree - count))  # [B, K, H, Q]
         m = seq_to_heads(m, degree, group).permute(0, 2, 3, 1)
     else:
-        (m,) = _all_gather((m,), -1, group)
+        (m,) = (gather or _all_gather)((m,), m.dim() - 1, group)
     return m.to(mask.dtype)
 
 
@@ -129,8 +130,9 @@ def gather_kv_attention(q, k, v, mask, scale, layout, degree, group, segments=No
     the key order ``ulysses_attention`` has); its output holds its own tokens, so nothing is exchanged after
     attention, no layout is copied, and any head count works. The bytes received match Ulysses' on 2 ranks
     and grow with the degree (keys and values: (P-1)/P of them, against 4 tensors' (P-1)/P^2).
-    ``overlap``: how the exchange hides behind compute (options.py picks): "ahead", started before the query
-    projection (passes/early_exchange.py), which runs beside it, attention waiting for every key; "split", also
+    ``overlap``: how the exchange hides behind compute (options.py picks): "ahead", keys and values each
+    exchanged as soon as projected (passes/early_exchange.py), beside the projections still to come, attention
+    waiting for every key (a key mask split across ranks: exchanged the same way); "split", also
     attention over this rank's own keys while the other ranks' arrive, then over theirs, the two merged by their
     log-sum-exp (a second attention kernel and the merge for more to hide behind; with a mask: "ahead"); False:
     NCCL, awaited at once."""
@@ -145,16 +147,17 @@ def gather_kv_attention(q, k, v, mask, scale, layout, degree, group, segments=No
             for (sharded, _), kv in zip(segments, zip(_split_runs(k, segments), _split_runs(v, segments)))]
     k, v = _join([r[0] for r in runs]), _join([r[1] for r in runs])
     if mask_split:
-        mask = _all_keys(mask, group)[..., :k.shape[1]]
+        mask = _all_keys(mask, group, gather=gather)[..., :k.shape[1]]
     out = torch.ops.mindiesd_compile.attention(q, k, v, mask, scale, "BSHD")
     return out.transpose(1, 2) if layout == "BHSD" else out
 
 
 def _gather_ahead(xs, dim, group):
-    """``_all_gather`` by ``all_gather_peers``: started before the query work (passes/early_exchange.py), beside
-    which it runs on copy engines; awaited here, just before attention."""
-    wait = torch.ops._c10d_functional.wait_tensor
-    return tuple(wait(t) for t in torch.ops.mindiesd_compile.all_gather_peers(list(xs), dim, group, True))
+    """``_all_gather`` by ``all_gather_peers``, one call per tensor: each started as soon as its tensor exists
+    (passes/early_exchange.py), beside the projections still to come, which it runs under on copy engines;
+    awaited here, just before attention."""
+    wait, gather = torch.ops._c10d_functional.wait_tensor, torch.ops.mindiesd_compile.all_gather_peers
+    return tuple(wait(gather([x], dim, group, True)[0]) for x in xs)
 
 
 # SMs the local attention leaves free: the exchange beside it needs one for each of its barrier kernels
