@@ -106,7 +106,8 @@ def mindiesd_backend(gm: torch.fx.GraphModule, example_inputs, options=None, mod
     compiled = _compile(gm, example_inputs, opts, target, mode, report)
     if opts.cuda_graphs:
         device = next(t.device for t in example_inputs if isinstance(t, torch.Tensor) and t.device.type == "cuda")
-        return CudaGraphForward(compiled, device)
+        group = (opts.parallel_group or torch.distributed.group.WORLD) if opts.sequence_parallel > 1 else None
+        return CudaGraphForward(compiled, device, group=group)
     return compiled
 
 

@@ -102,7 +102,8 @@ class CompileOptions:
                rank's heads), "gather_kv" (keys and values all-gathered: this rank's queries, every head) or
                "auto" (``sequence_parallel_exchange`` says which runs).
     sequence_parallel_overlap: how gather_kv hides its exchange behind compute (CUDA: copy engines; not on the
-               NPU nor with FP8 attention): "ahead" starts it before the query projection, which runs beside it;
+               NPU nor with FP8 attention): "ahead" starts the keys' and the values' exchange each as soon as
+               its projection is done, before the projections still to come, which run beside it;
                "split" also attends to this rank's own keys while the others arrive, then to theirs, merging the
                two by their log-sum-exp (not with a mask); "auto" or True: "ahead" on 2 ranks, "split" on more
                (``sequence_parallel_overlap_for``); False: NCCL, awaited before attention.
@@ -114,8 +115,9 @@ class CompileOptions:
     npu:       torchair choices for target "npu": a dict of ``NpuConfig`` fields.
     fp8:       opt-in FP8: a dict of ``Fp8Config`` fields, e.g. ``{"attention": True}``.
     cuda_graphs: replay the compiled forward as one CUDA graph per input signature (target cuda; not with a
-               cache policy, sparse attention or sequence parallelism). Pays where launches bound a forward
-               (small resolutions); runtime/cuda_graph.py says how inputs and outputs are handled.
+               cache policy or sparse attention; with sequence parallelism only over the copy-engine exchange,
+               gather_kv with an overlap: the default on 2-4 ranks). Pays where launches bound a forward (small
+               resolutions; Wan2.1-1.3B on 4 GPUs); runtime/cuda_graph.py says how inputs and outputs are handled.
     """
 
     target: Optional[str] = None
@@ -201,8 +203,7 @@ class CompileOptions:
         if not isinstance(self.cuda_graphs, bool):
             raise OptionsError(f"options['cuda_graphs'] must be True or False, got {self.cuda_graphs!r}")
         self.check_cuda_graphs_target(self.target)
-        varying = [name for name, on in (("cache", cache_on), ("sparse_attention", self.sparse_attention is not None),
-                                         ("sequence_parallel", self.sequence_parallel > 1)) if on]
+        varying = [name for name, on in (("cache", cache_on), ("sparse_attention", self.sparse_attention is not None)) if on]
         if self.cuda_graphs and varying:
             raise OptionsError(f"options['cuda_graphs'] captures the whole forward, but with options{varying} what "
                                "runs changes from step to step (or is not graph-safe yet); drop one of them")
@@ -226,10 +227,10 @@ class CompileOptions:
     def sequence_parallel_overlap_for(self, target: Optional[str]) -> Any:
         """The gather_kv overlap that runs (False, "ahead" or "split"): none on the NPU (torchair lowers no
         copy-engine exchange) nor with FP8 attention (not timed; the split attention has no FP8 kernel). "auto":
-        "ahead" on 2 ranks, where the exchange fits beside the query projection (Wan2.1 on 2 H200s: 14B 2.2 %, 1.3B
-        2.5 % faster than waiting for NCCL; "split" 0.5-0.9 % slower than "ahead"), "split" on more, where a
-        rank receives more in less projection time (4 H200s, 14B: 1.1 % faster than "ahead", 5.3 % before the
-        peers were written round a ring; bench/RESULTS.md 2026-11-27)."""
+        "ahead" on 2 ranks, where the exchange fits beside the projections (Wan2.1 on 2 H200s: 14B 2.2 %, 1.3B
+        2.5 % faster than waiting for NCCL; "split" 0.5-1.1 % slower than "ahead"), "split" on more, where a
+        rank receives more in less projection time (4 H200s: 1.3B 2.6 % faster than "ahead", 3.8 % under
+        cuda_graphs; 14B even; bench/RESULTS.md 2026-11-27)."""
         overlap = self.sequence_parallel_overlap
         if target == "npu" or self.fp8.attention or overlap is False:
             return False
@@ -242,6 +243,14 @@ class CompileOptions:
         if self.cuda_graphs and target not in (None, "cuda"):
             raise OptionsError(f"options['cuda_graphs'] needs target 'cuda', not {target!r}: it replays CUDA graphs "
                                "(target 'cuda' only); remove it, or run the model on a CUDA device")
+        if self.cuda_graphs and self.sequence_parallel > 1 and not (
+                self.sequence_parallel_exchange("cuda") == "gather_kv" and self.sequence_parallel_overlap_for("cuda")):
+            # NCCL kernels in a live CUDA graph make destroy_process_group hang (pytorch/pytorch#115388); gather_kv
+            # with an overlap exchanges over copy engines only, and so does the output gather then
+            raise OptionsError("options['cuda_graphs'] with sequence_parallel needs the copy-engine exchange "
+                               "(sequence_parallel_mode 'gather_kv' with sequence_parallel_overlap 'auto', 'ahead' or "
+                               "'split', no FP8 attention): a CUDA graph holding NCCL kernels hangs the process group's "
+                               "teardown (pytorch/pytorch#115388); set those, or drop cuda_graphs")
 
     @classmethod
     def from_dict(cls, options: Optional[Mapping[str, Any]]) -> "CompileOptions":

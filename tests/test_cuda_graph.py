@@ -53,7 +53,7 @@ class StandInStream:
         pass
 
 
-def wrap(fn, fail=False, boxed=False):
+def wrap(fn, fail=False, boxed=False, group=None):
     cuda = StandInCuda(fail)
 
     def recorded(*args):  # what a capture records: the forward over the buffers it was handed
@@ -66,7 +66,7 @@ def wrap(fn, fail=False, boxed=False):
             cuda.capturing.forward = (fn, args, out)
         return out
     recorded._boxed_call = boxed
-    return CudaGraphForward(recorded, torch.device("cpu"), graphs=cuda), cuda
+    return CudaGraphForward(recorded, torch.device("cpu"), graphs=cuda, group=group), cuda
 
 
 def forward(w, b, x, t):
@@ -115,14 +115,60 @@ def test_failed_capture_runs_op_by_op_with_one_warning():
     assert cuda.captures == 0
 
 
+@pytest.mark.parametrize("failed", ["here", "on another rank", None])
+def test_sequence_parallel_ranks_capture_together_or_not_at_all(failed, monkeypatch):
+    """A capture that fails on one rank (here, or on another: the all-reduce says so) leaves every rank op by op,
+    with the exchange's slot turns as they were before the capture: a rank that kept them advanced would write
+    into the slot its peers are not reading. When every rank captured, the graph is kept."""
+    from mindiesd_compile.ops import peer_gather
+    slots = peer_gather._Slots("sp-test")
+    reduced = []
+
+    def all_reduce(flag, op, group):  # MIN over the ranks: 0 if any failed
+        reduced.append((int(flag), group))
+        flag.mul_(0 if failed else 1)
+    monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
+    try:
+        def exchanging(w, b, x, t):  # each call takes the next slot, as all_gather_peers does
+            slots.turn = 1 - slots.turn
+            return forward(w, b, x, t)
+        fast, cuda = wrap(exchanging, fail=failed == "here", group="sp-group")
+        w, b = torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(3))
+        x, t = torch.randn(5, 4), torch.tensor(1.0)
+        fast(w, b, x, t)
+        turn = slots.turn
+        with pytest.warns(RuntimeWarning, match="not permitted" if failed == "here" else "on another rank") \
+                if failed else contextlib.nullcontext():
+            torch.testing.assert_close(fast(w, b, x, t)[0], forward(w, b, x, t)[0])
+        assert reduced == [(0 if failed == "here" else 1, "sp-group")]
+        entry = next(iter(fast.captured.values()))
+        # failed: warm-up and capture undone, the op-by-op call counted
+        assert (entry is None and slots.turn == 1 - turn) if failed else entry is not None
+    finally:
+        peer_gather._ALL_SLOTS.remove(slots)
+
+
 @pytest.mark.parametrize("options, message", [
     ({"cuda_graphs": "yes"}, "must be True or False"),
     ({"cuda_graphs": True, "target": "cpu"}, "target 'cuda' only"),
     ({"cuda_graphs": True, "cache": {"policy": "block"}}, "changes from step to step"),
+    # NCCL kernels in a graph hang the process group's teardown: only the copy-engine exchange is captured
+    ({"cuda_graphs": True, "sequence_parallel": 2, "sequence_parallel_mode": "ulysses"}, "pytorch/pytorch#115388"),
+    ({"cuda_graphs": True, "sequence_parallel": 4, "sequence_parallel_overlap": False}, "copy-engine exchange"),
+    ({"cuda_graphs": True, "sequence_parallel": 8}, "sequence_parallel_mode 'gather_kv'"),  # auto: Ulysses on 8
 ])
-def test_bad_options_name_the_problem(options, message):
+def test_bad_options_name_the_problem(options, message, monkeypatch):
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)  # sequence_parallel asks for it
     with pytest.raises(OptionsError, match=message):
         CompileOptions.from_dict(options)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_sequence_parallel_with_the_copy_engine_exchange_may_be_captured(world, monkeypatch):
+    """"auto" on 2-4 ranks is gather_kv with an overlap: its graphs hold no NCCL kernel."""
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    options = CompileOptions.from_dict({"cuda_graphs": True, "sequence_parallel": world})
+    assert options.sequence_parallel_exchange("cuda") == "gather_kv" and options.sequence_parallel_overlap_for("cuda")
 
 
 def test_inputs_on_the_cpu_are_refused_before_compiling():

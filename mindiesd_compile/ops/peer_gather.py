@@ -85,6 +85,7 @@ class _Slots:
 
     def __init__(self, group: str):
         self.group, self.buffers, self.turn, self.kept = group, [None, None], 0, []
+        _ALL_SLOTS.append(self)
 
     def next(self, nbytes: int, device: torch.device):
         from torch._C._distributed_c10d import _SymmetricMemory
@@ -96,6 +97,20 @@ class _Slots:
             t = _SymmetricMemory.empty_strided_p2p((nbytes,), (1,), torch.uint8, device, self.group)
             self.buffers[i] = buf = (t, _SymmetricMemory.rendezvous(t))
         return buf[1]
+
+
+_ALL_SLOTS: List[_Slots] = []
+
+
+def slot_turns() -> List[int]:
+    """Which slot each group's next call takes: a capture that is thrown away (runtime/cuda_graph.py) must leave
+    them as they were, or this rank would write into a slot its peers are not reading."""
+    return [slots.turn for slots in _ALL_SLOTS]
+
+
+def restore_slot_turns(turns: Sequence[int]) -> None:
+    for slots, turn in zip(_ALL_SLOTS, turns):
+        slots.turn = turn
 
 
 @functools.lru_cache(None)

@@ -10,7 +10,9 @@ the model's parameters or buffers (Dynamo passes them as graph inputs) are read 
 (latents, timestep, text) is copied into the graph's own buffer before each replay. Outputs are cloned, so two
 calls in a row (CFG's cond and uncond) never share a buffer. A parameter replaced by another tensor (weights
 reloaded) makes a fresh capture. A capture that fails (a host sync in a piece, an op a graph cannot hold) leaves
-that signature op by op, with a warning: never a wrong result.
+that signature op by op, with a warning: never a wrong result. Under sequence parallelism (``group``) the ranks
+agree: if one rank's capture fails, every rank runs op by op, its exchange slot turns back where they were before
+the warm-up and capture (ops/peer_gather.py), so all ranks keep writing into the slots their peers read.
 """
 from __future__ import annotations
 
@@ -39,8 +41,9 @@ class CudaGraphForward:
     inputs that change (parameters and buffers sit at fixed positions: Dynamo's calling convention), so its own
     cost stays small next to the launches it saves."""
 
-    def __init__(self, fn: Callable, device: torch.device, graphs=torch.cuda):
+    def __init__(self, fn: Callable, device: torch.device, graphs=torch.cuda, group=None):
         self.fn, self.device, self.graphs = fn, device, graphs  # ``graphs``: torch.cuda (tests pass a stand-in)
+        self.group = group  # the sequence-parallel ranks, which must all capture or none
         self._boxed_call = getattr(fn, "_boxed_call", False)  # Inductor's convention: one list, which it empties
         self.static: Optional[Tuple[int, ...]] = None  # positions of parameters and buffers
         self.dynamic: Tuple[int, ...] = ()
@@ -73,6 +76,8 @@ class CudaGraphForward:
 
     def _capture(self, args) -> Optional[Captured]:
         inputs = [a.clone() if i in self.dynamic and isinstance(a, torch.Tensor) else a for i, a in enumerate(args)]
+        turns = self._slot_turns()
+        why = None
         try:
             side = self.graphs.Stream(self.device)
             side.wait_stream(self.graphs.current_stream(self.device))
@@ -83,10 +88,30 @@ class CudaGraphForward:
             with self.graphs.graph(graph):
                 outputs = self._run(inputs)
         except Exception as err:  # noqa: BLE001 - an optional speed-up must never cost a result
-            warnings.warn(f"mindiesd_compile: cuda_graphs: capturing the forward failed ({type(err).__name__}: "
-                          f"{str(err)[:200]}); these inputs run op by op", RuntimeWarning, stacklevel=3)
+            why = f"{type(err).__name__}: {str(err)[:200]}"
+        if self.group is not None and not self._every_rank_captured(why is None):
+            why = why or "on another rank"
+        if why is not None:
+            self._restore_slot_turns(turns)
+            warnings.warn(f"mindiesd_compile: cuda_graphs: capturing the forward failed ({why}); these inputs run "
+                          "op by op", RuntimeWarning, stacklevel=3)
             return None
         return Captured(graph, inputs, self._static_ptrs(args), outputs)
+
+    def _slot_turns(self):
+        from ..ops.peer_gather import slot_turns
+        return slot_turns() if self.group is not None else None
+
+    def _restore_slot_turns(self, turns) -> None:
+        if turns is not None:
+            from ..ops.peer_gather import restore_slot_turns
+            restore_slot_turns(turns)
+
+    def _every_rank_captured(self, captured: bool) -> bool:
+        import torch.distributed as dist
+        flag = torch.tensor([int(captured)], device=self.device)
+        dist.all_reduce(flag, dist.ReduceOp.MIN, group=self.group)
+        return bool(flag.item())
 
     def _static_ptrs(self, args) -> Tuple[int, ...]:
         return tuple(args[i].data_ptr() for i in self.static)
