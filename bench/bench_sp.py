@@ -8,12 +8,14 @@
 mindiesd: torch.compile(backend="mindiesd", options={"sequence_parallel": N}) (plain mindiesd compile
 for N=1); a suffix @ulysses or @gather_kv sets options["sequence_parallel_mode"] (default "auto");
 mindiesd+overlap: Inductor's comm/compute reordering; mindiesd+sync, +ahead, +split: sequence_parallel_overlap=
-False (gather_kv waits for every key, then one attention), "ahead" or "split" (default "auto"). diffusers: the
+False (gather_kv waits for every key, then one attention), "ahead" or "split" (default "auto"); +graphs:
+options["cuda_graphs"]; modifiers combine (mindiesd+split+graphs@gather_kv). diffusers: the
 model's own context parallelism (enable_parallelism, Ulysses, eager) as the anchor. Rank 0 prints median ms
 (--profile: and one call's kernel time split into compute, NCCL and NCCL not overlapped by compute) and saves the
 output under --out-dir; `python bench/bench_sp.py --compare` prints each saved output's relative L2 against the
 1-GPU mindiesd one (so runs on different GPUs of one host may run at the same time); --rounds prints each
-variant's against the first variant's, and every rank's median wall and host (time to issue a call) ms.
+variant's against the first variant's and a later call's against its first (under cuda_graphs: replayed against
+op by op), and every rank's median wall and host (time to issue a call) ms.
 """
 import argparse
 import os
@@ -108,6 +110,8 @@ def interleaved(model, inputs, world, rank, dev, args):
         for _ in range(args.rounds):
             for v in variants:
                 times[v] += time_calls(lambda: fns[v](**inputs), dev, args.iters, host[v], args.aligned)
+        # a later call (replayed, under cuda_graphs) against the first (op by op): the same numbers
+        again = {v: float((fns[v](**inputs)[0].float() - outs[v]).norm() / outs[v].norm()) for v in variants}
     ranks = [None] * world  # every rank's median wall and host ms: an early starter waits for the others
     dist.all_gather_object(ranks, {v: (statistics.median(times[v]), statistics.median(host[v])) for v in variants})
     if rank == 0:
@@ -116,7 +120,8 @@ def interleaved(model, inputs, world, rank, dev, args):
             ms = sorted(times[v])
             print(f"RESULT {v} gpus={world} median_ms={statistics.median(ms):.1f} min_ms={ms[0]:.1f} "
                   f"max_ms={ms[-1]:.1f} calls={len(ms)} (interleaved) rel L2 vs {variants[0]} "
-                  f"{float((outs[v] - first).norm() / first.norm()):.1e} | per rank wall/host ms: "
+                  f"{float((outs[v] - first).norm() / first.norm()):.1e}, last call vs first {again[v]:.1e} | "
+                  "per rank wall/host ms: "
                   + " ".join(f"{r[v][0]:.1f}/{r[v][1]:.1f}" for r in ranks), flush=True)
     dist.destroy_process_group()
 
@@ -140,10 +145,11 @@ def _mode(variant):
 
 def build_variant(variant, model, world):
     if variant.startswith("mindiesd"):
-        modifier = variant.split("@")[0].partition("+")[2]
-        options = {"target": _target(model), "inductor_config": OVERLAP if modifier == "overlap" else {}} | \
-            ({"sequence_parallel": world, "sequence_parallel_overlap": OVERLAPS.get(modifier, "auto")} | _mode(variant)
-             if world > 1 else {})
+        modifiers = set(variant.split("@")[0].split("+")[1:])
+        overlap = next((OVERLAPS[m] for m in modifiers if m in OVERLAPS), "auto")
+        options = {"target": _target(model), "inductor_config": OVERLAP if "overlap" in modifiers else {},
+                   "cuda_graphs": "graphs" in modifiers} | \
+            ({"sequence_parallel": world, "sequence_parallel_overlap": overlap} | _mode(variant) if world > 1 else {})
         return torch.compile(model, backend="mindiesd", options=options, fullgraph=True)
     if world > 1:
         from diffusers import ContextParallelConfig
