@@ -203,7 +203,8 @@ class CompileOptions:
         if not isinstance(self.cuda_graphs, bool):
             raise OptionsError(f"options['cuda_graphs'] must be True or False, got {self.cuda_graphs!r}")
         self.check_cuda_graphs_target(self.target)
-        varying = [name for name, on in (("cache", cache_on), ("sparse_attention", self.sparse_attention is not None)) if on]
+        varying = [name for name, on in (("cache", cache_on), ("sparse_attention", self.sparse_attention is not None))
+                   if on]
         if self.cuda_graphs and varying:
             raise OptionsError(f"options['cuda_graphs'] captures the whole forward, but with options{varying} what "
                                "runs changes from step to step (or is not graph-safe yet); drop one of them")

@@ -165,7 +165,7 @@ def test_bad_options_name_the_problem(options, message, monkeypatch):
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_sequence_parallel_with_the_copy_engine_exchange_may_be_captured(world, monkeypatch):
-    """"auto" on 2-4 ranks is gather_kv with an overlap: its graphs hold no NCCL kernel."""
+    """On 2-4 ranks "auto" is gather_kv with an overlap: its graphs hold no NCCL kernel."""
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
     options = CompileOptions.from_dict({"cuda_graphs": True, "sequence_parallel": world})
     assert options.sequence_parallel_exchange("cuda") == "gather_kv" and options.sequence_parallel_overlap_for("cuda")

@@ -17,7 +17,7 @@ backend turns it off for these graphs. Runs last: later rewrites re-place the no
 from __future__ import annotations
 
 import warnings
-from typing import Dict, Iterable, List, Optional, Set
+from typing import Callable, Dict, Iterable, List, Optional, Set
 
 import torch
 from torch.fx import Graph, Node
@@ -31,14 +31,19 @@ _VIEWS = (*RESHAPES, aten.permute.default, aten.t.default, aten.transpose.int, a
           aten.slice.Tensor, aten.select.int, aten.unsqueeze.default, aten.squeeze.dim, aten.as_strided.default)
 
 
-def _ancestors(roots: Iterable[Node]) -> Set[Node]:
+def _closure(roots: Iterable[Node], neighbours: Callable[[Node], Iterable[Node]]) -> Set[Node]:
+    """``roots`` and every node reached from them through ``neighbours``."""
     seen, todo = set(), list(roots)
     while todo:
         n = todo.pop()
         if n not in seen:
             seen.add(n)
-            todo.extend(n.all_input_nodes)
+            todo.extend(neighbours(n))
     return seen
+
+
+def _ancestors(roots: Iterable[Node]) -> Set[Node]:
+    return _closure(roots, lambda n: n.all_input_nodes)
 
 
 def _attention_fed_by(start: Node) -> Optional[Node]:
@@ -56,13 +61,7 @@ def _attention_fed_by(start: Node) -> Optional[Node]:
 
 
 def _descendants(start: Node) -> Set[Node]:
-    seen, todo = set(), [start]
-    while todo:
-        n = todo.pop()
-        if n not in seen:
-            seen.add(n)
-            todo.extend(n.users)
-    return seen
+    return _closure([start], lambda n: n.users)
 
 
 def _first_kernels(other: Set[Node], needed: Set[Node]) -> List[Node]:
