@@ -128,6 +128,7 @@ def test_sequence_parallel_ranks_capture_together_or_not_at_all(failed, monkeypa
         reduced.append((int(flag), group))
         flag.mul_(0 if failed else 1)
     monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
+    monkeypatch.setattr(peer_gather, "on_copy_engines", lambda group, device: True)
     try:
         def exchanging(w, b, x, t):  # each call takes the next slot, as all_gather_peers does
             slots.turn = 1 - slots.turn
@@ -146,6 +147,20 @@ def test_sequence_parallel_ranks_capture_together_or_not_at_all(failed, monkeypa
         assert (entry is None and slots.turn == 1 - turn) if failed else entry is not None
     finally:
         peer_gather._ALL_SLOTS.remove(slots)
+
+
+def test_sequence_parallel_over_nccl_is_never_captured(monkeypatch):
+    """Without symmetric memory the exchange falls back to NCCL: a graph holding its kernels would hang the
+    process group's teardown, so the forward stays op by op, with the reason."""
+    from mindiesd_compile.ops import peer_gather
+    monkeypatch.setattr(peer_gather, "on_copy_engines", lambda group, device: False)
+    fast, cuda = wrap(forward, group="sp-group")
+    w, b = torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(3))
+    x, t = torch.randn(5, 4), torch.tensor(1.0)
+    fast(w, b, x, t)
+    with pytest.warns(RuntimeWarning, match="runs on NCCL"):
+        torch.testing.assert_close(fast(w, b, x, t)[0], forward(w, b, x, t)[0])
+    assert cuda.captures == 0
 
 
 @pytest.mark.parametrize("options, message", [

@@ -136,6 +136,12 @@ def _slots(group_name: str, device: torch.device):
     return None
 
 
+def on_copy_engines(group_name: str, device: torch.device) -> bool:
+    """Whether this group's calls run on copy engines (False: NCCL, symmetric memory being unavailable on some
+    rank; every rank gets the same answer)."""
+    return _slots(group_name, device) is not None
+
+
 def _region(hdl, rank: int, at: int, shape, dtype) -> Tensor:
     """A [outer, chunks, inner] region at byte offset ``at`` of ``rank``'s slot (mapped into this GPU if a peer's)."""
     nbytes = math.prod(shape) * dtype.itemsize

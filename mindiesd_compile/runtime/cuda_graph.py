@@ -12,7 +12,8 @@ calls in a row (CFG's cond and uncond) never share a buffer. A parameter replace
 reloaded) makes a fresh capture. A capture that fails (a host sync in a piece, an op a graph cannot hold) leaves
 that signature op by op, with a warning: never a wrong result. Under sequence parallelism (``group``) the ranks
 agree: if one rank's capture fails, every rank runs op by op, its exchange slot turns back where they were before
-the warm-up and capture (ops/peer_gather.py), so all ranks keep writing into the slots their peers read.
+the warm-up and capture (ops/peer_gather.py), so all ranks keep writing into the slots their peers read; and
+where the exchange falls back to NCCL (no symmetric memory), nothing is captured.
 """
 from __future__ import annotations
 
@@ -75,6 +76,12 @@ class CudaGraphForward:
         return self.fn(list(args)) if self._boxed_call else self.fn(*args)
 
     def _capture(self, args) -> Optional[Captured]:
+        if self.group is not None and not self._exchanges_on_copy_engines():
+            warnings.warn("mindiesd_compile: cuda_graphs: no symmetric memory between these GPUs, so the "
+                          "sequence-parallel exchange runs on NCCL, whose kernels in a CUDA graph hang the process "
+                          "group's teardown (pytorch/pytorch#115388); these inputs run op by op", RuntimeWarning,
+                          stacklevel=3)
+            return None
         inputs = [a.clone() if i in self.dynamic and isinstance(a, torch.Tensor) else a for i, a in enumerate(args)]
         turns = self._slot_turns()
         why = None
@@ -97,6 +104,10 @@ class CudaGraphForward:
                           "op by op", RuntimeWarning, stacklevel=3)
             return None
         return Captured(graph, inputs, self._static_ptrs(args), outputs)
+
+    def _exchanges_on_copy_engines(self) -> bool:
+        from ..ops.peer_gather import on_copy_engines
+        return on_copy_engines(getattr(self.group, "group_name", self.group), self.device)
 
     def _slot_turns(self):
         from ..ops.peer_gather import slot_turns

@@ -90,9 +90,9 @@ class ShardPlan:
     def gather_dim(self, x: torch.Tensor, dim: int) -> torch.Tensor:
         """Every rank's ``x`` joined along ``dim``, in rank order. CUDA: by copy engines (``all_gather_peers``), so
         a captured forward (options' ``cuda_graphs``) holds no NCCL kernel, which would hang the process group's
-        teardown (pytorch/pytorch#115388; where symmetric memory is unavailable it falls back to NCCL, and a
-        capture holds NCCL kernels again); the result is copied out of the exchange's buffer, which later calls
-        reuse."""
+        teardown (pytorch/pytorch#115388; where symmetric memory is unavailable it falls back to NCCL, and
+        runtime/cuda_graph.py then captures nothing); the result is copied out of the exchange's buffer, which
+        later calls reuse."""
         if x.is_cuda:
             group = (self.group or dist.group.WORLD).group_name
             out = torch.ops.mindiesd_compile.all_gather_peers([x], dim % x.dim(), group, True)[0]
