@@ -95,13 +95,6 @@ def _order_after(graph: Graph, deps: Dict[Node, List[Node]]) -> None:
     preserve_node_ordering(graph, {n: OrderedSet(exchanges) for n, exchanges in deps.items()})
 
 
-def _exchanges_by_readiness(exchanges: List[Node], order) -> List[Node]:
-    """The exchanges in the order their inputs are complete in the graph."""
-    def ready(exchange: Node) -> int:
-        return max((order[n] for n in _ancestors(exchange.all_input_nodes) if n.op == "call_function"), default=-1)
-    return sorted(exchanges, key=ready)
-
-
 class StartExchangesEarly(GraphPass):
     name = "early_exchange"
 
@@ -124,9 +117,14 @@ class StartExchangesEarly(GraphPass):
         work = {n for n in _ancestors(attention.all_input_nodes) if n.op == "call_function"}
         received = set().union(*(_descendants(e) for e in exchanges))  # exchanges, their waits: stay put
         placed: Set[Node] = set()  # what earlier exchanges needed: already ahead of this one
-        for exchange in _exchanges_by_readiness(exchanges, {n: i for i, n in enumerate(graph.nodes)}):
-            order = {n: i for i, n in enumerate(graph.nodes)}
-            needed = _ancestors([exchange])
+        needs = {e: _ancestors([e]) for e in exchanges}
+        before = {n: i for i, n in enumerate(graph.nodes)}
+
+        def ready(e: Node) -> int:  # where the last of its inputs is computed: the first ready goes first
+            return max((before[n] for n in needs[e] if n.op == "call_function" and n is not e), default=-1)
+        for exchange in sorted(exchanges, key=ready):
+            order = {n: i for i, n in enumerate(graph.nodes)}  # the moves below change it
+            needed = needs[exchange]
             other = work - needed - received - placed
             first = min(other, key=order.__getitem__, default=None)
             placed |= needed

@@ -23,6 +23,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
+from ..ops import peer_gather
+
 
 def _is_static(x) -> bool:
     """A parameter or buffer of the model: same storage every call, so the graph may read it in place."""
@@ -76,14 +78,15 @@ class CudaGraphForward:
         return self.fn(list(args)) if self._boxed_call else self.fn(*args)
 
     def _capture(self, args) -> Optional[Captured]:
-        if self.group is not None and not self._exchanges_on_copy_engines():
+        group_name = getattr(self.group, "group_name", self.group)  # a ProcessGroup, or its name
+        if self.group is not None and not peer_gather.on_copy_engines(group_name, self.device):
             warnings.warn("mindiesd_compile: cuda_graphs: no symmetric memory between these GPUs, so the "
                           "sequence-parallel exchange runs on NCCL, whose kernels in a CUDA graph hang the process "
                           "group's teardown (pytorch/pytorch#115388); these inputs run op by op", RuntimeWarning,
                           stacklevel=3)
             return None
         inputs = [a.clone() if i in self.dynamic and isinstance(a, torch.Tensor) else a for i, a in enumerate(args)]
-        turns = self._slot_turns()
+        turns = peer_gather.slot_turns()  # this rank's exchange slots, to put back if the ranks drop the capture
         why = None
         try:
             side = self.graphs.Stream(self.device)
@@ -99,24 +102,11 @@ class CudaGraphForward:
         if self.group is not None and not self._every_rank_captured(why is None):
             why = why or "on another rank"
         if why is not None:
-            self._restore_slot_turns(turns)
+            peer_gather.restore_slot_turns(turns)
             warnings.warn(f"mindiesd_compile: cuda_graphs: capturing the forward failed ({why}); these inputs run "
                           "op by op", RuntimeWarning, stacklevel=3)
             return None
         return Captured(graph, inputs, self._static_ptrs(args), outputs)
-
-    def _exchanges_on_copy_engines(self) -> bool:
-        from ..ops.peer_gather import on_copy_engines
-        return on_copy_engines(getattr(self.group, "group_name", self.group), self.device)
-
-    def _slot_turns(self):
-        from ..ops.peer_gather import slot_turns
-        return slot_turns() if self.group is not None else None
-
-    def _restore_slot_turns(self, turns) -> None:
-        if turns is not None:
-            from ..ops.peer_gather import restore_slot_turns
-            restore_slot_turns(turns)
 
     def _every_rank_captured(self, captured: bool) -> bool:
         import torch.distributed as dist

@@ -88,18 +88,14 @@ class ShardPlan:
         return value * self.degree if split else value
 
     def gather_dim(self, x: torch.Tensor, dim: int) -> torch.Tensor:
-        """Every rank's ``x`` joined along ``dim``, in rank order. CUDA: by copy engines (``all_gather_peers``), so
+        """Every rank's ``x`` joined along ``dim``, in rank order, by ``all_gather_peers``. CUDA: copy engines, so
         a captured forward (options' ``cuda_graphs``) holds no NCCL kernel, which would hang the process group's
         teardown (pytorch/pytorch#115388; where symmetric memory is unavailable it falls back to NCCL, and
         runtime/cuda_graph.py then captures nothing); the result is copied out of the exchange's buffer, which
-        later calls reuse."""
-        if x.is_cuda:
-            group = (self.group or dist.group.WORLD).group_name
-            out = torch.ops.mindiesd_compile.all_gather_peers([x], dim % x.dim(), group, True)[0]
-            return torch.ops._c10d_functional.wait_tensor(out).clone()
-        parts = [torch.empty_like(x) for _ in range(self.degree)]
-        dist.all_gather(parts, x.contiguous(), group=self.group)
-        return torch.cat(parts, dim)
+        later calls reuse. Elsewhere: the collective all-gather."""
+        group = (self.group or dist.group.WORLD).group_name
+        out = torch.ops.mindiesd_compile.all_gather_peers([x], dim % x.dim(), group, True)[0]
+        return torch.ops._c10d_functional.wait_tensor(out).clone()
 
 
 def size_inputs(partition: Partition) -> Dict[int, Tuple[int, int]]:
