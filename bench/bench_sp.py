@@ -9,13 +9,14 @@ mindiesd: torch.compile(backend="mindiesd", options={"sequence_parallel": N}) (p
 for N=1); a suffix @ulysses or @gather_kv sets options["sequence_parallel_mode"] (default "auto");
 mindiesd+overlap: Inductor's comm/compute reordering; mindiesd+sync, +ahead, +split: sequence_parallel_overlap=
 False (gather_kv waits for every key, then one attention), "ahead" or "split" (default "auto"); +graphs:
-options["cuda_graphs"]; modifiers combine (mindiesd+split+graphs@gather_kv). diffusers: the
+options["cuda_graphs"]; +strict: options["strict"], which changes no kernel: a second, separate compile of a
+variant (mindiesd+split,mindiesd+split+strict); modifiers combine (mindiesd+split+graphs@gather_kv). diffusers: the
 model's own context parallelism (enable_parallelism, Ulysses, eager) as the anchor. Rank 0 prints median ms
 (--profile: and one call's kernel time split into compute, NCCL and NCCL not overlapped by compute) and saves the
 output under --out-dir; `python bench/bench_sp.py --compare` prints each saved output's relative L2 against the
 1-GPU mindiesd one (so runs on different GPUs of one host may run at the same time); --rounds prints each
 variant's against the first variant's and a later call's against its first (under cuda_graphs: replayed against
-op by op), and every rank's median wall and host (time to issue a call) ms.
+op by op), and every rank's median wall and host (time to issue a call) ms, and saves each variant's first output.
 """
 import argparse
 import os
@@ -116,7 +117,9 @@ def interleaved(model, inputs, world, rank, dev, args):
     dist.all_gather_object(ranks, {v: (statistics.median(times[v]), statistics.median(host[v])) for v in variants})
     if rank == 0:
         first = outs[variants[0]]
+        os.makedirs(args.out_dir, exist_ok=True)
         for v in variants:
+            torch.save(outs[v].cpu(), os.path.join(args.out_dir, f"{args.config}-{v}-{world}.pt"))  # for --compare
             ms = sorted(times[v])
             print(f"RESULT {v} gpus={world} median_ms={statistics.median(ms):.1f} min_ms={ms[0]:.1f} "
                   f"max_ms={ms[-1]:.1f} calls={len(ms)} (interleaved) rel L2 vs {variants[0]} "
@@ -148,7 +151,7 @@ def build_variant(variant, model, world):
         modifiers = set(variant.split("@")[0].split("+")[1:])
         overlap = next((OVERLAPS[m] for m in modifiers if m in OVERLAPS), "auto")
         options = {"target": _target(model), "inductor_config": OVERLAP if "overlap" in modifiers else {},
-                   "cuda_graphs": "graphs" in modifiers} | \
+                   "cuda_graphs": "graphs" in modifiers, "strict": "strict" in modifiers} | \
             ({"sequence_parallel": world, "sequence_parallel_overlap": overlap} | _mode(variant) if world > 1 else {})
         return torch.compile(model, backend="mindiesd", options=options, fullgraph=True)
     if world > 1:

@@ -213,10 +213,10 @@ class CompileOptions:
         """The mode that runs, for ``target``. "auto": gather_kv on 2 ranks, where it moves the same bytes as
         Ulysses with nothing exchanged after attention and no layout copies (0.4-1.6 % faster on 2 H200s without
         overlap, bench/RESULTS.md 2026-11-27), and on 3-4 ranks where its exchange is overlapped on CUDA (2-5 %
-        faster than Ulysses on 4 H200s; with "ahead", masked attention's overlap, 1.8 %; without the overlap 2.4 %
-        slower: the gathered keys and values grow with the degree); Ulysses on more ranks (not timed), with sparse
-        attention, and on the NPU, where neither has been timed (gather_kv lowers there too, to HcomAllGather: ask
-        for it by name)."""
+        faster than Ulysses on 4 H200s, 5 % on 3; with "ahead", masked attention's overlap, 1.8 %; without the
+        overlap 2.4 % slower: the gathered keys and values grow with the degree); Ulysses on more ranks (not
+        timed), with sparse attention, and on the NPU, where neither has been timed (gather_kv lowers there too, to
+        HcomAllGather: ask for it by name)."""
         if self.sequence_parallel_mode != "auto":
             return self.sequence_parallel_mode
         if self.sparse_attention is not None or target == "npu":
