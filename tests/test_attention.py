@@ -61,6 +61,36 @@ def test_hand_written_attention(b, h, sq, sk, d, dtype, upcast, masked):
     assert rel_err(got.out, fn(*args)) <= TOL[dtype]
 
 
+def _cuda_sdpa_graph(b, h, sq, sk, d, mask_shape):
+    """The ATen graph torch's SDPA front end traces on CUDA for the memory-efficient kernel: the model's mask
+    padded to 8 keys and sliced back where its key count is not a multiple of 8, then expanded to [B, H, Q, K]
+    (traced with fake tensors: the kernel itself has no CPU implementation)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+    pad = -sk % 8
+
+    def fn(q, k, v, mask):
+        m = torch.ops.aten.slice(torch.ops.aten.constant_pad_nd(mask, [0, pad]), -1, 0, sk) if pad else mask
+        m = m.expand(b, h, sq, sk)
+        return torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, m, False)[0]
+    args = (*qkv(b, h, sq, sk, d, torch.float32), torch.randn(mask_shape))
+    return make_fx(fn, tracing_mode="fake")(*args), args
+
+
+@given(*shapes, st.sampled_from(["key", "query-key"]))
+def test_mask_expanded_for_cudas_kernel_reaches_the_op_as_the_model_built_it(b, h, sq, sk, d, kind):
+    """The sequence-parallel pass follows a key mask only in the shape the model built it ([B, 1, 1, K]); CUDA's
+    front end expands it to every head and query (and pads unaligned keys): the op gets the model's mask."""
+    from mindiesd_compile import CompileOptions, Report
+    from mindiesd_compile.backend import build_manager
+    gm, (q, k, v, mask) = _cuda_sdpa_graph(b, h, sq, sk, d, (b, 1, 1, sk) if kind == "key" else (b, 1, sq, sk))
+    report = Report(CompileOptions().patterns)
+    build_manager(CompileOptions.from_dict({"strict": True}), "eager", report)(gm.graph)
+    gm.recompile()
+    attention = [n for n in gm.graph.nodes if n.target is torch.ops.mindiesd_compile.attention.default]
+    assert len(attention) == 1 and attention[0].args[3].op == "placeholder"  # the mask as passed in
+    assert rel_err(gm(q, k, v, mask), F.scaled_dot_product_attention(q, k, v, attn_mask=mask)) <= 1e-5
+
+
 def test_causal_sdpa_is_left_alone():
     fn = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)  # noqa: E731
     args = qkv(1, 2, 6, 6, 8, torch.float32)

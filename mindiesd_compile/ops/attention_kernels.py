@@ -114,4 +114,5 @@ def attention_partial_cuda(q, k, v, mask, scale, layout, sm_margin, reference):
     qh, kh, vh = (t.transpose(1, 2) if layout == "BSHD" else t for t in (q, k, v))
     out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(qh, kh, vh, None, True, scale=scale)[:2]
     out = out.transpose(1, 2).contiguous()  # [B,S,H,D] memory, as the op promises
-    return (out if layout == "BSHD" else out.transpose(1, 2)), lse[..., :qh.shape[2]]  # lse is padded to 32 rows
+    # lse comes padded to 32 rows: the slice copied out, contiguous as the op promises (its fake says so)
+    return (out if layout == "BSHD" else out.transpose(1, 2)), lse[..., :qh.shape[2]].contiguous()

@@ -26,6 +26,23 @@ SDPA_OPS = {
 BHSD_FROM_BSHD = [0, 2, 1, 3]
 
 
+def _unbroadcast_mask(mask):
+    """The mask a model passed, where torch's SDPA front end made it fit CUDA's memory-efficient kernel: padded
+    to an aligned key count and sliced back, then expanded to [B, H, Q, K] (one copy per head and query, which the
+    sequence-parallel pass cannot follow as a key mask). The op broadcasts the model's mask itself."""
+    while is_call(mask, aten.expand.default) and is_tensor(mask.args[0]):
+        mask = mask.args[0]
+    if (is_call(mask, aten.slice.Tensor) and is_call(mask.args[0], aten.constant_pad_nd.default)
+            and node_arg(mask, 1, "dim", 0) % val(mask).dim() == val(mask).dim() - 1
+            and node_arg(mask, 2, "start", 0) in (0, None) and node_arg(mask, 4, "step", 1) == 1):
+        source, pad = mask.args[0].args[0], list(mask.args[0].args[1])
+        if len(pad) == 2 and pad[0] == 0 and val(source).shape == val(mask).shape:  # keys padded, sliced back
+            mask = source
+    while is_call(mask, aten.expand.default) and is_tensor(mask.args[0]):
+        mask = mask.args[0]
+    return mask
+
+
 def _from_bshd(node):
     """The [B,S,H,D] tensor a [B,H,S,D] view was permuted from, else None."""
     if is_call(node, aten.permute.default) and list(node.args[1]) == BHSD_FROM_BSHD:
@@ -78,6 +95,7 @@ class AttentionPass(FusionPass):
         mask_at, dropout_at, causal_at = SDPA_OPS[sdpa.target]
         q, k, v = sdpa.args[:3]
         mask = node_arg(sdpa, *mask_at)
+        mask = _unbroadcast_mask(mask) if mask is not None else None
         require(not node_arg(sdpa, *dropout_at, 0.0), "attention with dropout")
         require(not node_arg(sdpa, *causal_at, False), "causal attention is left to the SDPA kernel")
         require(not sdpa.kwargs.get("enable_gqa", False) and val(q).shape[-3] == val(k).shape[-3],

@@ -1,0 +1,108 @@
+"""Sequence parallelism on GPUs against one process: what CI's gloo tests cannot reach (the copy-engine exchange,
+FA3's partial attention and the merge, the exchanges' order under Inductor, cuda_graphs over the ranks). Run on
+every lent multi-GPU device:
+
+    torchrun --nproc_per_node=2|4 bench/check_sp_cuda.py     # one line per model and variant, "FAIL" where one differs
+    torchrun --nproc_per_node=2 bench/check_sp_cuda.py --device cpu   # checks the script over gloo (target eager)
+
+Tiny diffusers models (tests/tiny_models.py): HunyuanVideo with padded text (a key mask, gathered with the keys),
+LTX-Video (its text split with the video, with its mask), Flux (joint attention), Wan in fp32 and in bf16 with
+64-wide heads (FA3's shape; the split attention's partials are FA3's there). Every rank's output is compared with
+the eager model run whole on that rank; a later call of a `cuda_graphs` variant (replayed) with its first.
+"""
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[1] / "tests")]
+import mindiesd_compile  # noqa: E402
+from tiny_models import MODELS, ltx  # noqa: E402
+
+# model, config overrides, dtype, tolerance (rel. L2 against the eager model), text tokens padded
+CASES = [("hunyuan", {}, torch.float32, 1e-4, 3), ("ltx", {}, torch.float32, 1e-4, 3),
+         ("flux", {}, torch.float32, 1e-4, 0), ("wan", {}, torch.float32, 1e-4, 0),
+         ("wan", {"attention_head_dim": 64}, torch.bfloat16, 3e-2, 0)]
+VARIANTS = {"ahead": {"sequence_parallel_mode": "gather_kv", "sequence_parallel_overlap": "ahead"},
+            "split": {"sequence_parallel_mode": "gather_kv", "sequence_parallel_overlap": "split"},
+            "split+graphs": {"sequence_parallel_mode": "gather_kv", "sequence_parallel_overlap": "split",
+                             "cuda_graphs": True},
+            "ahead+graphs": {"sequence_parallel_mode": "gather_kv", "sequence_parallel_overlap": "ahead",
+                             "cuda_graphs": True}}
+# what the gloo tests cannot run: each copy-engine overlap once per kind of attention ("split" runs as "ahead"
+# with a mask), FA3's partials (bf16), cuda_graphs over the exchange
+PER_MODEL = {("hunyuan", torch.float32): ["ahead", "ahead+graphs"], ("ltx", torch.float32): ["ahead"],
+             ("flux", torch.float32): ["split"], ("wan", torch.float32): ["split"],
+             ("wan", torch.bfloat16): ["ahead", "split", "split+graphs"]}
+
+
+def build(name, overrides, dtype, padded, dev):
+    torch.manual_seed(0)
+    model, kwargs = ({**MODELS, "ltx": ltx})[name]()
+    if overrides:
+        model = type(model)(**{**model.config, **overrides})
+    if padded:  # the last text tokens are padding
+        kwargs["encoder_attention_mask"] = kwargs["encoder_attention_mask"].clone()
+        kwargs["encoder_attention_mask"][:, -padded:] = 0
+    model = model.to(dev, dtype).eval()
+    kwargs = {k: v.to(dev, dtype if v.is_floating_point() and k != "encoder_attention_mask" else v.dtype)
+              if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+    if name != "wan":  # joint attention splits back by token counts: traced with dynamic sequence dims
+        mindiesd_compile.mark_sequence_dynamic(model, kwargs)
+    return model, kwargs
+
+
+def rel(a, b):
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--target", default="", help="default: cuda on the GPU, eager on the CPU (cpu: Inductor there)")
+    args = ap.parse_args()
+    cuda = args.device == "cuda"
+    dist.init_process_group("nccl" if cuda else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(dev)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # fp32 means fp32 here
+    failed = 0
+    for name, overrides, dtype, tol, padded in CASES:
+        model, kwargs = build(name, overrides, dtype, padded, dev)
+        with torch.no_grad():
+            ref = model(**kwargs)[0]
+        for variant in PER_MODEL[name, dtype]:
+            if not cuda and "graphs" in variant:
+                continue
+            cache = mindiesd_compile.StepCache(None)  # (no caching) its runner's report counts the exchanges
+            options = {"target": args.target or ("cuda" if cuda else "eager"), "sequence_parallel": world,
+                       "strict": True, "cache": cache, **VARIANTS[variant]}
+            try:
+                with torch.no_grad():
+                    fn = torch.compile(model, backend="mindiesd", options=options, fullgraph=True)
+                    first = fn(**kwargs)[0]
+                    later = [fn(**kwargs)[0] for _ in range(2)][-1]  # under cuda_graphs: captured, then replayed
+                sites = cache.runners[0].compiler.report.stats("sequence_parallel").rewritten
+                errs, error = torch.tensor([rel(first, ref), rel(later, first)], device=dev), ""
+            except Exception as err:  # noqa: BLE001 - reported, the other cases still run
+                errs, error, sites = torch.full((2,), float("inf"), device=dev), f" {type(err).__name__}: {err}", 0
+            dist.all_reduce(errs, dist.ReduceOp.MAX)  # the worst rank
+            ok = float(errs[0]) <= tol and float(errs[1]) <= tol and sites > 0
+            failed += not ok
+            if rank == 0:
+                print(f"{'ok  ' if ok else 'FAIL'} {name}{overrides or ''} {str(dtype)[6:]} {world} ranks {variant}: "
+                      f"{sites} attentions exchanged, rel L2 vs eager {float(errs[0]):.1e} (tol {tol:.0e}), later "
+                      f"call vs first {float(errs[1]):.1e}{error[:300]}", flush=True)
+            torch._dynamo.reset()
+    if rank == 0:
+        print(f"CHECK {'FAILED' if failed else 'PASSED'}: {failed} failing", flush=True)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
