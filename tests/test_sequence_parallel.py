@@ -16,11 +16,31 @@ MODELS = {**MODELS, "ltx": ltx}
 WORLD = 2
 
 
+def _sdpa_preparing_masks_as_on_cuda():
+    """ATen's SDPA (the kernel AOT tracing decomposes, below the graph Dynamo records) preparing its mask as it does
+    for CUDA's memory-efficient kernel: a boolean mask made additive, padded to 8 keys and sliced back, expanded to
+    [B, H, Q, K]. On the CPU the graph the passes see is then the one a CUDA trace gives them."""
+    def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        if attn_mask is not None:
+            if attn_mask.dtype == torch.bool:
+                attn_mask = torch.zeros_like(attn_mask, dtype=query.dtype).masked_fill(~attn_mask, float("-inf"))
+            keys = attn_mask.shape[-1]
+            if keys % 8:
+                attn_mask = torch.ops.aten.constant_pad_nd(attn_mask, [0, -keys % 8])[..., :keys]
+            attn_mask = attn_mask.expand(query.shape[0], query.shape[-3], query.shape[-2], key.shape[-2])
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            query, key, value, dropout_p, is_causal, attn_mask=attn_mask, scale=scale)[0]
+    lib = torch.library.Library("aten", "IMPL")
+    lib.impl("scaled_dot_product_attention", sdpa, "CompositeImplicitAutograd")
+    return lib  # the override lasts as long as this object
+
+
 def _worker(rank, world, name, options, overrides, store, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     result = {}
     try:
         import mindiesd_compile
+        override = _sdpa_preparing_masks_as_on_cuda() if options.pop("cuda_like_masks", False) else None  # noqa: F841
         torch.manual_seed(0)
         model, kwargs = MODELS[name]()
         if overrides:
@@ -243,6 +263,20 @@ def test_ltx_text_split_with_its_padding_mask_matches_one_process(tmp_path, mode
         assert result["shape_ok"] and result["rel"] <= 1e-5
         assert result["rel_to_unmasked"] > 1e-3  # the padding mask really changes the output
         assert result["sp_sites"] == 4 == result["attention"]  # both blocks: self- and cross-attention, all split
+
+
+@pytest.mark.parametrize("mode", ["ulysses", "gather_kv"])
+@pytest.mark.parametrize("name", ["hunyuan", "ltx"])
+def test_masks_as_a_cuda_trace_builds_them_follow_the_split(tmp_path, name, mode):
+    """On CUDA, SDPA's front end expands a key mask to every head and query (and pads unaligned keys) before the
+    passes see the graph; the attention pass hands the op the model's mask, so the split still follows it (before:
+    every masked model under sequence parallelism failed on CUDA, bench/RESULTS.md 2026-11-27)."""
+    for result in run_ranks(tmp_path, name, dynamic=True, text_padding=3, cuda_like_masks=True,
+                            sequence_parallel_mode=mode):
+        assert "error" not in result, result
+        assert result["shape_ok"] and result["rel"] <= 1e-5
+        assert result["rel_to_unmasked"] > 1e-3  # the padding mask really changes the output
+        assert result["sp_sites"] == {"hunyuan": 2, "ltx": 4}[name]
 
 
 def test_a_whole_mask_over_split_keys_is_a_clear_error(tmp_path):
