@@ -38,8 +38,6 @@ def _unbroadcast_mask(mask):
         source, pad = mask.args[0].args[0], list(mask.args[0].args[1])
         if len(pad) == 2 and pad[0] == 0 and val(source).shape == val(mask).shape:  # keys padded, sliced back
             mask = source
-    while is_call(mask, aten.expand.default) and is_tensor(mask.args[0]):
-        mask = mask.args[0]
     return mask
 
 
