@@ -64,11 +64,7 @@ def main():
     if args.compare:
         return compare(args.out_dir)
     cuda = args.device == "cuda"
-    dist.init_process_group("nccl" if cuda else "gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(dev)
+    rank, world, dev = init_ranks(cuda)
     cfg, lat, txt = CONFIGS[args.config]
     dtype = torch.bfloat16 if cuda else torch.float32
     model = build_model(cfg, dev, dtype, 0)
@@ -98,6 +94,15 @@ def main():
             print(f"RESULT {variant} gpus={world} median_ms={ms:.1f}{note}", flush=True)
         torch._dynamo.reset()
     dist.destroy_process_group()
+
+
+def init_ranks(cuda):
+    """torchrun's process group (NCCL on GPUs, gloo on the CPU): this rank, the world size, this rank's device."""
+    dist.init_process_group("nccl" if cuda else "gloo")
+    dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(dev)
+    return dist.get_rank(), dist.get_world_size(), dev
 
 
 def interleaved(model, inputs, world, rank, dev, args):

@@ -11,15 +11,15 @@ LTX-Video (its text split with the video, with its mask), Flux (joint attention)
 the eager model run whole on that rank; a later call of a `cuda_graphs` variant (replayed) with its first.
 """
 import argparse
-import os
 import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[1] / "tests")]
+sys.path[:0] = [str(Path(__file__).resolve().parents[1] / d) for d in ("", "tests", "bench")]
 import mindiesd_compile  # noqa: E402
+from bench_sp import init_ranks  # noqa: E402
 from tiny_models import MODELS, ltx  # noqa: E402
 
 # model, config overrides, dtype, tolerance (rel. L2 against the eager model), text tokens padded
@@ -65,11 +65,8 @@ def main():
     ap.add_argument("--target", default="", help="default: cuda on the GPU, eager on the CPU (cpu: Inductor there)")
     args = ap.parse_args()
     cuda = args.device == "cuda"
-    dist.init_process_group("nccl" if cuda else "gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    rank, world, dev = init_ranks(cuda)
     if cuda:
-        torch.cuda.set_device(dev)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # fp32 means fp32 here
     failed = 0
     for name, overrides, dtype, tol, padded in CASES:
