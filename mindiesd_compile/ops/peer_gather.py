@@ -113,6 +113,13 @@ def restore_slot_turns(turns: Sequence[int]) -> None:
         slots.turn = turn
 
 
+def every_rank(ok: bool, group, device: torch.device) -> bool:
+    """Whether ``ok`` holds on every rank of ``group``: ranks that must take one path agree on it."""
+    flag = torch.tensor([int(ok)], device=device)
+    dist.all_reduce(flag, dist.ReduceOp.MIN, group=group)
+    return bool(flag.item())
+
+
 @functools.lru_cache(None)
 def _slots(group_name: str, device: torch.device):
     """The group's ``_Slots``, or None (after one warning) where symmetric memory is unavailable on any rank (all
@@ -127,9 +134,7 @@ def _slots(group_name: str, device: torch.device):
         symm.get_symm_mem_workspace(group_name, 1)  # fails here without peer access
     except Exception as err:  # noqa: BLE001 - no P2P between the GPUs, a torch without it: fall back
         why = f"{type(err).__name__}: {err}"
-    everywhere = torch.tensor([0 if why else 1], device=device)
-    dist.all_reduce(everywhere, dist.ReduceOp.MIN, group=dist.distributed_c10d._resolve_process_group(group_name))
-    if everywhere.item():
+    if every_rank(not why, dist.distributed_c10d._resolve_process_group(group_name), device):
         return _Slots(group_name)
     warnings.warn(f"mindiesd_compile: symmetric memory unavailable for group {group_name} ({why or 'on another rank'}); "
                   "keys and values are all-gathered by NCCL, without overlap", RuntimeWarning)

@@ -64,9 +64,11 @@ def _descendants(start: Node) -> Set[Node]:
     return _closure([start], lambda n: n.users)
 
 
-def _first_kernels(other: Set[Node], needed: Set[Node]) -> List[Node]:
-    """Where the other work leaves what the exchange needs: its first nodes that are not views."""
-    todo = [n for n in other if any(a in needed for a in n.all_input_nodes)]
+def _first_kernels(other: Set[Node], needed: Set[Node], order: Dict[Node, int]) -> List[Node]:
+    """Where the other work leaves what the exchange needs: its first nodes that are not views, in graph order
+    (not a set's: the same graph gets the same dependencies, compile after compile)."""
+    todo = sorted((n for n in other if any(a in needed for a in n.all_input_nodes)), key=order.__getitem__,
+                  reverse=True)  # popped from the end: graph order
     found, seen = [], set()
     while todo:
         n = todo.pop()
@@ -77,7 +79,9 @@ def _first_kernels(other: Set[Node], needed: Set[Node]) -> List[Node]:
             todo.extend(u for u in n.users if u in other)
         else:
             found.append(n)
-    return [n for n in found if not _ancestors(n.all_input_nodes) & set(found)]  # the rest follow those
+    firsts = set(found)
+    return sorted((n for n in found if not _ancestors(n.all_input_nodes) & firsts),  # the rest follow those
+                  key=order.__getitem__)
 
 
 def _order_after(graph: Graph, deps: Dict[Node, List[Node]]) -> None:
@@ -135,6 +139,6 @@ class StartExchangesEarly(GraphPass):
             moved = [n for n in graph.nodes if order[first] < order[n] < order[exchange] and n in needed]
             for n in moved + [exchange]:
                 first.prepend(n)
-            for n in _first_kernels(other, needed):
+            for n in _first_kernels(other, needed, order):
                 deps.setdefault(n, []).append(exchange)
             self.report.rewritten(self.name)

@@ -99,7 +99,7 @@ class CudaGraphForward:
                 outputs = self._run(inputs)
         except Exception as err:  # noqa: BLE001 - an optional speed-up must never cost a result
             why = f"{type(err).__name__}: {str(err)[:200]}"
-        if self.group is not None and not self._every_rank_captured(why is None):
+        if self.group is not None and not peer_gather.every_rank(why is None, self.group, self.device):
             why = why or "on another rank"
         if why is not None:
             peer_gather.restore_slot_turns(turns)
@@ -107,12 +107,6 @@ class CudaGraphForward:
                           "op by op", RuntimeWarning, stacklevel=3)
             return None
         return Captured(graph, inputs, self._static_ptrs(args), outputs)
-
-    def _every_rank_captured(self, captured: bool) -> bool:
-        import torch.distributed as dist
-        flag = torch.tensor([int(captured)], device=self.device)
-        dist.all_reduce(flag, dist.ReduceOp.MIN, group=self.group)
-        return bool(flag.item())
 
     def _static_ptrs(self, args) -> Tuple[int, ...]:
         return tuple(args[i].data_ptr() for i in self.static)
