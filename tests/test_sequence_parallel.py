@@ -35,12 +35,36 @@ def _sdpa_preparing_masks_as_on_cuda():
     return lib  # the override lasts as long as this object
 
 
+def _peer_gather_in_two_slots():
+    """``all_gather_peers`` keeping its CUDA outputs' lifetime: views of two buffers that the calls take in turn
+    (ops/peer_gather.py), so an output read after two later calls reads a later call's data, as on a GPU."""
+    from mindiesd_compile.ops.peer_gather import _gather_sync
+    slots = {}  # group -> [turn, buffer 0, buffer 1]
+
+    def gather(xs, dim, group, include_self=False):
+        outs = _gather_sync(xs, dim, group, include_self)
+        state = slots.setdefault(group, [0, None, None])
+        turn, state[0] = state[0], 1 - state[0]
+        sizes = [-(-o.numel() * o.element_size() // 16) * 16 for o in outs]  # each view 16-byte aligned
+        if state[1 + turn] is None or state[1 + turn].numel() < sum(sizes):
+            state[1 + turn] = torch.empty(sum(sizes), dtype=torch.uint8)
+        views = [state[1 + turn][at:at + o.numel() * o.element_size()].view(o.dtype).view(o.shape)
+                 for o, at in zip(outs, [sum(sizes[:i]) for i in range(len(outs))])]
+        for view, o in zip(views, outs):
+            view.copy_(o)
+        return views
+    lib = torch.library.Library("mindiesd_compile", "IMPL")
+    lib.impl("all_gather_peers", gather, "CPU")  # before the composite kernel, for CPU tensors
+    return lib  # the override lasts as long as this object
+
+
 def _worker(rank, world, name, options, overrides, store, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     result = {}
     try:
         import mindiesd_compile
         override = _sdpa_preparing_masks_as_on_cuda() if options.pop("cuda_like_masks", False) else None  # noqa: F841
+        slots = _peer_gather_in_two_slots()  # noqa: F841
         torch.manual_seed(0)
         model, kwargs = MODELS[name]()
         if overrides:
@@ -248,8 +272,11 @@ def test_hunyuan_video_with_text_padding_matches_one_process(tmp_path, mode):
         assert result["attention"] == 3  # + the token refiner's text self-attention (prologue, unsplit)
         exchanged = result["collectives"]["all_to_all_single"]  # the modes really differ
         assert (exchanged == 0) if mode == "gather_kv" else (exchanged > 0), result["collectives"]
-        # masked: no split; "auto" gathers the image keys, values and key mask ahead, one exchange each, per site
-        assert result["collectives"]["all_gather_peers"] == (6 if mode == "gather_kv" else 0), result["collectives"]
+        # masked: no split; "auto" gathers the image keys and values ahead, one peer exchange each, per site, and
+        # the key mask by a collective of its own (a third peer gather would reuse the keys' buffer)
+        assert result["collectives"]["all_gather_peers"] == (4 if mode == "gather_kv" else 0), result["collectives"]
+        if mode == "gather_kv":
+            assert result["collectives"]["all_gather_into_tensor"] == 2, result["collectives"]
         assert result["collectives"]["attention_partial"] == 0
 
 
@@ -491,6 +518,34 @@ def test_early_exchange_starts_each_tensor_as_soon_as_it_exists():
     waits = [i for i, name in enumerate(names) if name == "wait_tensor.default"]
     assert len(waits) == 2 and min(waits) > 4 and names[-1] == "attention.default", names
     assert report.stats("early_exchange").rewritten == 2
+
+
+def test_early_exchange_keeps_each_attentions_exchanges_after_the_attention_before():
+    """A self-attention, then a cross-attention whose keys and values come from the text (ready at the start):
+    the cross-attention's exchanges start after the self-attention, not ahead of its exchanges. An exchange's
+    outputs live until the call after next (two buffers in turn): ahead, they were overwritten before being read
+    (LTX-Video under sequence parallelism on GPUs, bench/RESULTS.md 2026-11-27)."""
+    from mindiesd_compile.passes.early_exchange import StartExchangesEarly
+    from mindiesd_compile.report import Report
+    aten, ops = torch.ops.aten, torch.ops.mindiesd_compile
+    g = torch.fx.Graph()
+    x, text, *w = (g.placeholder(n) for n in ("x", "text", "wq", "wk", "wv", "wq2", "wk2", "wv2"))
+
+    def attend(q_in, kv_in, wq, wk, wv):
+        q, k, v = (g.call_function(aten.mm.default, (a, b)) for a, b in ((q_in, wq), (kv_in, wk), (kv_in, wv)))
+        k, v = (g.call_function(torch.ops._c10d_functional.wait_tensor.default, (g.call_function(
+            operator.getitem, (g.call_function(ops.all_gather_peers.default, ([t], 1, "0", True)), 0)),))
+            for t in (k, v))
+        return g.call_function(ops.attention.default, (q, k, v, None, 1.0, "BSHD"))
+    g.output(attend(attend(x, x, *w[:3]), text, *w[3:]))
+    gm, report = torch.fx.GraphModule(torch.nn.Module(), g), Report()
+    StartExchangesEarly(report)(gm.graph)
+    gm.graph.lint()
+    _, names = _calls(gm)
+    attentions = [i for i, name in enumerate(names) if name == "attention.default"]
+    exchanges = [i for i, name in enumerate(names) if name == "all_gather_peers.default"]
+    assert len(exchanges) == 4 and exchanges[1] < attentions[0] < exchanges[2], names
+    assert report.stats("early_exchange").rewritten >= 2  # the self-attention's keys and values still go early
 
 
 @pytest.mark.parametrize("world", [2, 3, 4, 8])

@@ -12,7 +12,10 @@ depends on (never past their own inputs), so the graph computes the same values;
 sequence-parallel pass put them. Inductor's scheduler orders independent nodes by its own heuristics (fusion,
 peak memory), so the first kernels of the work left after an exchange also get an explicit dependency on it
 (Inductor's ``control_deps``); torch 2.11's peak-memory reordering still moved the query GEMM back, so the
-backend turns it off for these graphs. Runs last: later rewrites re-place the nodes they fuse.
+backend turns it off for these graphs. No exchange moves ahead of the attention before its own: an exchange's
+outputs live until the call after next (ops/peer_gather.py), so the calls between two attentions must be the
+second one's (LTX's cross-attention keys, ready at the block's start, went ahead of the self-attention's
+exchanges, whose buffers they then shared). Runs last: later rewrites re-place the nodes they fuse.
 """
 from __future__ import annotations
 
@@ -113,11 +116,14 @@ class StartExchangesEarly(GraphPass):
             else:
                 feeding.setdefault(attention, []).append(exchange)
         deps: Dict[Node, List[Node]] = {}  # kernel -> the exchanges it must follow
-        for attention, exchanges in feeding.items():
-            self._start_early(graph, attention, exchanges, deps)
+        in_order = [n for n in graph.nodes if n in feeding]
+        for previous, attention in zip([None] + in_order, in_order):
+            self._start_early(graph, attention, feeding[attention], deps, previous)
         _order_after(graph, deps)
 
-    def _start_early(self, graph: Graph, attention: Node, exchanges: List[Node], deps) -> None:
+    def _start_early(self, graph: Graph, attention: Node, exchanges: List[Node], deps,
+                     previous: Optional[Node]) -> None:
+        """``previous``: the attention before this one that reads exchanges; they go after it."""
         work = {n for n in _ancestors(attention.all_input_nodes) if n.op == "call_function"}
         received = set().union(*(_descendants(e) for e in exchanges))  # exchanges, their waits: stay put
         placed: Set[Node] = set()  # what earlier exchanges needed: already ahead of this one
@@ -129,7 +135,7 @@ class StartExchangesEarly(GraphPass):
         for exchange in sorted(exchanges, key=ready):
             order = {n: i for i, n in enumerate(graph.nodes)}  # the moves below change it
             needed = needs[exchange]
-            other = work - needed - received - placed
+            other = {n for n in work - needed - received - placed if previous is None or order[n] > order[previous]}
             first = min(other, key=order.__getitem__, default=None)
             placed |= needed
             if first is None or order[first] > order[exchange]:

@@ -68,18 +68,18 @@ def _all_gather(xs: Sequence[torch.Tensor], dim: int, group: str) -> Tuple[torch
     return tuple(g.movedim(0, dim) for g in out)
 
 
-def _all_keys(mask: torch.Tensor, group: str, heads: Optional[Tuple[int, int, int]] = None,
-              gather=None) -> torch.Tensor:
+def _all_keys(mask: torch.Tensor, group: str, heads: Optional[Tuple[int, int, int]] = None) -> torch.Tensor:
     """A mask over this rank's keys -> over every rank's keys, in rank order (the order both exchanges gather
     keys in). ``heads`` = (heads, local heads, degree) under Ulysses: a mask per head ([B, H, Q, K]) then also
-    goes to this rank's heads, by the same all-to-all as q, k and v. ``gather``: how (default ``_all_gather``)."""
+    goes to this rank's heads, by the same all-to-all as q, k and v. A collective of its own, never
+    ``all_gather_peers``: a third peer gather before the attention would reuse the keys' buffer (two in turn)."""
     m = mask.to(torch.uint8) if mask.dtype == torch.bool else mask  # collectives take no bool
     if heads is not None and m.dim() == 4 and m.shape[1] == heads[0] > 1:
         count, local, degree = heads
         m = torch.nn.functional.pad(m.permute(0, 3, 1, 2), (0, 0, 0, local * degree - count))  # [B, K, H, Q]
         m = seq_to_heads(m, degree, group).permute(0, 2, 3, 1)
     else:
-        (m,) = (gather or _all_gather)((m,), m.dim() - 1, group)
+        (m,) = _all_gather((m,), m.dim() - 1, group)
     return m.to(mask.dtype)
 
 
@@ -132,7 +132,7 @@ def gather_kv_attention(q, k, v, mask, scale, layout, degree, group, segments=No
     and grow with the degree (keys and values: (P-1)/P of them, against 4 tensors' (P-1)/P^2).
     ``overlap``: how the exchange hides behind compute (options.py picks): "ahead", keys and values each
     exchanged as soon as projected (passes/early_exchange.py), beside the projections still to come, attention
-    waiting for every key (a key mask split across ranks: exchanged the same way); "split", also
+    waiting for every key (a key mask split across ranks: a small all-gather of its own); "split", also
     attention over this rank's own keys while the other ranks' arrive, then over theirs, the two merged by their
     log-sum-exp (a second attention kernel and the merge for more to hide behind; with a mask: "ahead"); False:
     NCCL, awaited at once."""
@@ -142,22 +142,27 @@ def gather_kv_attention(q, k, v, mask, scale, layout, degree, group, segments=No
     if overlap == "split" and mask is None:
         out = _attend_while_gathering(q, k, v, scale, group, segments)
         return out.transpose(1, 2) if layout == "BHSD" else out
-    gather = _gather_ahead if overlap else _all_gather
-    runs = [gather(kv, 1, group) if sharded else kv
-            for (sharded, _), kv in zip(segments, zip(_split_runs(k, segments), _split_runs(v, segments)))]
-    k, v = _join([r[0] for r in runs]), _join([r[1] for r in runs])
+    sharded = [i for i, (s, _) in enumerate(segments) if s]
+    k_runs, v_runs = list(_split_runs(k, segments)), list(_split_runs(v, segments))
+    ks, vs = [k_runs[i] for i in sharded], [v_runs[i] for i in sharded]
+    # ahead: one peer gather for the keys, one for the values (a third before the attention would reuse the
+    # keys' buffer); else one coalesced NCCL call for both
+    gathered = _gather_ahead(ks, 1, group) + _gather_ahead(vs, 1, group) if overlap else _all_gather(ks + vs, 1, group)
+    for i, gk, gv in zip(sharded, gathered[:len(sharded)], gathered[len(sharded):]):
+        k_runs[i], v_runs[i] = gk, gv
+    k, v = _join(k_runs), _join(v_runs)
     if mask_split:
-        mask = _all_keys(mask, group, gather=gather)[..., :k.shape[1]]
+        mask = _all_keys(mask, group)[..., :k.shape[1]]
     out = torch.ops.mindiesd_compile.attention(q, k, v, mask, scale, "BSHD")
     return out.transpose(1, 2) if layout == "BHSD" else out
 
 
 def _gather_ahead(xs, dim, group):
-    """``_all_gather`` by ``all_gather_peers``, one call per tensor: each started as soon as its tensor exists
-    (passes/early_exchange.py), beside the projections still to come, which it runs under on copy engines;
-    awaited here, just before attention."""
-    wait, gather = torch.ops._c10d_functional.wait_tensor, torch.ops.mindiesd_compile.all_gather_peers
-    return tuple(wait(gather([x], dim, group, True)[0]) for x in xs)
+    """``_all_gather`` by one ``all_gather_peers`` call (e.g. the keys' sharded runs): started as soon as its
+    tensors exist (passes/early_exchange.py), beside the projections still to come, which it runs under on copy
+    engines; awaited here, just before attention."""
+    wait = torch.ops._c10d_functional.wait_tensor
+    return tuple(wait(t) for t in torch.ops.mindiesd_compile.all_gather_peers(list(xs), dim, group, True))
 
 
 # SMs the local attention leaves free: the exchange beside it needs one for each of its barrier kernels
