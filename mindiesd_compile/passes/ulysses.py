@@ -64,7 +64,7 @@ def _all_gather(xs: Sequence[torch.Tensor], dim: int, group: str) -> Tuple[torch
     the front and back: free where the dims before it have size 1 (tokens at B = 1), else one copy before."""
     front = [x.movedim(dim, 0).contiguous() for x in xs]
     out = funcol.all_gather_into_tensor_coalesced(front, group) if len(front) > 1 else \
-        [funcol.all_gather_single(front[0], 0, group)]
+        [funcol.all_gather_tensor(front[0], 0, group)]  # (torch 2.11 has no all_gather_single)
     return tuple(g.movedim(0, dim) for g in out)
 
 
