@@ -6,7 +6,8 @@ every lent multi-GPU device:
     torchrun --nproc_per_node=2 bench/check_sp_cuda.py --device cpu   # checks the script over gloo (target eager)
 
 Tiny diffusers models (tests/tiny_models.py): HunyuanVideo with padded text (a key mask, gathered with the keys),
-LTX-Video (its text split with the video, with its mask), Flux (joint attention), Wan in fp32 and in bf16 with
+LTX-Video (its text split with the video, with its mask), Flux (joint attention), Qwen-Image with padded text (a
+key mask built in the block, gathered run by run), Wan in fp32 and in bf16 with
 64-wide heads (FA3's shape; the split attention's partials are FA3's there). Every rank's output is compared with
 the eager model run whole on that rank; a later call of a `cuda_graphs` variant (replayed) with its first.
 """
@@ -25,7 +26,7 @@ from tiny_models import MODELS, ltx  # noqa: E402
 # model, config overrides, dtype, tolerance (rel. L2 against the eager model), text tokens padded
 CASES = [("hunyuan", {}, torch.float32, 1e-4, 3), ("ltx", {}, torch.float32, 1e-4, 3),
          ("flux", {}, torch.float32, 1e-4, 0), ("wan", {}, torch.float32, 1e-4, 0),
-         ("wan", {"attention_head_dim": 64}, torch.bfloat16, 3e-2, 0)]
+         ("wan", {"attention_head_dim": 64}, torch.bfloat16, 3e-2, 0), ("qwen", {}, torch.float32, 1e-4, 3)]
 VARIANTS = {"ahead": {"sequence_parallel_mode": "gather_kv", "sequence_parallel_overlap": "ahead"},
             "split": {"sequence_parallel_mode": "gather_kv", "sequence_parallel_overlap": "split"},
             "split+graphs": {"sequence_parallel_mode": "gather_kv", "sequence_parallel_overlap": "split",
@@ -36,7 +37,7 @@ VARIANTS = {"ahead": {"sequence_parallel_mode": "gather_kv", "sequence_parallel_
 # with a mask), FA3's partials (bf16), cuda_graphs over the exchange
 PER_MODEL = {("hunyuan", torch.float32): ["ahead", "ahead+graphs"], ("ltx", torch.float32): ["ahead", "split"],
              ("flux", torch.float32): ["split"], ("wan", torch.float32): ["split"],
-             ("wan", torch.bfloat16): ["ahead", "split", "split+graphs"]}
+             ("wan", torch.bfloat16): ["ahead", "split", "split+graphs"], ("qwen", torch.float32): ["ahead"]}
 
 
 def build(name, overrides, dtype, padded, dev):
@@ -44,11 +45,12 @@ def build(name, overrides, dtype, padded, dev):
     model, kwargs = ({**MODELS, "ltx": ltx})[name]()
     if overrides:
         model = type(model)(**{**model.config, **overrides})
+    mask = "encoder_hidden_states_mask" if name == "qwen" else "encoder_attention_mask"
     if padded:  # the last text tokens are padding
-        kwargs["encoder_attention_mask"] = kwargs["encoder_attention_mask"].clone()
-        kwargs["encoder_attention_mask"][:, -padded:] = 0
+        kwargs[mask] = kwargs[mask].clone()
+        kwargs[mask][:, -padded:] = 0
     model = model.to(dev, dtype).eval()
-    kwargs = {k: v.to(dev, dtype if v.is_floating_point() and k != "encoder_attention_mask" else v.dtype)
+    kwargs = {k: v.to(dev, dtype if v.is_floating_point() and k != mask else v.dtype)
               if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
     if name != "wan":  # joint attention splits back by token counts: traced with dynamic sequence dims
         mindiesd_compile.mark_sequence_dynamic(model, kwargs)
@@ -63,6 +65,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--target", default="", help="default: cuda on the GPU, eager on the CPU (cpu: Inductor there)")
+    ap.add_argument("--models", default="", help="only these (comma-separated), e.g. qwen,hunyuan")
     args = ap.parse_args()
     cuda = args.device == "cuda"
     rank, world, dev = init_ranks(cuda)
@@ -70,6 +73,8 @@ def main():
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # fp32 means fp32 here
     failed = 0
     for name, overrides, dtype, tol, padded in CASES:
+        if args.models and name not in args.models.split(","):
+            continue
         model, kwargs = build(name, overrides, dtype, padded, dev)
         with torch.no_grad():
             ref = model(**kwargs)[0]

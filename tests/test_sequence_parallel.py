@@ -76,14 +76,17 @@ def _worker(rank, world, name, options, overrides, store, out_dir):
         steps = options.pop("steps", 1)
         if "hidden_states_shape" in options:
             kwargs["hidden_states"] = torch.randn(options.pop("hidden_states_shape"))
+        if "img_shapes" in options:  # Qwen-Image: the image the tokens come from
+            kwargs["img_shapes"] = options.pop("img_shapes")
         for key, t in list(kwargs.items()) if options.pop("batch2", False) else ():  # two different samples
             if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == 1:
-                random = t.is_floating_point() and key != "encoder_attention_mask"
+                random = t.is_floating_point() and key not in ("encoder_attention_mask", "encoder_hidden_states_mask")
                 kwargs[key] = torch.cat([t, torch.randn_like(t) if random else t])
         unmasked, padding = dict(kwargs), options.pop("text_padding", 0)
-        if padding:  # the last text tokens are padding (HunyuanVideo's, LTX's encoder_attention_mask)
-            kwargs["encoder_attention_mask"] = kwargs["encoder_attention_mask"].clone()
-            kwargs["encoder_attention_mask"][:, -padding:] = 0
+        mask_key = "encoder_hidden_states_mask" if "encoder_hidden_states_mask" in kwargs else "encoder_attention_mask"
+        if padding:  # the last text tokens are padding (HunyuanVideo's, LTX's, Qwen-Image's text mask)
+            kwargs[mask_key] = kwargs[mask_key].clone()
+            kwargs[mask_key][:, -padding:] = 0
         if options.pop("dynamic", False):  # after the inputs are final: the marks live on the tensors
             mindiesd_compile.mark_sequence_dynamic(model, kwargs)
         dumps = os.path.join(out_dir, f"graphs-{name}-{rank}")
@@ -336,9 +339,35 @@ def test_indivisible_image_tokens_are_a_clear_error(tmp_path):
                 "sequence_parallel=2") in result["error"], result
 
 
+@pytest.mark.parametrize("mode", ["ulysses", "gather_kv"])
+def test_qwen_image_with_text_padding_matches_one_process(tmp_path, mode):
+    """Qwen-Image's own _cp_plan splits the text too, but with a text mask its forward fixes the text length in
+    the traced graph: the built-in plan splits its image tokens and image positions (built from the Python ints
+    of img_shapes, traced as symbols) and keeps the text whole. Each block joins the text mask with ones for this
+    rank's image tokens: that key mask is gathered run by run, like the keys. Batch 2; 3 heads (padded to 4 under
+    Ulysses)."""
+    for result in run_ranks(tmp_path, "qwen", {"num_attention_heads": 3}, dynamic=True, text_padding=3,
+                            batch2=True, sequence_parallel_mode=mode):
+        assert "error" not in result, result
+        assert result["shape_ok"] and result["rel"] <= 1e-5
+        assert result["rel_to_unmasked"] > 1e-3  # the padding mask really changes the output
+        assert result["sp_sites"] == 2 == result["attention"]  # the joint attention of both blocks
+
+
+def test_qwen_image_on_four_ranks_divides_the_width(tmp_path):
+    """2 frames x 6 x 4 latent patches on 4 ranks: the blocks rebuild the image token count from frames, height
+    and width, so the ranks' blocks get one of them divided, the first the degree divides (the width)."""
+    for result in run_ranks(tmp_path, "qwen", world=4, dynamic=True, text_padding=3,
+                            hidden_states_shape=(1, 48, 16), img_shapes=[(2, 6, 4)]):
+        assert "error" not in result, result
+        assert result["shape_ok"] and result["rel"] <= 1e-5 and result["sp_sites"] == 2
+
+
 def test_per_block_plan_entries_are_a_clear_error(tmp_path):
-    """Qwen-Image's _cp_plan splits the text mask and modulation index again at every block."""
-    for result in run_ranks(tmp_path, "qwen"):
+    """Qwen-Image's own _cp_plan (passed explicitly: the built-in one replaces it) splits the text mask and
+    modulation index again at every block."""
+    from diffusers import QwenImageTransformer2DModel
+    for result in run_ranks(tmp_path, "qwen", parallel_plan=QwenImageTransformer2DModel._cp_plan):
         assert "QwenImageTransformer2DModel's parallel plan splits inputs of every block" in result["error"], result
         assert "transformer_blocks.*" in result["error"]
 

@@ -59,12 +59,15 @@ def heads_to_seq(x: torch.Tensor, degree: int, group: str) -> torch.Tensor:
     return x.permute(1, 2, 0, 3, 4).reshape(b, s // degree, degree * h, d)
 
 
+_all_gather_single = getattr(funcol, "all_gather_single", funcol.all_gather_tensor)  # (torch 2.11: the latter)
+
+
 def _all_gather(xs: Sequence[torch.Tensor], dim: int, group: str) -> Tuple[torch.Tensor, ...]:
     """Each tensor gathered from every rank along ``dim``, in rank order, in one (coalesced) call. ``dim`` goes to
     the front and back: free where the dims before it have size 1 (tokens at B = 1), else one copy before."""
     front = [x.movedim(dim, 0).contiguous() for x in xs]
     out = funcol.all_gather_into_tensor_coalesced(front, group) if len(front) > 1 else \
-        [funcol.all_gather_tensor(front[0], 0, group)]  # (torch 2.11 has no all_gather_single)
+        [_all_gather_single(front[0], 0, group)]
     return tuple(g.movedim(0, dim) for g in out)
 
 
@@ -81,6 +84,19 @@ def _all_keys(mask: torch.Tensor, group: str, heads: Optional[Tuple[int, int, in
     else:
         (m,) = _all_gather((m,), m.dim() - 1, group)
     return m.to(mask.dtype)
+
+
+def _gathered_mask(mask, mask_split, segments, group, keys, heads=None):
+    """The mask over the gathered keys. ``mask_split``: False, it covers them already; "runs", it covers this
+    rank's joint keys in their order (built in the block: Qwen-Image's text mask joined with ones for this
+    rank's image tokens): its sharded runs are gathered like the keys'; else it covers this rank's keys only
+    (see ``ulysses_attention``)."""
+    if not mask_split:
+        return mask
+    if mask_split == "runs":
+        parts = mask.split([n for _, n in segments], dim=-1)
+        return torch.cat([_all_keys(m, group) if sharded else m for (sharded, _), m in zip(segments, parts)], dim=-1)
+    return _all_keys(mask, group, heads)[..., :keys]
 
 
 def _split_runs(t: torch.Tensor, segments) -> Sequence[torch.Tensor]:
@@ -114,8 +130,7 @@ def ulysses_attention(q, k, v, mask, scale, layout, degree, group, segments=None
         return _join([g if sharded else g[:, :n] for (sharded, n), g in zip(segments, gathered)])
 
     q, k, v = (gather_tokens(t) for t in (q, k, v))
-    if mask_split:
-        mask = _all_keys(mask, group, (heads, local, degree))[..., :k.shape[1]]
+    mask = _gathered_mask(mask, mask_split, segments, group, k.shape[1], (heads, local, degree))
     out = torch.ops.mindiesd_compile.attention(q, k, v, mask, scale, "BSHD")
     runs = _split_runs(out, [(sharded, n * degree if sharded else n) for sharded, n in segments])
     # a replicated run's heads are all-gathered back onto every rank
@@ -151,8 +166,7 @@ def gather_kv_attention(q, k, v, mask, scale, layout, degree, group, segments=No
     for i, gk, gv in zip(sharded, gathered[:len(sharded)], gathered[len(sharded):]):
         k_runs[i], v_runs[i] = gk, gv
     k, v = _join(k_runs), _join(v_runs)
-    if mask_split:
-        mask = _all_keys(mask, group)[..., :k.shape[1]]
+    mask = _gathered_mask(mask, mask_split, segments, group, k.shape[1])
     out = torch.ops.mindiesd_compile.attention(q, k, v, mask, scale, "BSHD")
     return out.transpose(1, 2) if layout == "BHSD" else out
 
@@ -352,6 +366,11 @@ class UlyssesPass(GraphPass):
             raise SequenceParallelError(f"attention {node.name}: its mask {tuple(mask.shape)} is built from the "
                                         "joint tokens inside the block or differs per head; only a key mask "
                                         "built before the blocks can follow the split")
+        local_keys = _val(node.args[1]).shape[seq_dim]
+        if mask is not None and mask_state is False and mask.shape[-1] == local_keys and mask.shape[-2] == 1:
+            # as long as this rank's joint keys: built in the block over them (one entry per key, the same for
+            # every query); a mask over every rank's keys is longer
+            mask_state = "runs"
         self.report.found(self.name)
         degree, group, segments, exchange, options = self.degree, self.group, q.segments, self.exchange, self.options
         result = inline_decomposition(graph, node, lambda q, k, v, mask, scale, layout: exchange(

@@ -1,21 +1,25 @@
-"""Sequence-parallel plans for diffusers models that ship no ``_cp_plan`` (same format as diffusers').
+"""Sequence-parallel plans for diffusers models that ship no ``_cp_plan``, or one a traced graph cannot follow
+(same format as diffusers').
 
-Used only when neither the model class nor ``options["parallel_plan"]`` gives one. Keyed by the class of
-the model's transformer blocks: Dynamo's graph records the modules traced inside the model, never the
-model's own class (and SD3's blocks live in ``diffusers.models.attention``).
+Used only where ``options["parallel_plan"]`` gives none, and in place of the model class's own only where
+``replaces_shipped`` says so (Qwen-Image: its plan splits the text too, at every block, but with a text mask
+its forward fixes the text length in the traced graph). Keyed by the class of the model's transformer
+blocks: Dynamo's graph records the modules traced inside the model, never the model's own class (and SD3's
+blocks live in ``diffusers.models.attention``).
 
 These models build RoPE, position embeddings and the text mask in their forward from the whole video, so
 their image tokens are split where they enter the first block, not at the model's input. Text tokens stay
 whole on every rank: joint attention slices the text heads locally (``passes/ulysses.py``), so the key
 order, and the text mask, are the single-process ones. Their blocks read the image token count from
 shapes (RoPE reshapes, the split of the joint output), so they are traced with that count dynamic:
-``dynamic`` names the model input and dim that ``mark_sequence_dynamic`` marks.
+``dynamic`` names the model input and dim that ``mark_sequence_dynamic`` marks, ``dynamic_ints`` the inputs
+holding Python ints the positions are built from (Qwen-Image's ``img_shapes``), traced as symbols too.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,6 +27,8 @@ class BuiltinPlan:
     model: str                # the diffusers model class, for messages
     plan: dict                # diffusers _cp_plan format
     dynamic: Dict[str, int]   # model input -> dim to trace dynamic (the image token count follows it)
+    dynamic_ints: Tuple[str, ...] = ()  # model inputs whose Python ints are traced as symbols
+    replaces_shipped: bool = False      # used in place of the model class's own _cp_plan
 
 
 @functools.lru_cache(maxsize=None)
@@ -42,6 +48,10 @@ def _plans() -> Dict[str, BuiltinPlan]:
         "JointTransformerBlock": BuiltinPlan(
             "SD3Transformer2DModel", {"transformer_blocks.0": image, "proj_out": gather},
             dynamic={"hidden_states": 2}),   # [B, C, H, W]
+        "QwenImageTransformerBlock": BuiltinPlan(
+            "QwenImageTransformer2DModel",
+            {"transformer_blocks.0": image, "pos_embed": {0: rope[0]}, "proj_out": gather},  # image positions
+            dynamic={"hidden_states": 1}, dynamic_ints=("img_shapes",), replaces_shipped=True),  # [B, S, C]
     }
 
 

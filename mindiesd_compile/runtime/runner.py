@@ -198,7 +198,7 @@ class PartitionRunner:
         are whole again there (see sequence_parallel.py)."""
         plan = self.shard_plan
         if node in self.block_index:
-            return inputs
+            return plan.block_inputs(node, inputs)
         last = self.block_nodes[-1]
         return [plan.gather_dim(t, plan.gather[a.args[1]])
                 if isinstance(a, Node) and a.target is operator.getitem and a.args[0] is last and a.args[1] in plan.gather

@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import operator
 import sys
-from typing import Dict, Optional, Tuple
+from typing import Dict, FrozenSet, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -70,6 +70,12 @@ class ShardPlan:
     gather: Dict[int, int]                # last block's output index -> gather dim
     sizes: Dict[int, Tuple[int, int]]     # size input (dynamic dim) -> (tensor input, dim) it is the size of
     model: str = "the model"              # for messages
+    # the model's own size inputs that the blocks take as token counts (Qwen-Image's image token count and
+    # height): divided where they enter a block, whole in the prologue
+    block_counts: FrozenSet[torch.fx.Node] = frozenset()
+
+    def block_inputs(self, block: torch.fx.Node, inputs: list) -> list:
+        return [self.split(t, None, a.name) if a in self.block_counts else t for a, t in zip(block.args, inputs)]
 
     def split_model_inputs(self, args) -> tuple:
         args = [self.split(a, self.model_inputs[i], f"model input {i}") if i in self.model_inputs else a
@@ -125,11 +131,12 @@ def mark_sequence_dynamic(model: torch.nn.Module, kwargs: dict) -> dict:
     HunyuanVideo, SD3) then run on a slice of the sequence. Returns ``kwargs``."""
     model = getattr(model, "_orig_mod", model)  # compiled or not
     plan = getattr(type(model), "_cp_plan", None)
+    blocks = next((m for m in model.children() if isinstance(m, torch.nn.ModuleList) and len(m)), None)
+    builtin = builtin_plan(type(blocks[0])) if blocks is not None else None
     dims = {}
-    if plan is None:  # a built-in plan splits after the prologue: mark what the image token count follows
-        blocks = next((m for m in model.children() if isinstance(m, torch.nn.ModuleList) and len(m)), None)
-        builtin = builtin_plan(type(blocks[0])) if blocks is not None else None
-        dims = dict(builtin.dynamic) if builtin else {}
+    if builtin and (plan is None or builtin.replaces_shipped):  # split after the prologue: mark what the image
+        dims, plan = dict(builtin.dynamic), None                 # token count follows
+        _trace_ints_as_symbols([name for name in builtin.dynamic_ints if name in kwargs])
     for name, spec in ((plan or {}).get("") or {}).items():
         t = kwargs.get(name)
         if isinstance(t, torch.Tensor) and (spec.expected_dims is None or t.dim() == spec.expected_dims):
@@ -142,6 +149,18 @@ def mark_sequence_dynamic(model: torch.nn.Module, kwargs: dict) -> dict:
     return kwargs
 
 
+def _trace_ints_as_symbols(names) -> None:
+    """Dynamo traces the Python ints inside these keyword arguments as symbols (``torch.compiler.config
+    .dynamic_sources``, a process-wide list, extended): positions built from them then follow a split token
+    count. Ints equal to 0 or 1 stay constants."""
+    config = torch.compiler.config
+    if not hasattr(config, "dynamic_sources"):  # an older torch: traced static, and the planner says so
+        return
+    have = [s for s in config.dynamic_sources.split(",") if s]
+    new = [rf".*\['{name}'\]\[.*" for name in names]  # e.g. L['kwargs']['img_shapes'][0][1]
+    config.dynamic_sources = ",".join(have + [p for p in new if p not in have])
+
+
 def find_cp_plan(partition: Partition) -> Optional[dict]:
     """The ``_cp_plan`` of the model class that owns the blocks (looked up in the block class's module),
     else the built-in plan for the block class."""
@@ -152,11 +171,13 @@ def find_cp_plan(partition: Partition) -> Optional[dict]:
 def _plan_owner(partition: Partition) -> Optional[Tuple[str, dict]]:
     """(model class name, plan) as ``find_cp_plan`` finds it."""
     block = _block_class(partition)
+    builtin = builtin_plan(block) if block is not None else None
+    if builtin and builtin.replaces_shipped:
+        return builtin.model, builtin.plan
     module = sys.modules.get(getattr(block, "__module__", ""))
     for value in vars(module).values() if module else ():
         if isinstance(value, type) and isinstance(getattr(value, "_cp_plan", None), dict):
             return value.__name__, value._cp_plan
-    builtin = builtin_plan(block) if block is not None else None
     return (builtin.model, builtin.plan) if builtin else None
 
 
@@ -177,9 +198,10 @@ def _top_input_index(placeholders, name: str) -> Optional[int]:
     return None
 
 
-def _run_shapes(partition: Partition, args, split_values=None, degree=1, masks=None):
+def _run_shapes(partition: Partition, args, split_values=None, degree=1, masks=None, block_counts=()):
     """Run the partition on fake tensors: every block's input shapes and the last block's output shapes
-    (``masks``: collects, per block node, the inputs that are masks over the whole joint sequence)."""
+    (``masks``: collects, per block node, the inputs that are masks over the whole joint sequence;
+    ``block_counts``: see ShardPlan)."""
     gm = partition.graph_module
     block_names = [p.name for p in partition.blocks]
     env, it, ins = {}, iter(args), {}
@@ -190,6 +212,7 @@ def _run_shapes(partition: Partition, args, split_values=None, degree=1, masks=N
             fn = gm.get_submodule(node.target) if node.op == "call_module" else node.target
             inputs = list(torch.fx.map_arg(node.args, env.__getitem__))
             if node.op == "call_module" and node.target in block_names:
+                inputs = [t // degree if a in block_counts else t for a, t in zip(node.args, inputs)]
                 ins[block_names.index(node.target)] = [tuple(t.shape) if isinstance(t, torch.Tensor) else None
                                                        for t in inputs]
                 fn = _MaskProbe(fn, masks.setdefault(node, {}), degree).run if masks is not None else fn
@@ -247,7 +270,7 @@ def plan_sequence_parallel(partition: Partition, args, degree: int, group, cp_pl
         raise OptionsError(f"sequence_parallel needs a context-parallel plan: {model} has no diffusers `_cp_plan` "
                            "and no built-in one; pass one as options['parallel_plan'] (same format)")
     per_block = {m: sorted(map(str, e)) for m, e in cp_plan.items() if m.endswith("*") and isinstance(e, dict)}
-    if per_block:  # e.g. Qwen-Image's text mask and modulation index, split again at every block
+    if per_block:
         raise OptionsError(f"sequence_parallel: {model}'s parallel plan splits inputs of every block by name "
                            f"({per_block}); the sequence is split once, where it enters the first block, and "
                            "per-block entries are not supported; pass options['parallel_plan'] without them "
@@ -275,18 +298,22 @@ def plan_sequence_parallel(partition: Partition, args, degree: int, group, cp_pl
         entries = _block_entries(partition, cp_plan, full_in[0], full_out)
         for p, dim in entries.items():  # before the shape run below would fail on an uneven chunk
             check_divisible(model, "the sequence entering the blocks", full_in[0][p][dim], degree)
-        entries.update(_token_counts(partition, entries))
-        split_values = {first.args[p]: dim for p, dim in entries.items()}
         sizes = size_inputs(partition)
+        counts = _token_counts(partition, entries, degree)
+        entries.update({p: None for p in counts if first.args[p].op != "placeholder"})
+        # a size input of the model's own: whole in the prologue (unless its tensor is split there already)
+        local_already = {placeholders[i] for i, (t, d) in sizes.items() if model_inputs.get(t) == d}
+        block_counts = frozenset(first.args[p] for p in counts if first.args[p].op == "placeholder") - local_already
+        split_values = {first.args[p]: dim for p, dim in entries.items()}
         local_args = local_sizes([a.chunk(degree, model_inputs[i])[0] if i in model_inputs else a
                                   for i, a in enumerate(fake)], sizes)
         try:
             masks = {}
-            local_in, local_out = _run_shapes(partition, local_args, split_values, degree, masks)
+            local_in, local_out = _run_shapes(partition, local_args, split_values, degree, masks, block_counts)
             for node, found in masks.items():
                 split_values.update({node.args[p]: spec for p, spec in found.items()})
             if any(masks.values()):  # again, with the masks as the ranks will get them
-                local_in, local_out = _run_shapes(partition, local_args, split_values, degree)
+                local_in, local_out = _run_shapes(partition, local_args, split_values, degree, None, block_counts)
         except RuntimeError as err:
             marked = any(getattr(a, "_dynamo_weak_dynamic_indices", None) or getattr(a, "_dynamo_dynamic_indices", None)
                          for a in args if isinstance(a, torch.Tensor))
@@ -305,22 +332,58 @@ def plan_sequence_parallel(partition: Partition, args, degree: int, group, cp_pl
     gather = {k: d for k, (a, b) in enumerate(zip(full_out, local_out)) if (d := _differing_dim(a, b)) is not None}
     if not sharded[0]:
         raise OptionsError(f"{model}: the parallel plan shards nothing that reaches the transformer blocks")
-    return ShardPlan(degree, dist.get_rank(group), group, model_inputs, split_values, sharded, gather, sizes, model)
+    return ShardPlan(degree, dist.get_rank(group), group, model_inputs, split_values, sharded, gather, sizes, model,
+                     block_counts)
 
 
-def _token_counts(partition: Partition, entries: Dict[int, int]) -> Dict[int, None]:
-    """First-block inputs that the prologue computes as numbers from the sizes a split token count depends
-    on (SymInts of a dynamic trace: HunyuanVideo's token count, SD3's latent height in patches, which its
-    blocks multiply back into a token count): the blocks must see this rank's share. Checked by the
-    shape run on a slice that follows."""
+def _carries(top: torch.fx.GraphModule, node, source: torch.fx.Node) -> bool:
+    """Whether top-level ``node`` is computed from ``source`` (through the pieces: the piece output it takes)."""
+    if node is source:
+        return True
+    if not isinstance(node, torch.fx.Node) or node.op != "call_function":
+        return False
+    if node.target is operator.getitem and node.args[0].op == "call_module":
+        piece = node.args[0]
+        inner = [n for n in top.get_submodule(piece.target).graph.nodes if n.op == "placeholder"]
+        out = next(n for n in top.get_submodule(piece.target).graph.nodes if n.op == "output").args[0][node.args[1]]
+        needs = _ancestors_in(out)
+        return any(p in needs and _carries(top, a, source) for p, a in zip(inner, piece.args))
+    return any(_carries(top, a, source) for a in node.all_input_nodes)
+
+
+def _ancestors_in(node: torch.fx.Node) -> set:
+    seen, todo = set(), [node]
+    while todo:
+        n = todo.pop()
+        if isinstance(n, torch.fx.Node) and n not in seen:
+            seen.add(n)
+            todo.extend(n.all_input_nodes)
+    return seen
+
+
+def _token_counts(partition: Partition, entries: Dict[int, int], degree: int) -> Dict[int, None]:
+    """First-block inputs that are numbers the blocks derive a split token count from (SymInts of a dynamic
+    trace: HunyuanVideo's token count, SD3's latent height in patches, Qwen-Image's frames, height and width,
+    which its blocks multiply back into a token count): the blocks must see this rank's share. A count that is
+    a product of sizes has one factor divided: the first the blocks take that the degree divides (Qwen-Image:
+    its height where there is one frame). Checked by the shape run on a slice that follows."""
     top = partition.graph_module
     first = next(n for n in top.graph.nodes if n.target == partition.blocks[0].name)
     values = [p.meta.get("example_value", p.meta.get("val"))
               for p in top.get_submodule(first.target).graph.nodes if p.op == "placeholder"]
-    symbols = set().union(*(values[p].shape[d].node.expr.free_symbols for p, d in entries.items()
-                            if isinstance(values[p], torch.Tensor) and isinstance(values[p].shape[d], torch.SymInt)))
-    return {p: None for p, v in enumerate(values) if isinstance(v, torch.SymInt) and first.args[p].op != "placeholder"
-            and v.node.expr.free_symbols and v.node.expr.free_symbols <= symbols}
+    ints = {p: v for p, v in enumerate(values) if isinstance(v, torch.SymInt) and v.node.expr.free_symbols}
+    numbers = {p: v.node.expr for p, v in ints.items()}
+    taken = set().union(*(e.free_symbols for e in numbers.values()))
+    hints = {v.node.expr: v.node.hint for v in ints.values() if v.node.expr.is_Symbol}  # this call's sizes
+    divided = set()
+    for p, d in entries.items():
+        size = values[p].shape[d] if isinstance(values[p], torch.Tensor) else None
+        if not isinstance(size, torch.SymInt):
+            continue
+        factors = sorted(size.node.expr.free_symbols & taken, key=str)
+        if factors and not divided & set(factors):
+            divided.add(next((f for f in factors if int(hints.get(f) or 1) % degree == 0), factors[0]))
+    return {p: None for p, e in numbers.items() if e.free_symbols & divided}
 
 
 def _block_entries(partition: Partition, cp_plan: dict, in_shapes, out_shapes) -> Dict[int, int]:
@@ -329,16 +392,23 @@ def _block_entries(partition: Partition, cp_plan: dict, in_shapes, out_shapes) -
     first_block = partition.blocks[0]
     top = partition.graph_module
     block_node = next(n for n in top.graph.nodes if n.op == "call_module" and n.target == first_block.name)
+    placeholders = [n for n in top.graph.nodes if n.op == "placeholder"]
     result = {}
     for module, entries in cp_plan.items():
         if module == "" or not isinstance(entries, dict):
             continue
         for key, spec in entries.items():
             specs = spec if isinstance(spec, (list, tuple)) else [spec]
-            if module == first_block.label:  # the block's input by name: its residual stream
-                for p, shape in enumerate(in_shapes):
-                    if shape is not None and shape in out_shapes and len(shape) == (specs[0].expected_dims or len(shape)):
-                        result[p] = specs[0].split_dim % len(shape)
+            if module == first_block.label:  # the block's input by name: its residual streams (shaped like
+                # its outputs), those computed from the model's input of that name where there is one (Qwen-Image:
+                # the image stream, not the text's)
+                streams = [p for p, shape in enumerate(in_shapes) if shape is not None and shape in out_shapes]
+                source = _top_input_index(placeholders, key)
+                named = [p for p in streams if source is not None and _carries(top, block_node.args[p],
+                                                                                placeholders[source])]
+                for p in named or streams:
+                    if len(in_shapes[p]) == (specs[0].expected_dims or len(in_shapes[p])):
+                        result[p] = specs[0].split_dim % len(in_shapes[p])
             elif isinstance(key, int) and specs[0].split_output:
                 for p, arg in enumerate(block_node.args):
                     if _produced_by(top, arg, module) == key and in_shapes[p] is not None:
