@@ -1,0 +1,93 @@
+"""Sequence parallelism on N GPUs for Qwen-Image: one forward of the 20B transformer at 1024x1024 (4096 image
+tokens, 256 text tokens of which the last 56 are padding), bf16, random weights.
+
+    torchrun --nproc_per_node=1|2|4 bench/bench_sp_qwen.py [--iters 5]
+    torchrun --nproc_per_node=2 bench/bench_sp_qwen.py --device cpu --tiny   # checks the script over gloo
+
+N=1: torch.compile(backend="mindiesd"); N>1: options["sequence_parallel"] = N (the built-in plan: image tokens
+split, text whole on every rank), after mindiesd_compile.mark_sequence_dynamic. Rank 0 prints the median ms and
+saves the output (--out-dir); --compare prints each saved N-GPU output's relative L2 against the 1-GPU one.
+"""
+import argparse
+import os
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.append(str(Path(__file__).resolve().parent))
+from bench_sp import init_ranks  # noqa: E402
+from bench_wan import time_calls  # noqa: E402
+
+import mindiesd_compile  # noqa: E402
+
+# Qwen/Qwen-Image's transformer config; tiny: the same model at test size
+CONFIGS = {"20b": dict(patch_size=2, in_channels=64, out_channels=16, num_layers=60, attention_head_dim=128,
+                       num_attention_heads=24, joint_attention_dim=3584, axes_dims_rope=(16, 56, 56)),
+           "tiny": dict(patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16,
+                        num_attention_heads=2, joint_attention_dim=16, axes_dims_rope=(8, 4, 4))}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--out-dir", default="/tmp/sp_qwen")
+    ap.add_argument("--compare", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="also one profiled call (every rank: they exchange); "
+                                                           "rank 0 prints its 12 costliest kernels")
+    ap.add_argument("--graphs", action="store_true", help="options['cuda_graphs']")
+    args = ap.parse_args()
+    if args.compare:
+        ref = torch.load(os.path.join(args.out_dir, "1.pt"))
+        for name in sorted(os.listdir(args.out_dir)):
+            out = torch.load(os.path.join(args.out_dir, name))
+            print(f"COMPARE {name[:-3]} GPUs rel L2 vs 1 GPU {float((out - ref).norm() / ref.norm()):.2e}")
+        return
+    from diffusers import QwenImageTransformer2DModel
+    cuda = args.device == "cuda"
+    rank, world, dev = init_ranks(cuda)
+    dtype = torch.bfloat16 if cuda else torch.float32
+    cfg = CONFIGS["tiny" if args.tiny else "20b"]
+    torch.manual_seed(0)
+    torch.set_default_dtype(dtype)
+    with torch.device(dev):  # initialised on the GPU, in bf16
+        model = QwenImageTransformer2DModel(**cfg).eval()
+    torch.set_default_dtype(torch.float32)
+    side, text, padding = (8, 8, 3) if args.tiny else (64, 256, 56)  # latent patches per side, text tokens
+    g = torch.Generator(dev).manual_seed(0)
+    mask = torch.ones(1, text, device=dev)
+    mask[:, -padding:] = 0
+    inputs = dict(hidden_states=torch.randn(1, side * side, cfg["in_channels"], generator=g, device=dev, dtype=dtype),
+                  encoder_hidden_states=torch.randn(1, text, cfg["joint_attention_dim"], generator=g, device=dev,
+                                                    dtype=dtype),
+                  encoder_hidden_states_mask=mask, timestep=torch.tensor([0.5], device=dev),
+                  img_shapes=[(1, side, side)], return_dict=False)
+    options = {"target": "cuda" if cuda else "eager", "cuda_graphs": args.graphs}
+    if world > 1:
+        mindiesd_compile.mark_sequence_dynamic(model, inputs)
+        options["sequence_parallel"] = world
+    with torch.no_grad():
+        fn = torch.compile(model, backend="mindiesd", options=options, fullgraph=True)
+        out = fn(**inputs)[0]
+        fn(**inputs)
+        host = []  # ms the host takes to issue a call: above the wall ms, the step is bound by launching
+        ms = statistics.median(time_calls(lambda: fn(**inputs), dev, args.iters, host))
+        if args.profile:
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                fn(**inputs)
+                torch.cuda.synchronize(dev)
+            if rank == 0:
+                print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=12,
+                                                max_name_column_width=60))
+    if rank == 0:
+        os.makedirs(args.out_dir, exist_ok=True)
+        torch.save(out.float().cpu(), os.path.join(args.out_dir, f"{world}.pt"))
+        print(f"RESULT qwen-image gpus={world} median_ms={ms:.1f} host_ms={statistics.median(host):.1f}", flush=True)
+    torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
