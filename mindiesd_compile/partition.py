@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import operator
 import re
-from typing import List, Optional, Tuple
+from typing import Callable, Iterable, List, Optional, Set, Tuple
 
 import torch
 from torch.fx import GraphModule, Node
@@ -27,6 +27,22 @@ def module_path(raw: str) -> str:
     path = re.sub(r"(?:__dict__\[')?_modules'?\]?\['([^']+)'\]", r".\1", path)
     path = re.sub(r"\[(\d+)\]", r".\1", path).replace("..", ".")
     return path.strip(".")
+
+
+def closure(roots: Iterable[Node], neighbours: Callable[[Node], Iterable[Node]]) -> Set[Node]:
+    """``roots`` and every node reached from them through ``neighbours``."""
+    seen, todo = set(), list(roots)
+    while todo:
+        n = todo.pop()
+        if n not in seen:
+            seen.add(n)
+            todo.extend(neighbours(n))
+    return seen
+
+
+def ancestors(roots: Iterable[Node]) -> Set[Node]:
+    """``roots`` and every node they are computed from."""
+    return closure(roots, lambda n: n.all_input_nodes)
 
 
 def block_of(node: Node) -> Optional[Tuple[str, int]]:

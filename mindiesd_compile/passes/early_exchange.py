@@ -20,33 +20,19 @@ exchanges, whose buffers they then shared). Runs last: later rewrites re-place t
 from __future__ import annotations
 
 import warnings
-from typing import Callable, Dict, Iterable, List, Optional, Set
+from typing import Dict, List, Optional, Set
 
 import torch
 from torch.fx import Graph, Node
 
 from ..ops import op_name
+from ..partition import ancestors, closure
 from .base import RESHAPES, GraphPass, aten
 
 _ATTENTIONS = ("attention", "attention_partial")
 # ops Inductor lowers to views of their input (no kernel to order): the dependency goes to their users
 _VIEWS = (*RESHAPES, aten.permute.default, aten.t.default, aten.transpose.int, aten.expand.default,
           aten.slice.Tensor, aten.select.int, aten.unsqueeze.default, aten.squeeze.dim, aten.as_strided.default)
-
-
-def _closure(roots: Iterable[Node], neighbours: Callable[[Node], Iterable[Node]]) -> Set[Node]:
-    """``roots`` and every node reached from them through ``neighbours``."""
-    seen, todo = set(), list(roots)
-    while todo:
-        n = todo.pop()
-        if n not in seen:
-            seen.add(n)
-            todo.extend(neighbours(n))
-    return seen
-
-
-def _ancestors(roots: Iterable[Node]) -> Set[Node]:
-    return _closure(roots, lambda n: n.all_input_nodes)
 
 
 def _attention_fed_by(start: Node) -> Optional[Node]:
@@ -64,7 +50,7 @@ def _attention_fed_by(start: Node) -> Optional[Node]:
 
 
 def _descendants(start: Node) -> Set[Node]:
-    return _closure([start], lambda n: n.users)
+    return closure([start], lambda n: n.users)
 
 
 def _first_kernels(other: Set[Node], needed: Set[Node], order: Dict[Node, int]) -> List[Node]:
@@ -83,7 +69,7 @@ def _first_kernels(other: Set[Node], needed: Set[Node], order: Dict[Node, int]) 
         else:
             found.append(n)
     firsts = set(found)
-    return sorted((n for n in found if not _ancestors(n.all_input_nodes) & firsts),  # the rest follow those
+    return sorted((n for n in found if not ancestors(n.all_input_nodes) & firsts),  # the rest follow those
                   key=order.__getitem__)
 
 
@@ -124,10 +110,10 @@ class StartExchangesEarly(GraphPass):
     def _start_early(self, graph: Graph, attention: Node, exchanges: List[Node], deps,
                      previous: Optional[Node]) -> None:
         """``previous``: the attention before this one that reads exchanges; they go after it."""
-        work = {n for n in _ancestors(attention.all_input_nodes) if n.op == "call_function"}
+        work = {n for n in ancestors(attention.all_input_nodes) if n.op == "call_function"}
         received = set().union(*(_descendants(e) for e in exchanges))  # exchanges, their waits: stay put
         placed: Set[Node] = set()  # what earlier exchanges needed: already ahead of this one
-        needs = {e: _ancestors([e]) for e in exchanges}
+        needs = {e: ancestors([e]) for e in exchanges}
         before = {n: i for i, n in enumerate(graph.nodes)}
 
         def ready(e: Node) -> int:  # where the last of its inputs is computed: the first ready goes first

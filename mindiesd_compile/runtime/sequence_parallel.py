@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from ..options import OptionsError
-from ..partition import Partition, module_path
+from ..partition import Partition, ancestors, module_path
 from .parallel_plans import builtin_plan
 
 
@@ -346,19 +346,9 @@ def _carries(top: torch.fx.GraphModule, node, source: torch.fx.Node) -> bool:
         piece = node.args[0]
         inner = [n for n in top.get_submodule(piece.target).graph.nodes if n.op == "placeholder"]
         out = next(n for n in top.get_submodule(piece.target).graph.nodes if n.op == "output").args[0][node.args[1]]
-        needs = _ancestors_in(out)
+        needs = ancestors([out])
         return any(p in needs and _carries(top, a, source) for p, a in zip(inner, piece.args))
     return any(_carries(top, a, source) for a in node.all_input_nodes)
-
-
-def _ancestors_in(node: torch.fx.Node) -> set:
-    seen, todo = set(), [node]
-    while todo:
-        n = todo.pop()
-        if isinstance(n, torch.fx.Node) and n not in seen:
-            seen.add(n)
-            todo.extend(n.all_input_nodes)
-    return seen
 
 
 def _token_counts(partition: Partition, entries: Dict[int, int], degree: int) -> Dict[int, None]:
