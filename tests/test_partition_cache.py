@@ -85,6 +85,24 @@ def test_identical_blocks_compile_once_and_match_unpartitioned():
     assert rel_err(out, whole) <= 1e-6
 
 
+def test_a_graph_traced_with_dynamic_sizes_runs_every_resolution():
+    """Dynamo traces the second frame count with dynamic sizes and reuses that graph for the third: its pieces
+    compile once per set of sizes (before: the third call ran pieces compiled for the second and failed), and
+    the report still counts each site once."""
+    torch.manual_seed(0)
+    model, kwargs = wan()
+    fn, cache = compiled(model.eval())
+    with torch.no_grad():
+        for frames in (2, 4, 6):
+            shape = list(kwargs["hidden_states"].shape)
+            shape[2] = frames
+            inputs = dict(kwargs, hidden_states=torch.randn(shape))
+            assert rel_err(fn(**inputs)[0], model(**inputs)[0]) <= 1e-5, frames
+    dynamic = cache.runners[-1]
+    assert len(cache.runners) == 2 and dynamic.sizes  # the static trace, then the dynamic one
+    assert dynamic.compiler.report.stats("attention").rewritten == 2 * model.config.num_layers
+
+
 def test_two_block_lists_flux():
     model, kwargs = MODELS["flux"]()
     fn, cache = compiled(model.eval())

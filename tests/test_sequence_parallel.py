@@ -74,6 +74,7 @@ def _worker(rank, world, name, options, overrides, store, out_dir):
         cache = mindiesd_compile.StepCache(cache_config)
         cached_reference = options.pop("cached_reference", False)  # one process with the same cache policy
         steps = options.pop("steps", 1)
+        second_shape = options.pop("second_shape", None)  # another resolution through the same (dynamic) graph
         if "hidden_states_shape" in options:
             kwargs["hidden_states"] = torch.randn(options.pop("hidden_states_shape"))
         if "img_shapes" in options:  # Qwen-Image: the image the tokens come from
@@ -110,6 +111,9 @@ def _worker(rank, world, name, options, overrides, store, out_dir):
                 else:
                     ref, out = one(**kw)[0], fn(**kw)[0]
                 rels.append(float((out - ref).norm() / ref.norm()))
+            if second_shape:
+                kw = dict(kwargs, hidden_states=torch.randn(second_shape))
+                rels.append(float((fn(**kw)[0] - model(**kw)[0]).norm() / model(**kw)[0].norm()))
             dense, plain = model(**kwargs)[0], model(**unmasked)[0]
             result_dense = float((out - dense).norm() / dense.norm())
             rel_to_unmasked = float((out - plain).norm() / plain.norm())
@@ -330,6 +334,14 @@ def test_sd3_two_ranks_match_one_process(tmp_path):
         # keys and values, one exchange each, per site: block 0 (2 sites), block 1 (each graph counted once)
         assert result["collectives"]["all_gather_peers"] == 6
         assert result["collectives"]["attention_partial"] == 0
+
+
+def test_a_second_resolution_matches_one_process(tmp_path):
+    """HunyuanVideo traced with dynamic sizes, called at 4x4 then 8x4 latent patches: the plan made at the first
+    call splits the second too, and the pieces compile again for its sizes."""
+    for result in run_ranks(tmp_path, "hunyuan", dynamic=True, text_padding=3, second_shape=(1, 4, 2, 8, 4)):
+        assert "error" not in result, result
+        assert len(result["rels"]) == 2 and max(result["rels"]) <= 1e-5, result["rels"]
 
 
 def test_indivisible_image_tokens_are_a_clear_error(tmp_path):

@@ -60,7 +60,8 @@ class PartitionRunner:
         self.piece: Dict[Node, Piece] = {n: by_name[n.target] for n in self.nodes if n.op == "call_module"}
         self.block_nodes = [n for n in self.piece if self.piece[n].kind == "block"]
         self.block_index: Dict[Node, int] = {n: i for i, n in enumerate(self.block_nodes)}  # hot path: no list scans
-        self.compiled: Dict[tuple, Callable] = {}
+        self.compiled: Dict[tuple, Callable] = {}  # (node, variant, sizes) -> compiled piece
+        self.sizes: tuple = ()
         self.n_attention: Dict[Node, int] = {}
         self.executions = collections.Counter()  # piece label (":reuse": cached attention) -> times run
         self.last_call: List[str] = []           # labels of the pieces the latest call ran
@@ -137,6 +138,8 @@ class PartitionRunner:
         self._plan()
         if self.sequence_parallel is not None:
             args = self._shard_model_inputs(args)
+        # a graph Dynamo traced with dynamic sizes takes them as int inputs: its pieces compile once per set
+        self.sizes = tuple(a for a in args if isinstance(a, int))
         state = self._begin(args) if self.step_cache.config.enabled else None
         env: Dict[Node, object] = {}
         skipped: set = set()
@@ -171,7 +174,7 @@ class PartitionRunner:
 
     def _run_piece(self, node: Node, inputs: list, variant: str = "plain", extra: list = ()):
         """Run one piece, compiling it on first use; variants "record"/"reuse" serve the attention cache."""
-        key = (node, variant)
+        key = (node, variant, self.sizes)
         if key not in self.compiled:
             gm = getattr(self.partition.graph_module, node.target)
             if variant != "plain":
@@ -180,7 +183,8 @@ class PartitionRunner:
             sharded = frozenset()
             if self.shard_plan is not None and node in self.block_index:
                 sharded = frozenset(self.shard_plan.sharded[self.block_index[node]])
-            self.compiled[key] = self.compiler(gm, inputs + list(extra), sharded, count=variant == "plain")
+            first = not any(k[:2] == (node, variant) for k in self.compiled)  # the report counts each site once
+            self.compiled[key] = self.compiler(gm, inputs + list(extra), sharded, count=variant == "plain" and first)
         label = self.piece[node].label + (":reuse" if variant == "reuse" else "")
         self.executions[label] += 1
         self.last_call.append(label)
