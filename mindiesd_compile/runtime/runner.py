@@ -61,6 +61,9 @@ class PartitionRunner:
         self.block_nodes = [n for n in self.piece if self.piece[n].kind == "block"]
         self.block_index: Dict[Node, int] = {n: i for i, n in enumerate(self.block_nodes)}  # hot path: no list scans
         self.compiled: Dict[tuple, Callable] = {}  # (node, variant, sizes) -> compiled piece
+        # a graph Dynamo traced with dynamic sizes takes them as int inputs: its pieces compile once per set
+        inputs = [n.meta.get("example_value", n.meta.get("val")) for n in self.nodes if n.op == "placeholder"]
+        self.size_inputs = [i for i, v in enumerate(inputs) if isinstance(v, torch.SymInt)]
         self.sizes: tuple = ()
         self.n_attention: Dict[Node, int] = {}
         self.executions = collections.Counter()  # piece label (":reuse": cached attention) -> times run
@@ -138,8 +141,7 @@ class PartitionRunner:
         self._plan()
         if self.sequence_parallel is not None:
             args = self._shard_model_inputs(args)
-        # a graph Dynamo traced with dynamic sizes takes them as int inputs: its pieces compile once per set
-        self.sizes = tuple(a for a in args if isinstance(a, int))
+        self.sizes = tuple(args[i] for i in self.size_inputs)
         state = self._begin(args) if self.step_cache.config.enabled else None
         env: Dict[Node, object] = {}
         skipped: set = set()
