@@ -57,3 +57,8 @@ def _plans() -> Dict[str, BuiltinPlan]:
 
 def builtin_plan(block_class: type) -> Optional[BuiltinPlan]:
     return _plans().get(block_class.__name__)
+
+
+def builtin_applies(builtin: Optional[BuiltinPlan], shipped: Optional[dict]) -> bool:
+    """Whether the built-in plan is the one used, beside the model class's own ``shipped`` plan (or None)."""
+    return builtin is not None and (shipped is None or builtin.replaces_shipped)

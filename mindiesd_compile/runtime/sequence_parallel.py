@@ -29,7 +29,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from ..options import OptionsError
 from ..partition import Partition, ancestors, module_path
-from .parallel_plans import builtin_plan
+from .parallel_plans import builtin_applies, builtin_plan
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,8 +134,8 @@ def mark_sequence_dynamic(model: torch.nn.Module, kwargs: dict) -> dict:
     blocks = next((m for m in model.children() if isinstance(m, torch.nn.ModuleList) and len(m)), None)
     builtin = builtin_plan(type(blocks[0])) if blocks is not None else None
     dims = {}
-    if builtin and (plan is None or builtin.replaces_shipped):  # split after the prologue: mark what the image
-        dims, plan = dict(builtin.dynamic), None                 # token count follows
+    if builtin_applies(builtin, plan):  # split after the prologue: mark what the image token count follows
+        dims, plan = dict(builtin.dynamic), None
         _trace_ints_as_symbols([name for name in builtin.dynamic_ints if name in kwargs])
     for name, spec in ((plan or {}).get("") or {}).items():
         t = kwargs.get(name)
@@ -172,13 +172,12 @@ def _plan_owner(partition: Partition) -> Optional[Tuple[str, dict]]:
     """(model class name, plan) as ``find_cp_plan`` finds it."""
     block = _block_class(partition)
     builtin = builtin_plan(block) if block is not None else None
-    if builtin and builtin.replaces_shipped:
-        return builtin.model, builtin.plan
     module = sys.modules.get(getattr(block, "__module__", ""))
-    for value in vars(module).values() if module else ():
-        if isinstance(value, type) and isinstance(getattr(value, "_cp_plan", None), dict):
-            return value.__name__, value._cp_plan
-    return (builtin.model, builtin.plan) if builtin else None
+    shipped = next(((v.__name__, v._cp_plan) for v in (vars(module).values() if module else ())
+                    if isinstance(v, type) and isinstance(getattr(v, "_cp_plan", None), dict)), None)
+    if builtin_applies(builtin, shipped):
+        return builtin.model, builtin.plan
+    return shipped
 
 
 def _block_class(partition: Partition) -> Optional[type]:
