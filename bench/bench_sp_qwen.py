@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 sys.path.append(str(Path(__file__).resolve().parent))
-from bench_sp import init_ranks  # noqa: E402
+from bench_sp import compare, init_ranks  # noqa: E402
 from bench_wan import time_calls  # noqa: E402
 
 import mindiesd_compile  # noqa: E402
@@ -41,11 +41,7 @@ def main():
     ap.add_argument("--graphs", action="store_true", help="options['cuda_graphs']")
     args = ap.parse_args()
     if args.compare:
-        ref = torch.load(os.path.join(args.out_dir, "1.pt"))
-        for name in sorted(os.listdir(args.out_dir)):
-            out = torch.load(os.path.join(args.out_dir, name))
-            print(f"COMPARE {name[:-3]} GPUs rel L2 vs 1 GPU {float((out - ref).norm() / ref.norm()):.2e}")
-        return
+        return compare(args.out_dir)
     from diffusers import QwenImageTransformer2DModel
     cuda = args.device == "cuda"
     rank, world, dev = init_ranks(cuda)
@@ -84,7 +80,7 @@ def main():
                                                 max_name_column_width=60))
     if rank == 0:
         os.makedirs(args.out_dir, exist_ok=True)
-        torch.save(out.float().cpu(), os.path.join(args.out_dir, f"{world}.pt"))
+        torch.save(out.float().cpu(), os.path.join(args.out_dir, f"qwen-mindiesd-{world}.pt"))  # bench_sp's names
         print(f"RESULT qwen-image gpus={world} median_ms={ms:.1f} host_ms={statistics.median(host):.1f}", flush=True)
     torch.distributed.destroy_process_group()
 
