@@ -2,9 +2,14 @@
 from __future__ import annotations
 
 import collections
+import os
 
-import pytest
-import torch
+# torch raises, rather than warns, on a custom op whose outputs alias where CI=1 is set: make every run (and every
+# rank a test spawns) as strict, so a local run fails where CI would.
+os.environ["TORCHINDUCTOR_ERROR_ON_CUSTOM_OP_ALIASING"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 from hypothesis import settings
 
 from mindiesd_compile import CompileOptions, Report

@@ -36,22 +36,25 @@ def _sdpa_preparing_masks_as_on_cuda():
 
 
 def _peer_gather_in_two_slots():
-    """``all_gather_peers`` keeping its CUDA outputs' lifetime: views of two buffers that the calls take in turn
-    (ops/peer_gather.py), so an output read after two later calls reads a later call's data, as on a GPU."""
+    """``all_gather_peers`` keeping its CUDA outputs' lifetime: views of two slots that the calls take in turn
+    (ops/peer_gather.py), so an output read after two later calls reads a later call's data, as on a GPU. Each output
+    is its own storage, as each region of a CUDA slot is (torch rejects custom ops whose outputs alias each other)."""
     from mindiesd_compile.ops.peer_gather import _gather_sync
-    slots = {}  # group -> [turn, buffer 0, buffer 1]
+    slots = {}  # group -> [turn, slot 0, slot 1]; a slot: one byte buffer per output position
 
     def gather(xs, dim, group, include_self=False):
         outs = _gather_sync(xs, dim, group, include_self)
-        state = slots.setdefault(group, [0, None, None])
+        state = slots.setdefault(group, [0, [], []])
         turn, state[0] = state[0], 1 - state[0]
-        sizes = [-(-o.numel() * o.element_size() // 16) * 16 for o in outs]  # each view 16-byte aligned
-        if state[1 + turn] is None or state[1 + turn].numel() < sum(sizes):
-            state[1 + turn] = torch.empty(sum(sizes), dtype=torch.uint8)
-        views = [state[1 + turn][at:at + o.numel() * o.element_size()].view(o.dtype).view(o.shape)
-                 for o, at in zip(outs, [sum(sizes[:i]) for i in range(len(outs))])]
-        for view, o in zip(views, outs):
-            view.copy_(o)
+        slot = state[1 + turn]
+        views = []
+        for i, o in enumerate(outs):
+            nbytes = o.numel() * o.element_size()
+            if len(slot) <= i:
+                slot.append(torch.empty(0, dtype=torch.uint8))
+            if slot[i].numel() < nbytes:
+                slot[i] = torch.empty(nbytes, dtype=torch.uint8)
+            views.append(slot[i][:nbytes].view(o.dtype).view(o.shape).copy_(o))
         return views
     lib = torch.library.Library("mindiesd_compile", "IMPL")
     lib.impl("all_gather_peers", gather, "CPU")  # before the composite kernel, for CPU tensors
