@@ -167,8 +167,8 @@ def _all_gather_peers_cuda(xs: Sequence[Tensor], dim: int, group: str, include_s
     world = dist.distributed_c10d._resolve_process_group(group).size()
     chunks = world - (not include_self)
     regions = [(math.prod(x.shape[:dim]), chunks, x[(0,) * dim].numel()) for x in xs]  # outer, chunks, inner
-    sizes = [math.prod(r) * x.element_size() for r, x in zip(regions, xs)]
-    offsets = [sum(sizes[:i]) for i in range(len(xs))]
+    sizes = [-(-math.prod(r) * x.element_size() // 16) * 16 for r, x in zip(regions, xs)]  # each region aligned
+    offsets = [sum(sizes[:i]) for i in range(len(xs))]  # for any dtype after it (a key mask after the keys)
     hdl = slots.next(sum(sizes), xs[0].device)
     rank = hdl.rank
     side, caller = _side_stream(xs[0].device.index), torch.cuda.current_stream()

@@ -72,10 +72,9 @@ def _all_gather(xs: Sequence[torch.Tensor], dim: int, group: str) -> Tuple[torch
 
 
 def _all_keys(mask: torch.Tensor, group: str, heads: Optional[Tuple[int, int, int]] = None) -> torch.Tensor:
-    """A mask over this rank's keys -> over every rank's keys, in rank order (the order both exchanges gather
-    keys in). ``heads`` = (heads, local heads, degree) under Ulysses: a mask per head ([B, H, Q, K]) then also
-    goes to this rank's heads, by the same all-to-all as q, k and v. A collective of its own, never
-    ``all_gather_peers``: a third peer gather before the attention would reuse the keys' buffer (two in turn)."""
+    """A mask over this rank's keys -> over every rank's keys, in rank order (the order Ulysses' all-to-all
+    gathers keys in). ``heads`` = (heads, local heads, degree): a mask per head ([B, H, Q, K]) then also goes to
+    this rank's heads, by the same all-to-all as q, k and v."""
     m = mask.to(torch.uint8) if mask.dtype == torch.bool else mask  # collectives take no bool
     if heads is not None and m.dim() == 4 and m.shape[1] == heads[0] > 1:
         count, local, degree = heads
@@ -86,17 +85,23 @@ def _all_keys(mask: torch.Tensor, group: str, heads: Optional[Tuple[int, int, in
     return m.to(mask.dtype)
 
 
-def _gathered_mask(mask, mask_split, segments, group, keys, heads=None):
-    """The mask over the gathered keys. ``mask_split``: False, it covers them already; "runs", it covers this
-    rank's joint keys in their order (built in the block: Qwen-Image's text mask joined with ones for this
-    rank's image tokens): its sharded runs are gathered like the keys'; else it covers this rank's keys only
-    (see ``ulysses_attention``)."""
+def _mask_pieces(mask, mask_split, segments):
+    """The pieces of a key mask that cover this rank's keys only (each to gather from every rank along its last
+    dim, as the keys are), and how the mask over the ``keys`` gathered keys joins from them. ``mask_split``:
+    False, the mask covers those keys already; "runs", it covers this rank's joint keys in their order (built in
+    the block: Qwen-Image's text mask joined with ones for this rank's image tokens), whose sharded runs are the
+    pieces; else it covers this rank's keys only (a padded chunk of a mask built before the blocks,
+    runtime/sequence_parallel.py MaskSplit, or a key mask built from this rank's tokens)."""
     if not mask_split:
-        return mask
-    if mask_split == "runs":
-        parts = mask.split([n for _, n in segments], dim=-1)
-        return torch.cat([_all_keys(m, group) if sharded else m for (sharded, _), m in zip(segments, parts)], dim=-1)
-    return _all_keys(mask, group, heads)[..., :keys]
+        return [], lambda gathered, keys: mask
+    if mask_split != "runs":
+        return [mask], lambda gathered, keys: gathered[0][..., :keys]
+    parts = mask.split([n for _, n in segments], dim=-1)
+
+    def join(gathered, keys):
+        pieces = iter(gathered)
+        return torch.cat([next(pieces) if sharded else m for (sharded, _), m in zip(segments, parts)], dim=-1)
+    return [m for (sharded, _), m in zip(segments, parts) if sharded], join
 
 
 def _split_runs(t: torch.Tensor, segments) -> Sequence[torch.Tensor]:
@@ -130,7 +135,8 @@ def ulysses_attention(q, k, v, mask, scale, layout, degree, group, segments=None
         return _join([g if sharded else g[:, :n] for (sharded, n), g in zip(segments, gathered)])
 
     q, k, v = (gather_tokens(t) for t in (q, k, v))
-    mask = _gathered_mask(mask, mask_split, segments, group, k.shape[1], (heads, local, degree))
+    pieces, join_mask = _mask_pieces(mask, mask_split, segments)
+    mask = join_mask([_all_keys(m, group, (heads, local, degree)) for m in pieces], k.shape[1])
     out = torch.ops.mindiesd_compile.attention(q, k, v, mask, scale, "BSHD")
     runs = _split_runs(out, [(sharded, n * degree if sharded else n) for sharded, n in segments])
     # a replicated run's heads are all-gathered back onto every rank
@@ -147,7 +153,7 @@ def gather_kv_attention(q, k, v, mask, scale, layout, degree, group, segments=No
     and grow with the degree (keys and values: (P-1)/P of them, against 4 tensors' (P-1)/P^2).
     ``overlap``: how the exchange hides behind compute (options.py picks): "ahead", keys and values each
     exchanged as soon as projected (passes/early_exchange.py), beside the projections still to come, attention
-    waiting for every key (a key mask split across ranks: a small all-gather of its own); "split", also
+    waiting for every key (a key mask split across ranks goes with the keys); "split", also
     attention over this rank's own keys while the other ranks' arrive, then over theirs, the two merged by their
     log-sum-exp (a second attention kernel and the merge for more to hide behind; with a mask: "ahead"); False:
     NCCL, awaited at once."""
@@ -160,13 +166,18 @@ def gather_kv_attention(q, k, v, mask, scale, layout, degree, group, segments=No
     sharded = [i for i, (s, _) in enumerate(segments) if s]
     k_runs, v_runs = list(_split_runs(k, segments)), list(_split_runs(v, segments))
     ks, vs = [k_runs[i] for i in sharded], [v_runs[i] for i in sharded]
-    # ahead: one peer gather for the keys, one for the values (a third before the attention would reuse the
-    # keys' buffer); else one coalesced NCCL call for both
-    gathered = _gather_ahead(ks, 1, group) + _gather_ahead(vs, 1, group) if overlap else _all_gather(ks + vs, 1, group)
-    for i, gk, gv in zip(sharded, gathered[:len(sharded)], gathered[len(sharded):]):
-        k_runs[i], v_runs[i] = gk, gv
+    pieces, join_mask = _mask_pieces(mask, mask_split, segments)
+    # the mask's pieces go with the keys, their key dim where the keys have theirs: in "ahead" a third peer gather
+    # before the attention would reuse the keys' buffer (two in turn), and an NCCL one would put NCCL kernels into
+    # cuda_graphs' capture; else one coalesced NCCL call for all
+    masks = [(m.to(torch.uint8) if m.dtype == torch.bool else m).movedim(-1, 1) for m in pieces]
+    gathered = _gather_ahead(ks + masks, 1, group) + _gather_ahead(vs, 1, group) if overlap else \
+        _all_gather(ks + masks + vs, 1, group)
+    gk, gm, gv = gathered[:len(ks)], gathered[len(ks):len(ks) + len(masks)], gathered[len(ks) + len(masks):]
+    for i, k_run, v_run in zip(sharded, gk, gv):
+        k_runs[i], v_runs[i] = k_run, v_run
     k, v = _join(k_runs), _join(v_runs)
-    mask = _gathered_mask(mask, mask_split, segments, group, k.shape[1])
+    mask = join_mask([g.movedim(1, -1).to(m.dtype) for g, m in zip(gm, pieces)], k.shape[1])
     out = torch.ops.mindiesd_compile.attention(q, k, v, mask, scale, "BSHD")
     return out.transpose(1, 2) if layout == "BHSD" else out
 
