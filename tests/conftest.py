@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import collections
+import multiprocessing
 import os
 
 # torch raises, rather than warns, on a custom op whose outputs alias where CI=1 is set: make every run (and every
@@ -17,6 +18,17 @@ from mindiesd_compile.backend import build_manager
 from mindiesd_compile.lowering.eager import compile_eager
 from mindiesd_compile.ops import op_name
 from mindiesd_compile.passes import GraphPass
+
+
+# A distributed test's ranks fork from one server process that imported these once: a rank spawned afresh spends
+# ~5 s of a 2-core machine importing them, most of such a test.
+multiprocessing.set_forkserver_preload(["torch", "torch.distributed", "diffusers", "mindiesd_compile", "tiny_models"])
+
+
+def spawn_ranks(fn, args, nprocs: int) -> None:
+    """``torch.multiprocessing.spawn``: ``fn(rank, *args)`` in ``nprocs`` processes, a rank's exception raised here;
+    each rank forked from the preloaded server (it never ran an op, so no thread pool is forked)."""
+    torch.multiprocessing.start_processes(fn, args=args, nprocs=nprocs, join=True, start_method="forkserver")
 
 
 # Each example compiles a graph (~0.1-0.5 s): few, reproducible examples, no per-example deadline.

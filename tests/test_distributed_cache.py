@@ -4,9 +4,9 @@ import os
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from mindiesd_compile import CacheConfig, StepCache
+from conftest import spawn_ranks
 from test_partition_cache import LinearBlocks
 
 # Rank 0's timesteps barely move (its probe residual changes ~0.1 % a step: it would skip);
@@ -35,7 +35,7 @@ def _worker(rank, world, store_path, out_dir, agree):
 
 
 def _run(tmp_path, agree):
-    mp.spawn(_worker, args=(2, str(tmp_path / f"store{agree}"), str(tmp_path), agree), nprocs=2, join=True)
+    spawn_ranks(_worker, (2, str(tmp_path / f"store{agree}"), str(tmp_path), agree), 2)
     return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
 
 

@@ -9,7 +9,6 @@ numbers). What needs an Ascend machine: GE compiling and running the graphs, the
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -19,10 +18,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import mindiesd_compile
 from mindiesd_compile import OptionsError, Report
+from conftest import spawn_ranks
 from tiny_models import MODELS
 
 # torchair warns about every torch_npu op it does not find here (it registers converters lazily)
@@ -114,7 +113,7 @@ def _sp_worker(rank, world, store, out_dir, mode):
 @pytest.mark.parametrize("mode", ["auto", "gather_kv"])
 def test_sequence_parallel_exchanges_lower_to_hcom(tmp_path, mode):
     world = 2
-    mp.spawn(_sp_worker, args=(world, str(tmp_path / "store"), str(tmp_path), mode), nprocs=world, join=True)
+    spawn_ranks(_sp_worker, (world, str(tmp_path / "store"), str(tmp_path), mode), world)
     for rank in range(world):
         result = json.loads((tmp_path / f"{rank}.json").read_text())
         assert "error" not in result, result

@@ -6,7 +6,7 @@ from diffusers import (AutoencoderKL, AutoencoderKLWan, FlowMatchEulerDiscreteSc
                        WanPipeline, WanTransformer3DModel)
 
 import mindiesd_compile
-from conftest import rel_err
+from conftest import rel_err, spawn_ranks
 from tiny_models import sd3
 
 
@@ -98,8 +98,7 @@ def _cfg_worker(rank, world, name, store, out_dir):
 def test_cfg_parallel_matches_one_process(tmp_path, name, world):
     """Wan: each group computes one of the two calls per step; SD3: each group its half of the batched call."""
     import json
-    import torch.multiprocessing as mp
-    mp.spawn(_cfg_worker, args=(world, name, str(tmp_path / "store"), str(tmp_path)), nprocs=world, join=True)
+    spawn_ranks(_cfg_worker, (world, name, str(tmp_path / "store"), str(tmp_path)), world)
     for rank in range(world):
         result = json.loads((tmp_path / f"cfg{rank}.json").read_text())
         assert "error" not in result, result

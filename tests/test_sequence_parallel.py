@@ -7,8 +7,8 @@ import re
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from conftest import spawn_ranks
 from tiny_models import MODELS, ltx
 
 MODELS = {**MODELS, "ltx": ltx}
@@ -161,8 +161,7 @@ def _exchange_order(dumps):
 
 
 def run_ranks(tmp_path, name, overrides=None, world=WORLD, **options):
-    mp.spawn(_worker, args=(world, name, options, overrides, str(tmp_path / f"store-{name}"), str(tmp_path)),
-             nprocs=world, join=True)
+    spawn_ranks(_worker, (world, name, options, overrides, str(tmp_path / f"store-{name}"), str(tmp_path)), world)
     return [json.loads((tmp_path / f"{name}-{r}.json").read_text()) for r in range(world)]
 
 
