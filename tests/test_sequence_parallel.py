@@ -300,6 +300,10 @@ def test_ltx_text_split_with_its_padding_mask_matches_one_process(tmp_path, mode
         assert result["shape_ok"] and result["rel"] <= 1e-5
         assert result["rel_to_unmasked"] > 1e-3  # the padding mask really changes the output
         assert result["sp_sites"] == 4 == result["attention"]  # both blocks: self- and cross-attention, all split
+        if mode == "gather_kv":  # keys and values one exchange each per site (one block graph, counted once), the
+            # text mask in the keys' one
+            assert result["collectives"]["all_gather_peers"] == 4, result["collectives"]
+            assert result["collectives"]["all_gather_into_tensor"] == 0, result["collectives"]
 
 
 @pytest.mark.parametrize("mode", ["ulysses", "gather_kv"])
