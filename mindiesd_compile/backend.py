@@ -130,9 +130,10 @@ def _compile(gm, example_inputs, opts: CompileOptions, target: str, mode, report
         piece, inputs, opts, target, piece_report, mode, sharded), report)
     sequence_parallel = None
     if opts.sequence_parallel > 1:
-        from .runtime.sequence_parallel import find_cp_plan
-        sequence_parallel = {"degree": opts.sequence_parallel, "group": opts.parallel_group,
-                             "plan": opts.parallel_plan or find_cp_plan(partition)}
+        from .runtime.sequence_parallel import find_cp_plan, gather_modules
+        plan = opts.parallel_plan or find_cp_plan(partition)
+        partition = partition_at_blocks(gm, gather_modules(plan))  # the epilogue ends where the plan gathers
+        sequence_parallel = {"degree": opts.sequence_parallel, "group": opts.parallel_group, "plan": plan}
     runner = PartitionRunner(partition, compiler, step_cache, sequence_parallel)
     step_cache.runners.append(runner)
     return with_sparse_runtime(runner, gm, opts)

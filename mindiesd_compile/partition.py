@@ -5,14 +5,16 @@ records, for every node, the stack of modules it was traced in (``node.meta["nn_
 a node inside ``self.blocks[3]`` carries the path ``blocks.3``. We cut the graph wherever that
 top-level list entry changes, which gives pieces that compile independently and, for identical
 blocks, once (``runtime/runner.py``). Nodes outside every block before the first block form the
-prologue, after the last the epilogue, and in between (rare) a glue piece.
+prologue, after the last the epilogue, and in between (rare) a glue piece. Under sequence parallelism the
+epilogue may end at the module where the parallel plan gathers the sequence (``proj_out``): it then runs on each
+rank's tokens, and what follows, the "output" piece, on the gathered ones.
 """
 from __future__ import annotations
 
 import dataclasses
 import operator
 import re
-from typing import Callable, Iterable, List, Optional, Set, Tuple
+from typing import Callable, Iterable, List, Optional, Sequence, Set, Tuple
 
 import torch
 from torch.fx import GraphModule, Node
@@ -54,10 +56,15 @@ def block_of(node: Node) -> Optional[Tuple[str, int]]:
     return None
 
 
+def in_module(node: Node, module: str) -> bool:
+    """Whether ``node`` was traced inside the module at path ``module`` (``proj_out``)."""
+    return any(module_path(raw) == module for raw, _ in (node.meta.get("nn_module_stack") or {}).values())
+
+
 @dataclasses.dataclass(frozen=True)
 class Piece:
     name: str                  # submodule name in the split graph ("submod_3")
-    kind: str                  # "prologue" | "block" | "glue" | "epilogue"
+    kind: str                  # "prologue" | "block" | "glue" | "epilogue" | "output"
     block: Optional[int]       # global block index (blocks of every list, in execution order)
     label: str                 # "blocks.3", "prologue", ...
 
@@ -66,32 +73,40 @@ class Piece:
 class Partition:
     graph_module: GraphModule  # top level: calls each piece in order
     pieces: List[Piece]
+    gathered_after: Optional[str] = None  # the epilogue piece that ends at the gather module, if it was cut there
 
     @property
     def blocks(self) -> List[Piece]:
         return [p for p in self.pieces if p.kind == "block"]
 
 
-def partition_at_blocks(gm: GraphModule) -> Optional[Partition]:
-    """Split ``gm`` into prologue | block 0 | ... | block N-1 | epilogue; None if it has no blocks."""
+def partition_at_blocks(gm: GraphModule, gather_modules: Sequence[str] = ()) -> Optional[Partition]:
+    """Split ``gm`` into prologue | block 0 | ... | block N-1 | epilogue; None if it has no blocks. With
+    ``gather_modules`` (module paths), the epilogue ends at the last node traced in one of them, and the rest
+    is an "output" piece."""
     compute = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
     owners = [block_of(n) for n in compute]
     if not any(owners):
         return None
+    after_blocks = max(i for i, owner in enumerate(owners) if owner is not None) + 1
+    cut = max((i for i in range(after_blocks, len(compute)) if any(in_module(compute[i], m) for m in gather_modules)),
+              default=None)
     ids, labels, kinds = {}, [], []
     current, seen_block = None, False
-    for node, owner in zip(compute, owners):
+    for i, (node, owner) in enumerate(zip(compute, owners)):
         key = owner if owner is not None else ("glue" if seen_block else "prologue")
+        if cut is not None and i > cut:
+            key = "output"
         if key != current:
             labels.append(key)
             current = key
         seen_block |= owner is not None
         ids[node] = len(labels) - 1
-    last_block = max(i for i, k in enumerate(labels) if k not in ("glue", "prologue"))
+    last_block = max(i for i, k in enumerate(labels) if k not in ("glue", "prologue", "output"))
     n_blocks = 0
     for i, key in enumerate(labels):
-        if key == "prologue":
-            kinds.append(("prologue", None, "prologue"))
+        if key in ("prologue", "output"):
+            kinds.append((key, None, key))
         elif key == "glue":
             kinds.append(("epilogue" if i > last_block else "glue", None, "epilogue" if i > last_block else f"glue{i}"))
         else:
@@ -105,7 +120,7 @@ def partition_at_blocks(gm: GraphModule) -> Optional[Partition]:
             pieces.append(Piece(node.target, kind, block, label))
             _return_tuple(split, node)
     split.recompile()
-    return Partition(split, pieces)
+    return Partition(split, pieces, f"submod_{ids[compute[cut]]}" if cut is not None else None)
 
 
 def _return_tuple(split: GraphModule, call: Node) -> None:

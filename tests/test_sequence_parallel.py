@@ -9,9 +9,9 @@ import torch
 import torch.distributed as dist
 
 from conftest import spawn_ranks
-from tiny_models import MODELS, ltx
+from tiny_models import MODELS, chronoedit, flux2, ltx
 
-MODELS = {**MODELS, "ltx": ltx}
+MODELS = {**MODELS, "ltx": ltx, "flux2": flux2, "chronoedit": chronoedit}
 
 WORLD = 2
 
@@ -126,6 +126,8 @@ def _worker(rank, world, name, options, overrides, store, out_dir):
                       sp_sites=runner.compiler.report.stats("sequence_parallel").rewritten,  # exchanged attentions
                       collectives=_collectives(dumps), exchange_order=_exchange_order(dumps),
                       attention=runner.compiler.report.stats("attention").rewritten, compiles=runner.compiler.compiles,
+                      pieces=[p.label for p in runner.partition.pieces if p.kind != "block"],
+                      gather_point=runner.piece[runner.gather_point].label,
                       # per generated graph with an exchange: the matrix products it runs before starting each
                       products_before_exchange=[[c[:m.start()].count("extern_kernels.addmm(")
                                                  for m in re.finditer(r"all_gather_peers\.default\(", c)]
@@ -189,7 +191,9 @@ def test_two_ranks_match_one_process_wan(tmp_path, mode, overlap, collectives, o
         assert result["shape_ok"] and result["rel"] <= 1e-5
         assert result["sp_sites"] == 2  # the self-attentions; cross-attention to replicated text stays local
         assert result["attention"] == 4
-        assert result["compiles"] == 3  # prologue, one block for both (the first block's sharded input too), epilogue
+        # prologue, one block for both (the first block's sharded input too), the epilogue on this rank's tokens up
+        # to proj_out (where the plan gathers), the output (unpatchify) on the gathered ones
+        assert result["compiles"] == 4 and result["pieces"] == ["prologue", "epilogue", "output"]
         assert {k: result["collectives"][k] for k in collectives} == collectives
         if order:
             assert result["exchange_order"] == order
@@ -328,6 +332,36 @@ def test_a_whole_mask_over_split_keys_is_a_clear_error(tmp_path):
     for result in run_ranks(tmp_path, "ltx", dynamic=True, text_padding=3, parallel_plan=plan):
         assert "takes a mask over the whole joint sequence" in result["error"], result
         assert "only key-padding masks built before the blocks can follow the split" in result["error"]
+
+
+def test_flux2_epilogue_drops_the_text_by_its_count_on_each_rank(tmp_path):
+    """Flux.2 joins text and image into one sequence between its double- and single-stream blocks (both split by its
+    _cp_plan), and its epilogue drops the text by the count it took before the blocks: it runs on each rank's
+    [text | image] up to proj_out, where the plan gathers (gathered after the last block instead, the ranks' runs
+    interleave and the count cuts the wrong tokens: 20 tokens out of 16)."""
+    for result in run_ranks(tmp_path, "flux2", dynamic=True):
+        assert "error" not in result, result
+        assert result["shape_ok"] and result["rel"] <= 1e-5
+        assert result["sp_sites"] == 2 == result["attention"]  # the double- and the single-stream block
+        assert result["gather_point"] == "epilogue" and result["pieces"][-1] == "epilogue"  # proj_out ends it
+
+
+def test_a_plan_without_a_gather_module_gathers_after_the_last_block(tmp_path):
+    """Wan's plan without its proj_out entry: the last block's output is gathered, the epilogue runs whole."""
+    from diffusers import WanTransformer3DModel
+    plan = {k: v for k, v in WanTransformer3DModel._cp_plan.items() if k != "proj_out"}
+    for result in run_ranks(tmp_path, "wan", parallel_plan=plan):
+        assert "error" not in result, result
+        assert result["shape_ok"] and result["rel"] <= 1e-5
+        assert result["gather_point"] == "blocks.1" and result["pieces"] == ["prologue", "epilogue"]
+
+
+def test_chronoedit_matches_one_process(tmp_path):
+    """ChronoEdit (Wan's blocks, with cross-attention to image embeddings as well as text) by its shipped plan."""
+    for result in run_ranks(tmp_path, "chronoedit"):
+        assert "error" not in result, result
+        assert result["shape_ok"] and result["rel"] <= 1e-5
+        assert result["sp_sites"] == 2 and result["attention"] == 4  # cross-attention to replicated keys: local
 
 
 def test_sd3_two_ranks_match_one_process(tmp_path):

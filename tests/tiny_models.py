@@ -56,6 +56,23 @@ def ltx():  # (not in MODELS: used by the sequence-parallel tests)
     return m, kw
 
 
+def flux2():  # (not in MODELS: used by the sequence-parallel tests)
+    from diffusers import Flux2Transformer2DModel
+    m = Flux2Transformer2DModel(patch_size=1, in_channels=8, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, timestep_guidance_channels=32, axes_dims_rope=(4,4,4,4))
+    kw = dict(hidden_states=torch.randn(1,16,8), encoder_hidden_states=torch.randn(1,8,32), timestep=torch.tensor([0.5]),
+        img_ids=torch.randn(1,16,4), txt_ids=torch.zeros(1,8,4), guidance=torch.tensor([3.5]), return_dict=False)
+    return m, kw
+
+def chronoedit():  # (not in MODELS: used by the sequence-parallel tests)
+    from diffusers import ChronoEditTransformer3DModel
+    m = ChronoEditTransformer3DModel(patch_size=(1,2,2), num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
+        text_dim=32, freq_dim=32, ffn_dim=64, num_layers=2, image_dim=16, added_kv_proj_dim=32, rope_max_seq_len=32)
+    kw = dict(hidden_states=torch.randn(1,4,2,8,8), timestep=torch.tensor([500.]), encoder_hidden_states=torch.randn(1,8,32),
+        encoder_hidden_states_image=torch.randn(1,4,16), return_dict=False)
+    return m, kw
+
+
 def wan_for_export():
     """Factory for `python -m mindiesd_compile export tiny_models:wan_for_export OUT_DIR`."""
     torch.manual_seed(0)

@@ -18,7 +18,7 @@ from ..partition import Partition, Piece, structural_key
 from ..report import Report
 from .attention_reuse import attention_variants
 from .cache import BranchState, StepCache, call_key, timestep_position
-from .sequence_parallel import ShardPlan, plan_sequence_parallel
+from .sequence_parallel import ShardPlan, gather_point, plan_sequence_parallel
 
 log = logging.getLogger("mindiesd_compile")
 Lower = Callable[[GraphModule, list, Report, frozenset], Callable]  # frozenset: inputs sharded over ranks
@@ -60,6 +60,7 @@ class PartitionRunner:
         self.piece: Dict[Node, Piece] = {n: by_name[n.target] for n in self.nodes if n.op == "call_module"}
         self.block_nodes = [n for n in self.piece if self.piece[n].kind == "block"]
         self.block_index: Dict[Node, int] = {n: i for i, n in enumerate(self.block_nodes)}  # hot path: no list scans
+        self.gather_point = next(n for n in self.piece if n.target == gather_point(partition))  # sequence parallel
         self.compiled: Dict[tuple, Callable] = {}  # (node, variant, sizes) -> compiled piece
         # a graph Dynamo traced with dynamic sizes takes them as int inputs: its pieces compile once per set
         inputs = [n.meta.get("example_value", n.meta.get("val")) for n in self.nodes if n.op == "placeholder"]
@@ -155,6 +156,8 @@ class PartitionRunner:
                     log.info("mindiesd_compile rewrites (whole model: %d pieces, %d compiled):\n%s",
                              len(self.piece), self.compiler.compiles, self.compiler.report.table())
                 self.calls += 1
+                if self.shard_plan is not None:  # the gather point's outputs may be the model's (Flux.2)
+                    return torch.fx.map_arg(node.args[0], lambda a: self._gathered(a, env[a]))
                 return torch.fx.map_arg(node.args[0], env.__getitem__)
             elif node in skipped:
                 pass
@@ -200,15 +203,19 @@ class PartitionRunner:
         return self.shard_plan.split_model_inputs(args)
 
     def _shard_piece_inputs(self, node: Node, inputs: list) -> list:
-        """Gather what leaves the last block sharded, before the epilogue; token counts split for the blocks
-        are whole again there (see sequence_parallel.py)."""
+        """The blocks (and an epilogue cut at the gather module) run on this rank's tokens; after them, what
+        leaves the gather point sharded is gathered, and token counts split for the blocks are whole again
+        (see sequence_parallel.py)."""
+        if node in self.block_index or node.target == self.partition.gathered_after:
+            return self.shard_plan.block_inputs(node, inputs)
+        return [self._gathered(a, t) for a, t in zip(node.args, inputs)]
+
+    def _gathered(self, arg, value):
         plan = self.shard_plan
-        if node in self.block_index:
-            return plan.block_inputs(node, inputs)
-        last = self.block_nodes[-1]
-        return [plan.gather_dim(t, plan.gather[a.args[1]])
-                if isinstance(a, Node) and a.target is operator.getitem and a.args[0] is last and a.args[1] in plan.gather
-                else plan.whole(a, t) for a, t in zip(node.args, inputs)]
+        if isinstance(arg, Node) and arg.target is operator.getitem and arg.args[0] is self.gather_point \
+                and arg.args[1] in plan.gather:
+            return plan.gather_dim(value, plan.gather[arg.args[1]])
+        return plan.whole(arg, value)
 
     def _begin(self, args) -> BranchState:
         state = self.step_cache.begin_call(*call_key(args, self.timestep_index))

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from ..options import OptionsError
-from ..partition import Partition, ancestors, module_path
+from ..partition import Partition, ancestors, in_module, module_path
 from .parallel_plans import builtin_applies, builtin_plan
 
 
@@ -67,7 +67,7 @@ class ShardPlan:
     model_inputs: Dict[int, int]          # top-level input index -> split dim (before the prologue)
     split_values: Dict[torch.fx.Node, object]  # prologue outputs split for every consumer -> _local spec
     sharded: Dict[int, Dict[int, int]]    # block index -> {input position: token dim} arriving sharded
-    gather: Dict[int, int]                # last block's output index -> gather dim
+    gather: Dict[int, int]                # gather point's output index -> gather dim (see gather_point)
     sizes: Dict[int, Tuple[int, int]]     # size input (dynamic dim) -> (tensor input, dim) it is the size of
     model: str = "the model"              # for messages
     # the model's own size inputs that the blocks take as token counts (Qwen-Image's image token count and
@@ -198,20 +198,22 @@ def _top_input_index(placeholders, name: str) -> Optional[int]:
 
 
 def _run_shapes(partition: Partition, args, split_values=None, degree=1, masks=None, block_counts=()):
-    """Run the partition on fake tensors: every block's input shapes and the last block's output shapes
-    (``masks``: collects, per block node, the inputs that are masks over the whole joint sequence;
-    ``block_counts``: see ShardPlan)."""
+    """Run the partition on fake tensors: every block's input shapes, the last block's output shapes and those of
+    the last piece that runs on each rank's tokens (``gather_point``) (``masks``: collects, per block node, the
+    inputs that are masks over the whole joint sequence; ``block_counts``: see ShardPlan)."""
     gm = partition.graph_module
     block_names = [p.name for p in partition.blocks]
-    env, it, ins = {}, iter(args), {}
+    local_pieces = {*block_names, gather_point(partition)}
+    env, it, ins, last_out = {}, iter(args), {}, None
     for node in gm.graph.nodes:
         if node.op == "placeholder":
             env[node] = next(it)
         elif node.op != "output":
             fn = gm.get_submodule(node.target) if node.op == "call_module" else node.target
             inputs = list(torch.fx.map_arg(node.args, env.__getitem__))
-            if node.op == "call_module" and node.target in block_names:
+            if node.op == "call_module" and node.target in local_pieces:
                 inputs = [t // degree if a in block_counts else t for a, t in zip(node.args, inputs)]
+            if node.op == "call_module" and node.target in block_names:
                 ins[block_names.index(node.target)] = [tuple(t.shape) if isinstance(t, torch.Tensor) else None
                                                        for t in inputs]
                 fn = _MaskProbe(fn, masks.setdefault(node, {}), degree).run if masks is not None else fn
@@ -219,8 +221,26 @@ def _run_shapes(partition: Partition, args, split_values=None, degree=1, masks=N
             if split_values and node in split_values:
                 env[node] = _local(env[node], split_values[node], degree, 0)
             if node.op == "call_module" and node.target == block_names[-1]:
-                return ins, [tuple(t.shape) for t in env[node]]  # the epilogue gets the gathered outputs
+                last_out = _shapes(env[node])
+            if node.op == "call_module" and node.target == gather_point(partition):
+                return ins, last_out, _shapes(env[node])  # what follows gets the gathered outputs
     raise AssertionError("no blocks")
+
+
+def _shapes(values) -> list:
+    return [tuple(t.shape) if isinstance(t, torch.Tensor) else None for t in values]
+
+
+def gather_point(partition: Partition) -> str:
+    """The last piece that runs on each rank's tokens: the epilogue where it ends at the plan's gather module
+    (it need not be token-wise then: Flux.2 drops the text tokens from its joint sequence by their count), else
+    the last block (what follows it must be token-wise up to the gather module, as in Wan, Flux, HunyuanVideo)."""
+    return partition.gathered_after or partition.blocks[-1].name
+
+
+def gather_modules(cp_plan: Optional[dict]) -> list:
+    """The modules whose output the plan gathers (``proj_out``)."""
+    return [module for module, entry in (cp_plan or {}).items() if module and not isinstance(entry, dict)]
 
 
 _SDPA = (torch._C._nn.scaled_dot_product_attention, torch.nn.functional.scaled_dot_product_attention)
@@ -292,7 +312,7 @@ def plan_sequence_parallel(partition: Partition, args, degree: int, group, cp_pl
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     with mode:
         fake = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
-        full_in, full_out = _run_shapes(partition, fake)
+        full_in, full_out, full_gathered = _run_shapes(partition, fake)
         first = next(n for n in partition.graph_module.graph.nodes if n.target == partition.blocks[0].name)
         entries = _block_entries(partition, cp_plan, full_in[0], full_out)
         for p, dim in entries.items():  # before the shape run below would fail on an uneven chunk
@@ -308,11 +328,12 @@ def plan_sequence_parallel(partition: Partition, args, degree: int, group, cp_pl
                                   for i, a in enumerate(fake)], sizes)
         try:
             masks = {}
-            local_in, local_out = _run_shapes(partition, local_args, split_values, degree, masks, block_counts)
+            local_in, _, local_gathered = _run_shapes(partition, local_args, split_values, degree, masks, block_counts)
             for node, found in masks.items():
                 split_values.update({node.args[p]: spec for p, spec in found.items()})
             if any(masks.values()):  # again, with the masks as the ranks will get them
-                local_in, local_out = _run_shapes(partition, local_args, split_values, degree, None, block_counts)
+                local_in, _, local_gathered = _run_shapes(partition, local_args, split_values, degree, None,
+                                                          block_counts)
         except RuntimeError as err:
             marked = any(getattr(a, "_dynamo_weak_dynamic_indices", None) or getattr(a, "_dynamo_dynamic_indices", None)
                          for a in args if isinstance(a, torch.Tensor))
@@ -328,7 +349,8 @@ def plan_sequence_parallel(partition: Partition, args, degree: int, group, cp_pl
                 f"({str(err).splitlines()[0][:160]})") from err
     sharded = {j: {p: d for p, (a, b) in enumerate(zip(full_in[j], local_in[j]))
                    if (d := _differing_dim(a, b)) is not None} for j in full_in}
-    gather = {k: d for k, (a, b) in enumerate(zip(full_out, local_out)) if (d := _differing_dim(a, b)) is not None}
+    gather = {k: d for k, (a, b) in enumerate(zip(full_gathered, local_gathered))
+              if (d := _differing_dim(a, b)) is not None}
     if not sharded[0]:
         raise OptionsError(f"{model}: the parallel plan shards nothing that reaches the transformer blocks")
     return ShardPlan(degree, dist.get_rank(group), group, model_inputs, split_values, sharded, gather, sizes, model,
@@ -412,10 +434,6 @@ def _produced_by(top, arg, module: str) -> Optional[int]:
     piece = top.get_submodule(arg.args[0].target)
     out = next(n for n in piece.graph.nodes if n.op == "output")
     value = out.args[0][arg.args[1]]
-    from_module = [v for v in out.args[0] if _in_module(v, module)]
+    from_module = [v for v in out.args[0] if in_module(v, module)]
     return from_module.index(value) if value in from_module else None
 
-
-def _in_module(node, module: str) -> bool:
-    stack = node.meta.get("nn_module_stack") or {}
-    return any(module_path(raw) == module for raw, _ in stack.values())
