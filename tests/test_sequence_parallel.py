@@ -428,6 +428,17 @@ def test_per_block_plan_entries_are_a_clear_error(tmp_path):
         assert "transformer_blocks.*" in result["error"]
 
 
+def test_per_sub_module_plan_entries_are_a_clear_error(tmp_path):
+    """Helios' shipped plan splits and gathers around every block's attention and FFN ("blocks.*.attn1"): on Wan's
+    blocks (whose sub-modules have those names), the same clear error."""
+    from diffusers.models._modeling_parallel import ContextParallelInput
+    split = ContextParallelInput(split_dim=1, expected_dims=3, split_output=False)
+    plan = {"blocks.*.attn1": {"hidden_states": split}, "blocks.*.ffn": {"hidden_states": split}}
+    for result in run_ranks(tmp_path, "wan", parallel_plan=plan):
+        assert "parallel plan splits inputs of every block" in result["error"], result
+        assert "blocks.*.attn1" in result["error"]
+
+
 def test_heads_not_divisible_are_padded(tmp_path):
     """3 heads on 2 ranks under Ulysses: a zero head pads them to 4; every rank still gets the single-process
     output (gather_kv keeps every head on every rank: the HunyuanVideo test runs 3 heads with it)."""

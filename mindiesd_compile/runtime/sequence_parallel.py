@@ -288,7 +288,8 @@ def plan_sequence_parallel(partition: Partition, args, degree: int, group, cp_pl
     if cp_plan is None:
         raise OptionsError(f"sequence_parallel needs a context-parallel plan: {model} has no diffusers `_cp_plan` "
                            "and no built-in one; pass one as options['parallel_plan'] (same format)")
-    per_block = {m: sorted(map(str, e)) for m, e in cp_plan.items() if m.endswith("*") and isinstance(e, dict)}
+    # "transformer_blocks.*" (Qwen-Image), "blocks.*.attn1" (Helios: splits and gathers around each sub-module)
+    per_block = {m: sorted(map(str, e)) for m, e in cp_plan.items() if "*" in m and isinstance(e, dict)}
     if per_block:
         raise OptionsError(f"sequence_parallel: {model}'s parallel plan splits inputs of every block by name "
                            f"({per_block}); the sequence is split once, where it enters the first block, and "
