@@ -6,8 +6,9 @@ diffusers ships on Wan, Flux, Qwen-Image, LTX, ...) is mapped onto the partition
 - ``""`` entries name the model's own inputs: they are split before the prologue runs;
 - other split entries (Wan's ``rope`` outputs, ``blocks.0``'s ``hidden_states``) name values that enter
   the first block: they are split where the prologue hands them over, for every block that reads them;
-- what comes out of the last block sharded is gathered before the epilogue (the epilogue of these
-  models is token-wise up to ``proj_out``, where the plan gathers, so gathering earlier is the same);
+- the epilogue runs on each rank's tokens up to the module where the plan gathers (``proj_out``), and what
+  comes out of it sharded is gathered there (the epilogue need not be token-wise: Flux.2 drops the text from its
+  joint sequence by count); a plan that names no such module gets the last block's output gathered;
 - a token count (or a size it is a multiple of) that the prologue hands to the blocks as a number (a
   graph traced with dynamic sequence dims reshapes and slices by it) is divided like the tokens.
 
