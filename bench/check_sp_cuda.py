@@ -8,9 +8,10 @@ every lent multi-GPU device:
 Tiny diffusers models (tests/tiny_models.py): HunyuanVideo with padded text (a key mask, gathered with the keys),
 LTX-Video (its text split with the video, with its mask), Flux (joint attention), Qwen-Image with padded text (a
 key mask built in the block, its image run gathered with the keys: under cuda_graphs an NCCL kernel in the capture
-would hang the process group's teardown), Wan in fp32 and in bf16 with 64-wide heads (FA3's shape; the split
-attention's partials are FA3's there). Every rank's output is compared with the eager model run whole on that rank;
-a later call of a `cuda_graphs` variant (replayed) with its first.
+would hang the process group's teardown), Flux.2 (its epilogue on each rank's tokens, the gather after proj_out;
+also under cuda_graphs), ChronoEdit, Wan in fp32 and in bf16 with 64-wide heads (FA3's shape; the split attention's
+partials are FA3's there). Every rank's output is compared with the eager model run whole on that rank; a later
+call of a `cuda_graphs` variant (replayed) with its first.
 """
 import argparse
 import sys
@@ -22,12 +23,13 @@ import torch.distributed as dist
 sys.path[:0] = [str(Path(__file__).resolve().parents[1] / d) for d in ("", "tests", "bench")]
 import mindiesd_compile  # noqa: E402
 from bench_sp import init_ranks  # noqa: E402
-from tiny_models import MODELS, ltx  # noqa: E402
+from tiny_models import MODELS, chronoedit, flux2, ltx  # noqa: E402
 
 # model, config overrides, dtype, tolerance (rel. L2 against the eager model), text tokens padded
 CASES = [("hunyuan", {}, torch.float32, 1e-4, 3), ("ltx", {}, torch.float32, 1e-4, 3),
          ("flux", {}, torch.float32, 1e-4, 0), ("wan", {}, torch.float32, 1e-4, 0),
-         ("wan", {"attention_head_dim": 64}, torch.bfloat16, 3e-2, 0), ("qwen", {}, torch.float32, 1e-4, 3)]
+         ("wan", {"attention_head_dim": 64}, torch.bfloat16, 3e-2, 0), ("qwen", {}, torch.float32, 1e-4, 3),
+         ("flux2", {}, torch.float32, 1e-4, 0), ("chronoedit", {}, torch.float32, 1e-4, 0)]
 VARIANTS = {"ahead": {"sequence_parallel_mode": "gather_kv", "sequence_parallel_overlap": "ahead"},
             "split": {"sequence_parallel_mode": "gather_kv", "sequence_parallel_overlap": "split"},
             "split+graphs": {"sequence_parallel_mode": "gather_kv", "sequence_parallel_overlap": "split",
@@ -38,12 +40,14 @@ VARIANTS = {"ahead": {"sequence_parallel_mode": "gather_kv", "sequence_parallel_
 # with a mask), FA3's partials (bf16), cuda_graphs over the exchange
 PER_MODEL = {("hunyuan", torch.float32): ["ahead", "ahead+graphs"], ("ltx", torch.float32): ["ahead", "split"],
              ("flux", torch.float32): ["split"], ("wan", torch.float32): ["split"],
-             ("wan", torch.bfloat16): ["ahead", "split", "split+graphs"], ("qwen", torch.float32): ["ahead", "ahead+graphs"]}
+             ("wan", torch.bfloat16): ["ahead", "split", "split+graphs"],
+             ("qwen", torch.float32): ["ahead", "ahead+graphs"], ("flux2", torch.float32): ["split", "split+graphs"],
+             ("chronoedit", torch.float32): ["split"]}
 
 
 def build(name, overrides, dtype, padded, dev):
     torch.manual_seed(0)
-    model, kwargs = ({**MODELS, "ltx": ltx})[name]()
+    model, kwargs = ({**MODELS, "ltx": ltx, "flux2": flux2, "chronoedit": chronoedit})[name]()
     if overrides:
         model = type(model)(**{**model.config, **overrides})
     mask = "encoder_hidden_states_mask" if name == "qwen" else "encoder_attention_mask"
@@ -53,7 +57,7 @@ def build(name, overrides, dtype, padded, dev):
     model = model.to(dev, dtype).eval()
     kwargs = {k: v.to(dev, dtype if v.is_floating_point() and k != mask else v.dtype)
               if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
-    if name != "wan":  # joint attention splits back by token counts: traced with dynamic sequence dims
+    if name not in ("wan", "chronoedit"):  # joint attention splits back by token counts: dynamic sequence dims
         mindiesd_compile.mark_sequence_dynamic(model, kwargs)
     return model, kwargs
 
