@@ -71,11 +71,15 @@ def _all_gather(xs: Sequence[torch.Tensor], dim: int, group: str) -> Tuple[torch
     return tuple(g.movedim(0, dim) for g in out)
 
 
+def _sendable(mask: torch.Tensor) -> torch.Tensor:
+    return mask.to(torch.uint8) if mask.dtype == torch.bool else mask  # collectives take no bool
+
+
 def _all_keys(mask: torch.Tensor, group: str, heads: Optional[Tuple[int, int, int]] = None) -> torch.Tensor:
     """A mask over this rank's keys -> over every rank's keys, in rank order (the order Ulysses' all-to-all
     gathers keys in). ``heads`` = (heads, local heads, degree): a mask per head ([B, H, Q, K]) then also goes to
     this rank's heads, by the same all-to-all as q, k and v."""
-    m = mask.to(torch.uint8) if mask.dtype == torch.bool else mask  # collectives take no bool
+    m = _sendable(mask)
     if heads is not None and m.dim() == 4 and m.shape[1] == heads[0] > 1:
         count, local, degree = heads
         m = torch.nn.functional.pad(m.permute(0, 3, 1, 2), (0, 0, 0, local * degree - count))  # [B, K, H, Q]
@@ -170,7 +174,7 @@ def gather_kv_attention(q, k, v, mask, scale, layout, degree, group, segments=No
     # the mask's pieces go with the keys, their key dim where the keys have theirs: in "ahead" a third peer gather
     # before the attention would reuse the keys' buffer (two in turn), and an NCCL one would put NCCL kernels into
     # cuda_graphs' capture; else one coalesced NCCL call for all
-    masks = [(m.to(torch.uint8) if m.dtype == torch.bool else m).movedim(-1, 1) for m in pieces]
+    masks = [_sendable(m).movedim(-1, 1) for m in pieces]
     gathered = _gather_ahead(ks + masks, 1, group) + _gather_ahead(vs, 1, group) if overlap else \
         _all_gather(ks + masks + vs, 1, group)
     gk, gm, gv = gathered[:len(ks)], gathered[len(ks):len(ks) + len(masks)], gathered[len(ks) + len(masks):]

@@ -206,7 +206,7 @@ class PartitionRunner:
         """The blocks (and an epilogue cut at the gather module) run on this rank's tokens; after them, what
         leaves the gather point sharded is gathered, and token counts split for the blocks are whole again
         (see sequence_parallel.py)."""
-        if node in self.block_index or node.target == self.partition.gathered_after:
+        if node in self.block_index or node is self.gather_point:
             return self.shard_plan.block_inputs(node, inputs)
         return [self._gathered(a, t) for a, t in zip(node.args, inputs)]
 

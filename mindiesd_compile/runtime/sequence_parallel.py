@@ -204,7 +204,8 @@ def _run_shapes(partition: Partition, args, split_values=None, degree=1, masks=N
     inputs that are masks over the whole joint sequence; ``block_counts``: see ShardPlan)."""
     gm = partition.graph_module
     block_names = [p.name for p in partition.blocks]
-    local_pieces = {*block_names, gather_point(partition)}
+    last_local = gather_point(partition)
+    local_pieces = {*block_names, last_local}
     env, it, ins, last_out = {}, iter(args), {}, None
     for node in gm.graph.nodes:
         if node.op == "placeholder":
@@ -215,15 +216,14 @@ def _run_shapes(partition: Partition, args, split_values=None, degree=1, masks=N
             if node.op == "call_module" and node.target in local_pieces:
                 inputs = [t // degree if a in block_counts else t for a, t in zip(node.args, inputs)]
             if node.op == "call_module" and node.target in block_names:
-                ins[block_names.index(node.target)] = [tuple(t.shape) if isinstance(t, torch.Tensor) else None
-                                                       for t in inputs]
+                ins[block_names.index(node.target)] = _shapes(inputs)
                 fn = _MaskProbe(fn, masks.setdefault(node, {}), degree).run if masks is not None else fn
             env[node] = fn(*inputs)
             if split_values and node in split_values:
                 env[node] = _local(env[node], split_values[node], degree, 0)
             if node.op == "call_module" and node.target == block_names[-1]:
                 last_out = _shapes(env[node])
-            if node.op == "call_module" and node.target == gather_point(partition):
+            if node.op == "call_module" and node.target == last_local:
                 return ins, last_out, _shapes(env[node])  # what follows gets the gathered outputs
     raise AssertionError("no blocks")
 
