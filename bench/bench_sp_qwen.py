@@ -9,9 +9,13 @@ split, text whole on every rank), after mindiesd_compile.mark_sequence_dynamic. 
 saves the output (--out-dir); --compare prints each saved N-GPU output's relative L2 against the 1-GPU one.
 """
 import argparse
+import collections
+import cProfile
 import os
+import pstats
 import statistics
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -38,7 +42,14 @@ def main():
     ap.add_argument("--compare", action="store_true")
     ap.add_argument("--profile", action="store_true", help="also one profiled call (every rank: they exchange); "
                                                            "rank 0 prints its 12 costliest kernels")
+    ap.add_argument("--profile-host", action="store_true", help="one call under cProfile (every rank); rank 0 "
+                                                                "prints the 25 functions with most own and most "
+                                                                "cumulative host time")
+    ap.add_argument("--sync-debug", action="store_true", help="one call under torch.cuda.set_sync_debug_mode: rank 0 "
+                                                              "prints where the host waited for the GPU")
     ap.add_argument("--graphs", action="store_true", help="options['cuda_graphs']")
+    ap.add_argument("--tables-on-cpu", action="store_true", help="the RoPE tables on the CPU, where a model loaded on "
+                                                                 "the CPU and moved to the GPU keeps them")
     args = ap.parse_args()
     if args.compare:
         return compare(args.out_dir)
@@ -52,6 +63,9 @@ def main():
     with torch.device(dev):  # initialised on the GPU, in bf16
         model = QwenImageTransformer2DModel(**cfg).eval()
     torch.set_default_dtype(torch.float32)
+    if args.tables_on_cpu:  # plain attributes, not buffers: model.to(device) leaves them where they were made
+        rope = model.pos_embed
+        rope.pos_freqs, rope.neg_freqs = rope.pos_freqs.cpu(), rope.neg_freqs.cpu()
     side, text, padding = (8, 8, 3) if args.tiny else (64, 256, 56)  # latent patches per side, text tokens
     g = torch.Generator(dev).manual_seed(0)
     mask = torch.ones(1, text, device=dev)
@@ -78,6 +92,21 @@ def main():
             if rank == 0:
                 print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=12,
                                                 max_name_column_width=60))
+        if args.sync_debug:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn")
+                fn(**inputs)
+                torch.cuda.set_sync_debug_mode(0)
+            if rank == 0:
+                where = collections.Counter(f"{w.filename}:{w.lineno} {str(w.message)[:60]}" for w in caught)
+                print(f"SYNCS {len(caught)}", *(f"SYNC {n} x {at}" for at, n in where.most_common(12)), sep="\n")
+        if args.profile_host:
+            profile = cProfile.Profile()
+            profile.runcall(fn, **inputs)
+            if rank == 0:
+                pstats.Stats(profile).sort_stats("tottime").print_stats(25)
+                pstats.Stats(profile).sort_stats("cumulative").print_stats(25)
     if rank == 0:
         os.makedirs(args.out_dir, exist_ok=True)
         torch.save(out.float().cpu(), os.path.join(args.out_dir, f"qwen-mindiesd-{world}.pt"))  # bench_sp's names

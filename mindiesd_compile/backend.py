@@ -18,6 +18,7 @@ from .passes.sparse_attention import resolve_video_grid, with_sparse_runtime
 from .report import Report
 from .runtime.cache import StepCache
 from .runtime.cuda_graph import CudaGraphForward
+from .runtime.host_copies import HostCopies, hoist_host_copies, on_devices
 from .runtime.runner import PartitionRunner, PieceCompiler
 
 log = logging.getLogger("mindiesd_compile")
@@ -103,12 +104,14 @@ def mindiesd_backend(gm: torch.fx.GraphModule, example_inputs, options=None, mod
     target = opts.target or infer_target(example_inputs)
     opts.fp8.check_target(target)  # the target may come from the inputs' device
     opts.check_cuda_graphs_target(target)
+    moved = hoist_host_copies(gm)  # CPU tables the forward copies to the device: copied once, outside
+    example_inputs = on_devices(example_inputs, moved)
     compiled = _compile(gm, example_inputs, opts, target, mode, report)
     if opts.cuda_graphs:
         device = next(t.device for t in example_inputs if isinstance(t, torch.Tensor) and t.device.type == "cuda")
         group = (opts.parallel_group or torch.distributed.group.WORLD) if opts.sequence_parallel > 1 else None
-        return CudaGraphForward(compiled, device, group=group)
-    return compiled
+        compiled = CudaGraphForward(compiled, device, group=group)
+    return HostCopies(compiled, moved) if moved else compiled
 
 
 def _compile(gm, example_inputs, opts: CompileOptions, target: str, mode, report):

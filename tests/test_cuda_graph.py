@@ -39,13 +39,17 @@ class StandInCuda:
         return StandInGraph()
 
     @contextlib.contextmanager
-    def graph(self, g):
+    def graph(self, g, capture_error_mode="global"):
         if self.fail:
             raise RuntimeError("operation not permitted when stream is capturing")
         self.captures += 1
         self.capturing = g
-        yield
-        self.capturing = None
+        try:
+            yield
+        except Exception:  # as CUDA: ending a capture an op broke fails with an error of its own
+            raise RuntimeError("operation failed due to a previous error during capture")
+        finally:
+            self.capturing = None
 
 
 class StandInStream:
@@ -53,19 +57,15 @@ class StandInStream:
         pass
 
 
-def wrap(fn, fail=False, boxed=False, group=None):
+def wrap(fn, fail=False, group=None):
     cuda = StandInCuda(fail)
 
     def recorded(*args):  # what a capture records: the forward over the buffers it was handed
-        if boxed:  # Inductor's boxed convention: one list argument, emptied by the callee
-            listed = args[0]
-            args = tuple(listed)
-            listed.clear()
         out = fn(*args)
         if cuda.capturing is not None:
             cuda.capturing.forward = (fn, args, out)
         return out
-    recorded._boxed_call = boxed
+    recorded._boxed_call = True  # as on Inductor's compiled forward, which Dynamo nevertheless calls unboxed
     return CudaGraphForward(recorded, torch.device("cpu"), graphs=cuda, group=group), cuda
 
 
@@ -73,13 +73,11 @@ def forward(w, b, x, t):
     return (x @ w + b * t, (x * 2).sum(0))
 
 
-@pytest.mark.parametrize("boxed", [False, True])
-def test_replay_reads_new_inputs_and_returns_fresh_outputs(boxed):
+def test_replay_reads_new_inputs_and_returns_fresh_outputs():
     w, b = torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(3))
-    fast, cuda = wrap(forward, boxed=boxed)
-    assert fast._boxed_call == boxed  # Dynamo calls the wrapper the way it would call the compiled forward
+    fast, cuda = wrap(forward)
     calls = [(torch.randn(5, 4), torch.tensor(float(i))) for i in range(4)]
-    outs = [fast([w, b, x, t]) if boxed else fast(w, b, x, t) for x, t in calls]
+    outs = [fast(w, b, x, t) for x, t in calls]
     assert cuda.captures == 1  # first call op by op, the second captures, the rest replay
     for (x, t), out in zip(calls, outs):  # each output still holds its own call's result (CFG: cond, then uncond)
         for got, want in zip(out, forward(w, b, x, t)):
@@ -113,6 +111,19 @@ def test_failed_capture_runs_op_by_op_with_one_warning():
     for _ in range(2):  # no second attempt, no second warning, results right
         torch.testing.assert_close(fast(w, b, x, t)[0], forward(w, b, x, t)[0])
     assert cuda.captures == 0
+
+
+def test_failed_capture_names_the_error_that_broke_it():
+    def host_sync(w, b, x, t):  # e.g. a blocking copy from the CPU: it synchronizes, which a capture forbids
+        if cuda.capturing is not None:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return forward(w, b, x, t)
+    fast, cuda = wrap(host_sync)
+    w, b = torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(3))
+    x, t = torch.randn(5, 4), torch.tensor(1.0)
+    fast(w, b, x, t)
+    with pytest.warns(RuntimeWarning, match="failed \\(RuntimeError: operation not permitted when stream is capturing"):
+        torch.testing.assert_close(fast(w, b, x, t)[0], forward(w, b, x, t)[0])
 
 
 @pytest.mark.parametrize("failed", ["here", "on another rank", None])

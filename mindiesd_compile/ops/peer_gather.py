@@ -78,6 +78,23 @@ def _side_stream(device: int) -> torch.cuda.Stream:
     return torch.cuda.Stream(device, priority=-1)
 
 
+class _Slot:
+    """One symmetric buffer, with the views of its ranks' regions made so far: ``get_buffer`` takes ~0.1-0.4 ms of
+    host time, and a Qwen-Image forward on 2 GPUs asked for 360 regions (bench/RESULTS.md, 2026-11-28). Each view
+    has its own storage, so the outputs of one call never alias each other (custom ops' rule)."""
+
+    def __init__(self, tensor: Tensor, hdl):
+        self.tensor, self.hdl, self.rank, self.views = tensor, hdl, hdl.rank, {}
+
+    def region(self, rank: int, at: int, shape, dtype) -> Tensor:
+        """A [outer, chunks, inner] region at byte offset ``at`` of ``rank``'s buffer (a peer's: mapped here)."""
+        nbytes = math.prod(shape) * dtype.itemsize
+        view = self.views.get((rank, at, nbytes))
+        if view is None:
+            view = self.views[rank, at, nbytes] = self.hdl.get_buffer(rank, (nbytes,), torch.uint8, at)
+        return view.view(dtype).view(shape)
+
+
 class _Slots:
     """Per group: two symmetric buffers used in turn (a call's outputs are read in place while the next call's
     pushes may already land), each grown by a new allocation when a call needs more (old ones are kept: earlier
@@ -91,12 +108,12 @@ class _Slots:
         from torch._C._distributed_c10d import _SymmetricMemory
         i, self.turn = self.turn, 1 - self.turn
         buf = self.buffers[i]
-        if buf is None or buf[0].numel() < nbytes:
+        if buf is None or buf.tensor.numel() < nbytes:
             if buf is not None:
                 self.kept.append(buf)
             t = _SymmetricMemory.empty_strided_p2p((nbytes,), (1,), torch.uint8, device, self.group)
-            self.buffers[i] = buf = (t, _SymmetricMemory.rendezvous(t))
-        return buf[1]
+            self.buffers[i] = buf = _Slot(t, _SymmetricMemory.rendezvous(t))
+        return buf
 
 
 _ALL_SLOTS: List[_Slots] = []
@@ -147,12 +164,6 @@ def on_copy_engines(group_name: str, device: torch.device) -> bool:
     return _slots(group_name, device) is not None
 
 
-def _region(hdl, rank: int, at: int, shape, dtype) -> Tensor:
-    """A [outer, chunks, inner] region at byte offset ``at`` of ``rank``'s slot (mapped into this GPU if a peer's)."""
-    nbytes = math.prod(shape) * dtype.itemsize
-    return hdl.get_buffer(rank, (nbytes,), torch.uint8, at).view(dtype).view(shape)
-
-
 def _ring_order(rank: int, world: int) -> List[int]:
     """The peers this rank writes to, in turn: the next rank first. At every step each GPU then receives from
     one peer; in rank order all ranks would write into rank 0 first, 3 writers sharing its links on 4 GPUs."""
@@ -169,22 +180,22 @@ def _all_gather_peers_cuda(xs: Sequence[Tensor], dim: int, group: str, include_s
     regions = [(math.prod(x.shape[:dim]), chunks, x[(0,) * dim].numel()) for x in xs]  # outer, chunks, inner
     sizes = [-(-math.prod(r) * x.element_size() // 16) * 16 for r, x in zip(regions, xs)]  # each region aligned
     offsets = [sum(sizes[:i]) for i in range(len(xs))]  # for any dtype after it (a key mask after the keys)
-    hdl = slots.next(sum(sizes), xs[0].device)
-    rank = hdl.rank
+    slot = slots.next(sum(sizes), xs[0].device)
+    rank = slot.rank
     side, caller = _side_stream(xs[0].device.index), torch.cuda.current_stream()
     side.wait_stream(caller)  # the tensors are ready, and this rank's reads of this slot's last contents queued
     ready = torch.cuda.Event()
     with torch.cuda.stream(side):
-        hdl.barrier(channel=0)  # every rank here: its tensors ready, its slot free
+        slot.hdl.barrier(channel=0)  # every rank here: its tensors ready, its slot free
         for peer in _ring_order(rank, world):
             at_peer = rank if include_self else rank - (rank > peer)  # this rank's place in the peer's slot
             for x, region, at in zip(xs, regions, offsets):
-                dst, src = _region(hdl, peer, at, region, x.dtype), x.view(region[0], -1)
+                dst, src = slot.region(peer, at, region, x.dtype), x.view(region[0], -1)
                 for o in range(region[0]):  # contiguous runs: copy-engine writes over NVLink
                     dst[o, at_peer].copy_(src[o])
-        hdl.barrier(channel=0)  # every peer's writes into this rank's slot have landed
+        slot.hdl.barrier(channel=0)  # every peer's writes into this rank's slot have landed
         ready.record(side)
-    outs = [_region(hdl, rank, at, region, x.dtype) for region, at, x in zip(regions, offsets, xs)]
+    outs = [slot.region(rank, at, region, x.dtype) for region, at, x in zip(regions, offsets, xs)]
     if include_self:  # after the side stream's start: the pushes need not wait for this copy
         for out, x in zip(outs, xs):
             out[:, rank].copy_(x.view(out.shape[0], -1))

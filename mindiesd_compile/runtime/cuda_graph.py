@@ -47,14 +47,12 @@ class CudaGraphForward:
     def __init__(self, fn: Callable, device: torch.device, graphs=torch.cuda, group=None):
         self.fn, self.device, self.graphs = fn, device, graphs  # ``graphs``: torch.cuda (tests pass a stand-in)
         self.group = group  # the sequence-parallel ranks, which must all capture or none
-        self._boxed_call = getattr(fn, "_boxed_call", False)  # Inductor's convention: one list, which it empties
         self.static: Optional[Tuple[int, ...]] = None  # positions of parameters and buffers
         self.dynamic: Tuple[int, ...] = ()
         self.seen: set = set()
         self.captured: Dict[Tuple, Optional[Captured]] = {}  # None: capture failed, run op by op
 
-    def __call__(self, *args):
-        args = tuple(args[0]) if self._boxed_call else args
+    def __call__(self, *args):  # Dynamo calls a backend's result unboxed, whatever its ``_boxed_call`` says
         if self.static is None:
             self.static = tuple(i for i, a in enumerate(args) if _is_static(a))
             self.dynamic = tuple(i for i in range(len(args)) if i not in self.static)
@@ -75,7 +73,7 @@ class CudaGraphForward:
         return _clone(entry.outputs)
 
     def _run(self, args):
-        return self.fn(list(args)) if self._boxed_call else self.fn(*args)
+        return self.fn(*args)
 
     def _capture(self, args) -> Optional[Captured]:
         group_name = getattr(self.group, "group_name", self.group)  # a ProcessGroup, or its name
@@ -95,9 +93,13 @@ class CudaGraphForward:
                 self._run(inputs)  # kernels that initialise lazily do it outside the capture
             self.graphs.current_stream(self.device).wait_stream(side)
             graph = self.graphs.CUDAGraph()
-            with self.graphs.graph(graph):
+            # thread_local, as Inductor's CUDA graph trees: another thread's CUDA call (NCCL's watchdog polling an
+            # earlier collective's event) cannot invalidate this capture; this thread's illegal calls still fail it
+            with self.graphs.graph(graph, capture_error_mode="thread_local"):
                 outputs = self._run(inputs)
         except Exception as err:  # noqa: BLE001 - an optional speed-up must never cost a result
+            while err.__context__ is not None:  # the first error: ending a failed capture raises one of its own
+                err = err.__context__
             why = f"{type(err).__name__}: {str(err)[:200]}"
         if self.group is not None and not peer_gather.every_rank(why is None, self.group, self.device):
             why = why or "on another rank"
