@@ -9,9 +9,9 @@ import torch
 import torch.distributed as dist
 
 from conftest import spawn_ranks
-from tiny_models import MODELS, chronoedit, flux2, ltx
+from tiny_models import MODELS, chronoedit, flux2, ltx, ltx2
 
-MODELS = {**MODELS, "ltx": ltx, "flux2": flux2, "chronoedit": chronoedit}
+MODELS = {**MODELS, "ltx": ltx, "ltx2": ltx2, "flux2": flux2, "chronoedit": chronoedit}
 
 WORLD = 2
 
@@ -332,6 +332,33 @@ def test_a_whole_mask_over_split_keys_is_a_clear_error(tmp_path):
     for result in run_ranks(tmp_path, "ltx", dynamic=True, text_padding=3, parallel_plan=plan):
         assert "takes a mask over the whole joint sequence" in result["error"], result
         assert "only key-padding masks built before the blocks can follow the split" in result["error"]
+
+
+@pytest.mark.parametrize("mode, overlap, collectives", [
+    ("ulysses", False, {"all_gather_into_tensor_coalesced": 1, "all_gather_peers": 0}),  # the audio's: NCCL
+    ("gather_kv", "ahead", {"all_gather_peers": 6, "attention_partial": 0}),  # keys, values: one exchange each
+    ("gather_kv", "split", {"all_gather_peers": 4, "attention_partial": 4})])  # unmasked: own keys while gathering
+def test_ltx2_audio_attending_to_the_split_video_matches_one_process(tmp_path, mode, overlap, collectives):
+    """LTX-2 splits its video and the video's text (and its padding mask) but keeps the audio whole: the audio's
+    attention to the video has whole queries over split keys, so every rank gathers those keys and values and
+    computes the same whole output (the video's attention to the audio stays local)."""
+    for result in run_ranks(tmp_path, "ltx2", dynamic=True, text_padding=3, sequence_parallel_mode=mode,
+                            sequence_parallel_overlap=overlap):
+        assert "error" not in result, result
+        assert result["shape_ok"] and result["rel"] <= 1e-5
+        assert result["rel_to_unmasked"] > 1e-3  # the padding mask really changes the output
+        # per block: the video's self- and text attention (split), the audio's attention to the video (gathered)
+        assert result["sp_sites"] == 6 and result["attention"] == 12, result
+        # (one block graph for both blocks, counted once)
+        assert {k: result["collectives"][k] for k in collectives} == collectives, result["collectives"]
+
+
+def test_ltx2_shipped_plan_leaves_a_rope_whole_a_clear_error(tmp_path):
+    """LTX-2's shipped plan splits the video's RoPE but not the one of its audio-video cross-attention, which is
+    per video token too: the built-in plan splits both; the shipped one gets the planner's clear error."""
+    plan = ltx2()[0]._cp_plan
+    for result in run_ranks(tmp_path, "ltx2", dynamic=True, parallel_plan=plan):
+        assert "fixes token counts" in result["error"], result
 
 
 def test_flux2_epilogue_drops_the_text_by_its_count_on_each_rank(tmp_path):

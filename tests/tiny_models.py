@@ -78,3 +78,16 @@ def wan_for_export():
     torch.manual_seed(0)
     model, kwargs = wan()
     return model.eval(), (), kwargs
+
+
+def ltx2():  # (not in MODELS: used by the sequence-parallel tests) video and audio, each with its text
+    from diffusers.models.transformers.transformer_ltx2 import LTX2VideoTransformer3DModel
+    m = LTX2VideoTransformer3DModel(in_channels=8, out_channels=8, num_attention_heads=2, attention_head_dim=16,
+        cross_attention_dim=32, audio_in_channels=8, audio_out_channels=8, audio_num_attention_heads=2,
+        audio_attention_head_dim=16, audio_cross_attention_dim=32, num_layers=2, caption_channels=16)
+    kw = dict(hidden_states=torch.randn(1, 32, 8), audio_hidden_states=torch.randn(1, 8, 8),
+        encoder_hidden_states=torch.randn(1, 8, 16), audio_encoder_hidden_states=torch.randn(1, 8, 16),
+        timestep=torch.tensor([500.]), encoder_attention_mask=torch.ones(1, 8),
+        audio_encoder_attention_mask=torch.ones(1, 8), num_frames=2, height=4, width=4, audio_num_frames=8,
+        return_dict=False)
+    return m, kw

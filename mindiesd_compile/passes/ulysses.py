@@ -9,7 +9,9 @@ collectives that Inductor can schedule, in one of two ways (``EXCHANGES``; optio
   after it. Head counts the degree does not divide are padded with zero heads (e.g. 40 heads on 3
   ranks run as 42; the pad costs that share of attention compute).
 - gather_kv: keys and values all-gathered before attention; queries, heads and the output stay local.
-Attention from sharded queries to replicated keys (Wan's cross-attention to text) stays local.
+Attention from sharded queries to replicated keys (Wan's cross-attention to text) stays local; whole queries
+over sharded keys (LTX-2's audio attending to the video) gather the keys and values, and every rank computes
+the same whole output.
 
 Joint attention over sharded image tokens and replicated text tokens (HunyuanVideo, SD3: the built-in
 plans keep text whole) is followed through the ``cat`` that joins them: each run of tokens is tracked
@@ -281,6 +283,10 @@ class UlyssesPass(GraphPass):
                 if flags == [True, False, False]:  # sharded queries, replicated keys: local
                     sharded[node] = True
                     continue
+                if flags == [False, True, True]:  # replicated queries over sharded keys (LTX-2's audio attending
+                    # to the video): every rank gathers the keys and values and computes the whole, replicated output
+                    sharded[self._rewrite(graph, node, sharded.get(mask, False), queries_sharded=False)] = False
+                    continue
                 if any(flags):
                     raise SequenceParallelError(
                         f"attention {node.name} mixes sharded and replicated tokens (q, k, v: {flags}); "
@@ -393,7 +399,7 @@ class UlyssesPass(GraphPass):
         self.report.rewritten(self.name)
         return result
 
-    def _rewrite(self, graph, node, mask_state) -> torch.fx.Node:
+    def _rewrite(self, graph, node, mask_state, queries_sharded: bool = True) -> torch.fx.Node:
         self.report.found(self.name)
         q, k, v, mask, scale, layout = node.args
         mask_val, k_shape = _val(mask), _val(k).shape
@@ -411,6 +417,8 @@ class UlyssesPass(GraphPass):
                 "follows the all-to-all: keep the masked (text) tokens whole, splitting only the image tokens as the "
                 "built-in plans do")
         degree, group, exchange, options = self.degree, self.group, self.exchange, self.options
+        if not queries_sharded:  # whole queries: no heads to scatter, so keys and values gathered in any mode
+            exchange, options = gather_kv_attention, {"overlap": options.get("overlap", False)}
         result = inline_decomposition(graph, node, lambda q, k, v, mask, scale, layout: exchange(
             q, k, v, mask, scale, layout, degree, group, mask_split=gather_mask, **options))
         self.report.rewritten(self.name)

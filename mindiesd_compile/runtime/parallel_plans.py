@@ -3,7 +3,7 @@
 
 Used only where ``options["parallel_plan"]`` gives none, and in place of the model class's own only where
 ``replaces_shipped`` says so (Qwen-Image: its plan splits the text too, at every block, but with a text mask
-its forward fixes the text length in the traced graph). Keyed by the class of the model's transformer
+its forward fixes the text length in the traced graph; LTX-2: its plan leaves a RoPE over the video tokens whole). Keyed by the class of the model's transformer
 blocks: Dynamo's graph records the modules traced inside the model, never the model's own class (and SD3's
 blocks live in ``diffusers.models.attention``).
 
@@ -48,6 +48,15 @@ def _plans() -> Dict[str, BuiltinPlan]:
         "JointTransformerBlock": BuiltinPlan(
             "SD3Transformer2DModel", {"transformer_blocks.0": image, "proj_out": gather},
             dynamic={"hidden_states": 2}),   # [B, C, H, W]
+        # its shipped plan leaves out the RoPE of the audio-video cross-attention, which is per video token too
+        "LTX2VideoTransformerBlock": BuiltinPlan(
+            "LTX2VideoTransformer3DModel",
+            {"": {name: Split(split_dim=1, expected_dims=dims, split_output=False) for name, dims in
+                  (("hidden_states", 3), ("encoder_hidden_states", 3), ("encoder_attention_mask", 2))},
+             **{module: {i: Split(split_dim=1, expected_dims=3, split_output=True) for i in (0, 1)}
+                for module in ("rope", "cross_attn_rope")}, "proj_out": gather},
+            dynamic={"hidden_states": 1, "encoder_hidden_states": 1, "encoder_attention_mask": 1},
+            replaces_shipped=True),
         "QwenImageTransformerBlock": BuiltinPlan(
             "QwenImageTransformer2DModel",
             {"transformer_blocks.0": image, "pos_embed": {0: rope[0]}, "proj_out": gather},  # image positions
