@@ -412,7 +412,7 @@ class UlyssesPass(GraphPass):
             # gathers them; a mask over all keys in the single-process order does not (with several runs of split
             # tokens joined, [img_0|txt_0|img_1|...] is not that order), nor does one that differs per query
             raise SequenceParallelError(
-                f"attention {node.name} has a mask {tuple(mask_val.shape)} and all its tokens are split; only a key "
+                f"attention {node.name} has a mask {tuple(mask_val.shape)} and its keys are split; only a key "
                 "mask built from the split tokens (one entry per key on this rank and head, the same for every query) "
                 "follows the all-to-all: keep the masked (text) tokens whole, splitting only the image tokens as the "
                 "built-in plans do")

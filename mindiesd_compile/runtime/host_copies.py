@@ -21,8 +21,9 @@ def _moved_to(use: Node, node: Node, val: torch.Tensor) -> Optional[torch.device
     if any(isinstance(a, Node) for a in (*use.args[1:], *use.kwargs.values())):
         return None
     out = use.meta.get("example_value")
-    same = isinstance(out, torch.Tensor) and (out.dtype, out.shape, out.stride()) == (val.dtype, val.shape, val.stride())
-    return out.device if same and out.device.type != "cpu" else None
+    layout = lambda t: (t.dtype, t.shape, t.stride())  # noqa: E731
+    return out.device if isinstance(out, torch.Tensor) and layout(out) == layout(val) and out.device.type != "cpu" \
+        else None
 
 
 def hoist_host_copies(gm: GraphModule) -> Dict[int, torch.device]:

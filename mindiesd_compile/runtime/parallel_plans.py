@@ -3,9 +3,9 @@
 
 Used only where ``options["parallel_plan"]`` gives none, and in place of the model class's own only where
 ``replaces_shipped`` says so (Qwen-Image: its plan splits the text too, at every block, but with a text mask
-its forward fixes the text length in the traced graph; LTX-2: its plan leaves a RoPE over the video tokens whole). Keyed by the class of the model's transformer
-blocks: Dynamo's graph records the modules traced inside the model, never the model's own class (and SD3's
-blocks live in ``diffusers.models.attention``).
+its forward fixes the text length in the traced graph; LTX-2: its plan leaves a RoPE over the video tokens
+whole). Keyed by the class of the model's transformer blocks: Dynamo's graph records the modules traced inside
+the model, never the model's own class (and SD3's blocks live in ``diffusers.models.attention``).
 
 These models build RoPE, position embeddings and the text mask in their forward from the whole video, so
 their image tokens are split where they enter the first block, not at the model's input. Text tokens stay
