@@ -446,3 +446,17 @@ def test_sparse_options_against_other_options():
     with pytest.raises(OptionsError, match="mask_refresh'\\] > 1 cannot be combined with options\\['cache'\\]"):
         CompileOptions.from_dict({"sparse_attention": {"mask_refresh": 2}, "cache": {"policy": "block"}})
     assert CompileOptions.from_dict({"sparse_attention": {"sparsity": 0.8}}).sparse_attention.frames_per_tile == 2
+
+
+def test_the_runtime_reads_the_timestep_of_an_unboxed_call():
+    """Dynamo calls the backend's result with the inputs as arguments, even where the compiled forward carries
+    Inductor's ``_boxed_call`` (a graph without repeated blocks): the runtime tracks steps by the real timestep."""
+    gm = torch.fx.symbolic_trace(lambda x, timestep: x * timestep)
+    forward = lambda x, timestep: gm(x, timestep)  # noqa: E731
+    forward._boxed_call = True  # as aot_autograd's forward says, though it takes the inputs unboxed
+    call = runtime.with_runtime(forward, gm)
+    seen = []
+    call.sparse_runtime.begin_call = lambda timestep, signature: seen.append(timestep)
+    for t in (900.0, 800.0):
+        torch.testing.assert_close(call(torch.ones(2), torch.tensor([t])), torch.full((2,), t))
+    assert seen == [900.0, 800.0]

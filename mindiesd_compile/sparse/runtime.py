@@ -89,15 +89,12 @@ def with_runtime(fn, gm: torch.fx.GraphModule):
     """Wrap a compiled model so every call advances a ``SparseRuntime`` and makes it active."""
     runtime = SparseRuntime()
     t_index = timestep_position(gm.graph)
-    boxed = getattr(fn, "_boxed_call", False)  # Inductor's convention: one list argument
 
-    def call(*args):
-        flat = args[0] if boxed else args
-        runtime.begin_call(*call_key(flat, t_index))
+    def call(*args):  # Dynamo calls a backend's result unboxed, whatever its ``_boxed_call`` says
+        runtime.begin_call(*call_key(args, t_index))
         with runtime.active():
             return fn(*args)
 
-    call._boxed_call = boxed
     call.sparse_runtime = runtime
     return call
 
