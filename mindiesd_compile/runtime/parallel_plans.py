@@ -26,7 +26,8 @@ from typing import Dict, Optional, Tuple
 class BuiltinPlan:
     model: str                # the diffusers model class, for messages
     plan: dict                # diffusers _cp_plan format
-    dynamic: Dict[str, int]   # model input -> dim to trace dynamic (the image token count follows it)
+    dynamic: Dict[str, int]   # model input -> dim to trace dynamic (the image token count follows it), besides
+    #                           the inputs the plan's "" entries split
     dynamic_ints: Tuple[str, ...] = ()  # model inputs whose Python ints are traced as symbols
     replaces_shipped: bool = False      # used in place of the model class's own _cp_plan
 
@@ -34,13 +35,14 @@ class BuiltinPlan:
 @functools.lru_cache(maxsize=None)
 def _plans() -> Dict[str, BuiltinPlan]:
     try:
+        import diffusers
         from diffusers.models._modeling_parallel import ContextParallelInput as Split, ContextParallelOutput as Gather
     except ImportError:  # no diffusers (or an older one): no diffusers model to plan for either
         return {}
     image = {"hidden_states": Split(split_dim=1, expected_dims=3, split_output=False)}
     rope = {i: Split(split_dim=0, expected_dims=2, split_output=True) for i in (0, 1)}  # (cos, sin), image only
     gather = Gather(gather_dim=1, expected_dims=3)
-    return {
+    plans = {
         "HunyuanVideoTransformerBlock": BuiltinPlan(
             "HunyuanVideoTransformer3DModel",
             {"transformer_blocks.0": image, "rope": rope, "proj_out": gather},
@@ -48,20 +50,17 @@ def _plans() -> Dict[str, BuiltinPlan]:
         "JointTransformerBlock": BuiltinPlan(
             "SD3Transformer2DModel", {"transformer_blocks.0": image, "proj_out": gather},
             dynamic={"hidden_states": 2}),   # [B, C, H, W]
-        # its shipped plan leaves out the RoPE of the audio-video cross-attention, which is per video token too
-        "LTX2VideoTransformerBlock": BuiltinPlan(
-            "LTX2VideoTransformer3DModel",
-            {"": {name: Split(split_dim=1, expected_dims=dims, split_output=False) for name, dims in
-                  (("hidden_states", 3), ("encoder_hidden_states", 3), ("encoder_attention_mask", 2))},
-             **{module: {i: Split(split_dim=1, expected_dims=3, split_output=True) for i in (0, 1)}
-                for module in ("rope", "cross_attn_rope")}, "proj_out": gather},
-            dynamic={"hidden_states": 1, "encoder_hidden_states": 1, "encoder_attention_mask": 1},
-            replaces_shipped=True),
         "QwenImageTransformerBlock": BuiltinPlan(
             "QwenImageTransformer2DModel",
             {"transformer_blocks.0": image, "pos_embed": {0: rope[0]}, "proj_out": gather},  # image positions
             dynamic={"hidden_states": 1}, dynamic_ints=("img_shapes",), replaces_shipped=True),  # [B, S, C]
     }
+    ltx2 = getattr(diffusers, "LTX2VideoTransformer3DModel", None)  # (an older diffusers has none)
+    if ltx2 is not None:  # its shipped plan, and the RoPE of the audio-video cross-attention: per video token too
+        plans["LTX2VideoTransformerBlock"] = BuiltinPlan(
+            "LTX2VideoTransformer3DModel", {**ltx2._cp_plan, "cross_attn_rope": ltx2._cp_plan["rope"]}, dynamic={},
+            replaces_shipped=True)
+    return plans
 
 
 def builtin_plan(block_class: type) -> Optional[BuiltinPlan]:

@@ -127,7 +127,7 @@ def local_sizes(args, sizes: Dict[int, Tuple[int, int]]) -> tuple:
 
 def mark_sequence_dynamic(model: torch.nn.Module, kwargs: dict) -> dict:
     """Mark the inputs the model's ``_cp_plan`` splits as dynamic along their split dim (for a built-in plan,
-    the input dim its image token count follows), before the first compiled call: models whose traced
+    also the input dim its image token count follows), before the first compiled call: models whose traced
     graph would otherwise fix token counts (joint text+image attention split back by length: Flux,
     HunyuanVideo, SD3) then run on a slice of the sequence. Returns ``kwargs``."""
     model = getattr(model, "_orig_mod", model)  # compiled or not
@@ -136,7 +136,7 @@ def mark_sequence_dynamic(model: torch.nn.Module, kwargs: dict) -> dict:
     builtin = builtin_plan(type(blocks[0])) if blocks is not None else None
     dims = {}
     if builtin_applies(builtin, plan):  # split after the prologue: mark what the image token count follows
-        dims, plan = dict(builtin.dynamic), None
+        dims, plan = dict(builtin.dynamic), builtin.plan
         _trace_ints_as_symbols([name for name in builtin.dynamic_ints if name in kwargs])
     for name, spec in ((plan or {}).get("") or {}).items():
         t = kwargs.get(name)
