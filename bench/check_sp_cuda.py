@@ -9,7 +9,8 @@ Tiny diffusers models (tests/tiny_models.py): HunyuanVideo with padded text (a k
 LTX-Video (its text split with the video, with its mask), Flux (joint attention), Qwen-Image with padded text (a
 key mask built in the block, its image run gathered with the keys: under cuda_graphs an NCCL kernel in the capture
 would hang the process group's teardown), Flux.2 (its epilogue on each rank's tokens, the gather after proj_out;
-also under cuda_graphs), ChronoEdit, Wan in fp32 and in bf16 with 64-wide heads (FA3's shape; the split attention's
+also under cuda_graphs), ChronoEdit, LTX-2 (its whole audio attending to the split video: keys and values
+gathered, also in Ulysses mode), Wan in fp32 and in bf16 with 64-wide heads (FA3's shape; the split attention's
 partials are FA3's there). Every rank's output is compared with the eager model run whole on that rank; a later
 call of a `cuda_graphs` variant (replayed) with its first; a `cuda_graphs` variant whose capture failed (and so
 ran op by op) fails.
@@ -25,14 +26,16 @@ import torch.distributed as dist
 sys.path[:0] = [str(Path(__file__).resolve().parents[1] / d) for d in ("", "tests", "bench")]
 import mindiesd_compile  # noqa: E402
 from bench_sp import init_ranks  # noqa: E402
-from tiny_models import MODELS, chronoedit, flux2, ltx  # noqa: E402
+from tiny_models import MODELS, chronoedit, flux2, ltx, ltx2  # noqa: E402
 
 # model, config overrides, dtype, tolerance (rel. L2 against the eager model), text tokens padded
 CASES = [("hunyuan", {}, torch.float32, 1e-4, 3), ("ltx", {}, torch.float32, 1e-4, 3),
          ("flux", {}, torch.float32, 1e-4, 0), ("wan", {}, torch.float32, 1e-4, 0),
          ("wan", {"attention_head_dim": 64}, torch.bfloat16, 3e-2, 0), ("qwen", {}, torch.float32, 1e-4, 3),
-         ("flux2", {}, torch.float32, 1e-4, 0), ("chronoedit", {}, torch.float32, 1e-4, 0)]
-VARIANTS = {"ahead": {"sequence_parallel_mode": "gather_kv", "sequence_parallel_overlap": "ahead"},
+         ("flux2", {}, torch.float32, 1e-4, 0), ("chronoedit", {}, torch.float32, 1e-4, 0),
+         ("ltx2", {}, torch.float32, 1e-4, 3)]
+VARIANTS = {"ulysses": {"sequence_parallel_mode": "ulysses"},
+            "ahead": {"sequence_parallel_mode": "gather_kv", "sequence_parallel_overlap": "ahead"},
             "split": {"sequence_parallel_mode": "gather_kv", "sequence_parallel_overlap": "split"},
             "split+graphs": {"sequence_parallel_mode": "gather_kv", "sequence_parallel_overlap": "split",
                              "cuda_graphs": True},
@@ -44,12 +47,12 @@ PER_MODEL = {("hunyuan", torch.float32): ["ahead", "ahead+graphs"], ("ltx", torc
              ("flux", torch.float32): ["split"], ("wan", torch.float32): ["split"],
              ("wan", torch.bfloat16): ["ahead", "split", "split+graphs"],
              ("qwen", torch.float32): ["ahead", "ahead+graphs"], ("flux2", torch.float32): ["split", "split+graphs"],
-             ("chronoedit", torch.float32): ["split"]}
+             ("chronoedit", torch.float32): ["split"], ("ltx2", torch.float32): ["ulysses", "ahead", "split"]}
 
 
 def build(name, overrides, dtype, padded, dev):
     torch.manual_seed(0)
-    model, kwargs = ({**MODELS, "ltx": ltx, "flux2": flux2, "chronoedit": chronoedit})[name]()
+    model, kwargs = ({**MODELS, "ltx": ltx, "ltx2": ltx2, "flux2": flux2, "chronoedit": chronoedit})[name]()
     if overrides:
         model = type(model)(**{**model.config, **overrides})
     mask = "encoder_hidden_states_mask" if name == "qwen" else "encoder_attention_mask"
