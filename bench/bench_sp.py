@@ -9,8 +9,9 @@ mindiesd: torch.compile(backend="mindiesd", options={"sequence_parallel": N}) (p
 for N=1); a suffix @ulysses or @gather_kv sets options["sequence_parallel_mode"] (default "auto");
 mindiesd+overlap: Inductor's comm/compute reordering; mindiesd+sync, +ahead, +split: sequence_parallel_overlap=
 False (gather_kv waits for every key, then one attention), "ahead" or "split" (default "auto"); +graphs:
-options["cuda_graphs"]; +strict: options["strict"], which changes no kernel: a second, separate compile of a
-variant (mindiesd+split,mindiesd+split+strict); modifiers combine (mindiesd+split+graphs@gather_kv). diffusers: the
+options["cuda_graphs"] True, +autographs: "auto" (the library's default; without either: False); +strict:
+options["strict"], which changes no kernel: a second, separate compile of a variant
+(mindiesd+split,mindiesd+split+strict); modifiers combine (mindiesd+split+graphs@gather_kv). diffusers: the
 model's own context parallelism (enable_parallelism, Ulysses, eager) as the anchor. Rank 0 prints median ms
 (--profile: and one call's kernel time split into compute, NCCL and NCCL not overlapped by compute) and saves the
 output under --out-dir; `python bench/bench_sp.py --compare` prints each saved output's relative L2 against the
@@ -19,6 +20,7 @@ variant's against the first variant's and a later call's against its first (unde
 op by op), and every rank's median wall and host (time to issue a call) ms, and saves each variant's first output.
 """
 import argparse
+import logging
 import os
 import statistics
 import sys
@@ -75,6 +77,9 @@ def main():
                   return_dict=False)
     if args.carveout:
         torch._C._set_sm_carveout_experimental(args.carveout)
+    if "autographs" in args.variants:  # what "auto" chose, in the log
+        logging.basicConfig()
+        logging.getLogger("mindiesd_compile").setLevel(logging.INFO)
     if args.cfg_step:
         return cfg_step(model, inputs, world, rank, dev, args)
     if args.rounds:
@@ -83,7 +88,7 @@ def main():
         with torch.no_grad():
             fn = build_variant(variant, model, world)
             out = fn(**inputs)[0]
-            fn(**inputs)
+            warm_up(fn, inputs, variant)
             ms = statistics.median(time_calls(lambda: fn(**inputs), dev, args.iters))
             trace = args.trace and f"{args.trace}-{variant}-{world}-rank{rank}.json"
             split = comm_split(lambda: fn(**inputs), dev, trace) if args.profile else None
@@ -94,6 +99,13 @@ def main():
             print(f"RESULT {variant} gpus={world} median_ms={ms:.1f}{note}", flush=True)
         torch._dynamo.reset()
     dist.destroy_process_group()
+
+
+def warm_up(fn, inputs, variant):
+    """The calls after the first before timing: one; under cuda_graphs "auto" three (timed op by op, captured,
+    timed replayed: it has chosen after them)."""
+    for _ in range(3 if "autographs" in variant else 1):
+        fn(**inputs)
 
 
 def init_ranks(cuda):
@@ -112,7 +124,7 @@ def interleaved(model, inputs, world, rank, dev, args):
         for v in variants:  # each compiled at its first call, with its own backend instance
             fns[v] = build_variant(v, model, world)
             outs[v] = fns[v](**inputs)[0].float()
-            fns[v](**inputs)
+            warm_up(fns[v], inputs, v)
         for _ in range(args.rounds):
             for v in variants:
                 times[v] += time_calls(lambda: fns[v](**inputs), dev, args.iters, host[v], args.aligned)
@@ -156,7 +168,8 @@ def build_variant(variant, model, world):
         modifiers = set(variant.split("@")[0].split("+")[1:])
         overlap = next((OVERLAPS[m] for m in modifiers if m in OVERLAPS), "auto")
         options = {"target": _target(model), "inductor_config": OVERLAP if "overlap" in modifiers else {},
-                   "cuda_graphs": "graphs" in modifiers, "strict": "strict" in modifiers} | \
+                   "cuda_graphs": "auto" if "autographs" in modifiers else "graphs" in modifiers,
+                   "strict": "strict" in modifiers} | \
             ({"sequence_parallel": world, "sequence_parallel_overlap": overlap} | _mode(variant) if world > 1 else {})
         return torch.compile(model, backend="mindiesd", options=options, fullgraph=True)
     if world > 1:

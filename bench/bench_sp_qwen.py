@@ -11,6 +11,7 @@ saves the output (--out-dir); --compare prints each saved N-GPU output's relativ
 import argparse
 import collections
 import cProfile
+import logging
 import os
 import pstats
 import statistics
@@ -47,7 +48,8 @@ def main():
                                                                 "cumulative host time")
     ap.add_argument("--sync-debug", action="store_true", help="one call under torch.cuda.set_sync_debug_mode: rank 0 "
                                                               "prints where the host waited for the GPU")
-    ap.add_argument("--graphs", action="store_true", help="options['cuda_graphs']")
+    ap.add_argument("--graphs", nargs="?", const="on", default="off", choices=["off", "on", "auto"],
+                    help="options['cuda_graphs']: False, True (--graphs alone) or 'auto' (the library's default)")
     ap.add_argument("--tables-on-cpu", action="store_true", help="the RoPE tables on the CPU, where a model loaded on "
                                                                  "the CPU and moved to the GPU keeps them")
     args = ap.parse_args()
@@ -75,14 +77,19 @@ def main():
                                                     dtype=dtype),
                   encoder_hidden_states_mask=mask, timestep=torch.tensor([0.5], device=dev),
                   img_shapes=[(1, side, side)], return_dict=False)
-    options = {"target": "cuda" if cuda else "eager", "cuda_graphs": args.graphs}
+    if args.graphs == "auto":  # its choice, in the log
+        logging.basicConfig()
+        logging.getLogger("mindiesd_compile").setLevel(logging.INFO)
+    options = {"target": "cuda" if cuda else "eager",
+               "cuda_graphs": {"off": False, "on": True, "auto": "auto"}[args.graphs]}
     if world > 1:
         mindiesd_compile.mark_sequence_dynamic(model, inputs)
         options["sequence_parallel"] = world
     with torch.no_grad():
         fn = torch.compile(model, backend="mindiesd", options=options, fullgraph=True)
         out = fn(**inputs)[0]
-        fn(**inputs)
+        for _ in range(3 if args.graphs == "auto" else 1):  # auto: timed op by op, captured, timed replayed
+            fn(**inputs)
         host = []  # ms the host takes to issue a call: above the wall ms, the step is bound by launching
         ms = statistics.median(time_calls(lambda: fn(**inputs), dev, args.iters, host))
         if args.profile:

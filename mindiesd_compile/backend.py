@@ -107,11 +107,21 @@ def mindiesd_backend(gm: torch.fx.GraphModule, example_inputs, options=None, mod
     moved = hoist_host_copies(gm)  # CPU tables the forward copies to the device: copied once, outside
     example_inputs = on_devices(example_inputs, moved)
     compiled = _compile(gm, example_inputs, opts, target, mode, report)
-    if opts.cuda_graphs:
-        device = next(t.device for t in example_inputs if isinstance(t, torch.Tensor) and t.device.type == "cuda")
+    device = next((t.device for t in example_inputs if isinstance(t, torch.Tensor) and t.device.type == "cuda"), None)
+    graphs = opts.cuda_graphs_for(target, _inductor_graphs(opts, mode)) if device is not None else False
+    if graphs:
         group = (opts.parallel_group or torch.distributed.group.WORLD) if opts.sequence_parallel > 1 else None
-        compiled = CudaGraphForward(compiled, device, group=group)
+        compiled = CudaGraphForward(compiled, device, group=group, auto=graphs == "auto")
     return HostCopies(compiled, moved) if moved else compiled
+
+
+def _inductor_graphs(opts: CompileOptions, mode: Optional[str]) -> bool:
+    """Whether Inductor captures graphs of its own (torch.compile's mode "reduce-overhead" or "max-autotune"):
+    ours would capture around theirs."""
+    from torch._inductor import list_mode_options
+    config = dict(list_mode_options(mode)) if mode else {}
+    config.update(opts.inductor_config)
+    return bool(config.get("triton.cudagraphs"))
 
 
 def _compile(gm, example_inputs, opts: CompileOptions, target: str, mode, report):

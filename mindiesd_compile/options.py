@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Optional, Tuple
+from typing import Any, List, Mapping, Optional, Tuple
 
 TARGETS = ("cuda", "cpu", "eager", "npu")
 SEQUENCE_PARALLEL_MODES = ("auto", "ulysses", "gather_kv")
@@ -117,7 +117,9 @@ class CompileOptions:
     cuda_graphs: replay the compiled forward as one CUDA graph per input signature (target cuda; not with a
                cache policy or sparse attention; with sequence parallelism only over the copy-engine exchange,
                gather_kv with an overlap: the default on 2-4 ranks). Pays where launches bound a forward (small
-               resolutions; Wan2.1-1.3B on 4 GPUs); runtime/cuda_graph.py says how inputs and outputs are handled.
+               resolutions; Qwen-Image on 4 GPUs); runtime/cuda_graph.py says how inputs and outputs are handled.
+               True: capture every signature; "auto" (default): where a capture is possible, try it on forwards
+               the host bounds and keep the graphs measured faster (``cuda_graphs_for``); False: never.
     """
 
     target: Optional[str] = None
@@ -135,7 +137,7 @@ class CompileOptions:
     sparse_attention: Any = None
     npu: Any = None
     fp8: Any = None
-    cuda_graphs: bool = False
+    cuda_graphs: Any = "auto"
 
     def __post_init__(self):
         if self.target is not None and self.target not in TARGETS:
@@ -169,8 +171,7 @@ class CompileOptions:
         from .runtime.cache import CacheConfig, StepCache
         if not isinstance(self.cache, StepCache):
             object.__setattr__(self, "cache", CacheConfig.from_value(self.cache))
-        cache_on = CacheConfig.from_value(self.cache).enabled  # a StepCache gives its config
-        if cache_on:
+        if CacheConfig.from_value(self.cache).enabled:  # a StepCache gives its config
             if not self.partition:
                 raise OptionsError("options['cache'] needs options['partition']=True: caching skips whole blocks")
         if not isinstance(self.sequence_parallel, int) or self.sequence_parallel < 1:
@@ -200,12 +201,11 @@ class CompileOptions:
                 raise OptionsError("options['sparse_attention'] selects blocks per head over the whole sequence, which "
                                    "sequence_parallel_mode 'gather_kv' does not give a rank (its own queries only); "
                                    "use sequence_parallel_mode 'ulysses' with sparse attention")
-        if not isinstance(self.cuda_graphs, bool):
-            raise OptionsError(f"options['cuda_graphs'] must be True or False, got {self.cuda_graphs!r}")
+        if not (isinstance(self.cuda_graphs, bool) or self.cuda_graphs == "auto"):
+            raise OptionsError(f"options['cuda_graphs'] must be True, False or 'auto', got {self.cuda_graphs!r}")
         self.check_cuda_graphs_target(self.target)
-        varying = [name for name, on in (("cache", cache_on), ("sparse_attention", self.sparse_attention is not None))
-                   if on]
-        if self.cuda_graphs and varying:
+        varying = self._varying_steps()
+        if self.cuda_graphs is True and varying:
             raise OptionsError(f"options['cuda_graphs'] captures the whole forward, but with options{varying} what "
                                "runs changes from step to step (or is not graph-safe yet); drop one of them")
 
@@ -239,15 +239,35 @@ class CompileOptions:
             return "ahead" if self.sequence_parallel == 2 else "split"
         return overlap
 
+    def _varying_steps(self) -> List[str]:
+        """The options under which what runs changes from step to step: a captured forward cannot follow."""
+        from .runtime.cache import CacheConfig
+        return [name for name, on in (("cache", CacheConfig.from_value(self.cache).enabled),
+                                      ("sparse_attention", self.sparse_attention is not None)) if on]
+
+    def _graph_safe_exchange(self) -> bool:
+        """No NCCL kernel in a captured sequence-parallel forward (pytorch/pytorch#115388): gather_kv with an
+        overlap exchanges over copy engines only, and so does the output gather then."""
+        return self.sequence_parallel == 1 or (self.sequence_parallel_exchange("cuda") == "gather_kv" and
+                                               bool(self.sequence_parallel_overlap_for("cuda")))
+
+    def cuda_graphs_for(self, target: str, inductor_graphs: bool) -> Any:
+        """What runs for ``target``: True, "auto" or False. "auto" is off where a capture cannot be: another target,
+        a cache policy or sparse attention (what runs changes per step), an exchange over NCCL, and Inductor's own
+        CUDA graphs (``inductor_graphs``: torch.compile's mode "reduce-overhead", or ``triton.cudagraphs``)."""
+        if self.cuda_graphs != "auto":
+            return self.cuda_graphs
+        possible = target == "cuda" and not self._varying_steps() and self._graph_safe_exchange() \
+            and not inductor_graphs
+        return "auto" if possible else False
+
     def check_cuda_graphs_target(self, target: Optional[str]) -> None:
-        """Here with the target asked for, in the backend with the one the inputs' device gave."""
-        if self.cuda_graphs and target not in (None, "cuda"):
+        """Here with the target asked for, in the backend with the one the inputs' device gave (True only: "auto"
+        steps aside, ``cuda_graphs_for``)."""
+        if self.cuda_graphs is True and target not in (None, "cuda"):
             raise OptionsError(f"options['cuda_graphs'] needs target 'cuda', not {target!r}: it replays CUDA graphs "
                                "(target 'cuda' only); remove it, or run the model on a CUDA device")
-        if self.cuda_graphs and self.sequence_parallel > 1 and not (
-                self.sequence_parallel_exchange("cuda") == "gather_kv" and self.sequence_parallel_overlap_for("cuda")):
-            # NCCL kernels in a live CUDA graph make destroy_process_group hang (pytorch/pytorch#115388); gather_kv
-            # with an overlap exchanges over copy engines only, and so does the output gather then
+        if self.cuda_graphs is True and not self._graph_safe_exchange():
             raise OptionsError("options['cuda_graphs'] with sequence_parallel needs the copy-engine exchange "
                                "(sequence_parallel_mode 'gather_kv' with sequence_parallel_overlap 'auto', 'ahead' or "
                                "'split', no FP8 attention): a CUDA graph holding NCCL kernels hangs the process group's "

@@ -7,6 +7,9 @@ that outputs are fresh tensors, recapture when a parameter is replaced, and the 
 graphs are measured on the GPU (bench/profile_wan.py --variants mindiesd+cudagraphs, bench/RESULTS.md).
 """
 import contextlib
+import logging
+import time
+import warnings
 
 import pytest
 import torch
@@ -16,27 +19,35 @@ from mindiesd_compile.runtime.cuda_graph import CudaGraphForward
 
 
 class StandInGraph:
-    def __init__(self):
-        self.forward = None
+    def __init__(self, cuda):
+        self.forward, self.cuda = None, cuda
 
     def replay(self):
         fn, inputs, outputs = self.forward
-        for out, new in zip(outputs, fn(*inputs)):
-            out.copy_(new)
+        self.cuda.replaying = True
+        try:
+            for out, new in zip(outputs, fn(*inputs)):
+                out.copy_(new)
+        finally:
+            self.cuda.replaying = False
 
 
 class StandInCuda:
-    """torch.cuda's graph API as the wrapper uses it, on the CPU."""
+    """torch.cuda's graph API as the wrapper uses it, on the CPU. ``gpu_s``: how long ``synchronize`` waits, as
+    for kernels still running after the host issued them."""
 
-    def __init__(self, fail=False):
-        self.fail, self.captures, self.capturing = fail, 0, None
+    def __init__(self, fail=False, gpu_s=0.0):
+        self.fail, self.captures, self.capturing, self.replaying, self.gpu_s = fail, 0, None, False, gpu_s
 
     Stream = staticmethod(lambda device: StandInStream())
     current_stream = staticmethod(lambda device: StandInStream())
     stream = staticmethod(lambda s: contextlib.nullcontext())
 
+    def synchronize(self, device):
+        time.sleep(self.gpu_s)
+
     def CUDAGraph(self):  # noqa: N802 - torch.cuda's name
-        return StandInGraph()
+        return StandInGraph(self)
 
     @contextlib.contextmanager
     def graph(self, g, capture_error_mode="global"):
@@ -57,8 +68,8 @@ class StandInStream:
         pass
 
 
-def wrap(fn, fail=False, group=None):
-    cuda = StandInCuda(fail)
+def wrap(fn, fail=False, group=None, auto=False, gpu_s=0.0):
+    cuda = StandInCuda(fail, gpu_s)
 
     def recorded(*args):  # what a capture records: the forward over the buffers it was handed
         out = fn(*args)
@@ -66,7 +77,7 @@ def wrap(fn, fail=False, group=None):
             cuda.capturing.forward = (fn, args, out)
         return out
     recorded._boxed_call = True  # as on Inductor's compiled forward, which Dynamo nevertheless calls unboxed
-    return CudaGraphForward(recorded, torch.device("cpu"), graphs=cuda, group=group), cuda
+    return CudaGraphForward(recorded, torch.device("cpu"), graphs=cuda, group=group, auto=auto), cuda
 
 
 def forward(w, b, x, t):
@@ -175,7 +186,7 @@ def test_sequence_parallel_over_nccl_is_never_captured(monkeypatch):
 
 
 @pytest.mark.parametrize("options, message", [
-    ({"cuda_graphs": "yes"}, "must be True or False"),
+    ({"cuda_graphs": "yes"}, "must be True, False or 'auto'"),
     ({"cuda_graphs": True, "target": "cpu"}, "target 'cuda' only"),
     ({"cuda_graphs": True, "cache": {"policy": "block"}}, "changes from step to step"),
     # NCCL kernels in a graph hang the process group's teardown: only the copy-engine exchange is captured
@@ -202,3 +213,97 @@ def test_inputs_on_the_cpu_are_refused_before_compiling():
     fast = torch.compile(model, backend="mindiesd", options={"cuda_graphs": True})
     with pytest.raises(Exception, match="needs target 'cuda'"):
         fast(torch.randn(2, 4))
+
+
+# --- "auto": capture what pays ------------------------------------------------------------------------------------
+
+def issuing(host_s, replay_s):
+    """A forward whose host takes ``host_s`` to issue op by op and ``replay_s`` replayed (a sleep stands in)."""
+    def fn(w, b, x, t):
+        time.sleep(replay_s if cuda.replaying else host_s)
+        return forward(w, b, x, t)
+    fast, cuda = wrap(fn, auto=True)
+    return fast, cuda
+
+
+def run_calls(fast, n):
+    w, b = torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(3))
+    calls = [(torch.randn(5, 4), torch.tensor(float(i))) for i in range(n)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "auto" only tries: never a warning
+        outs = [fast(w, b, x, t) for x, t in calls]
+    for (x, t), out in zip(calls, outs):
+        for got, want in zip(out, forward(w, b, x, t)):
+            torch.testing.assert_close(got, want)
+
+
+def test_auto_keeps_a_graph_that_beats_a_host_bound_forward(caplog):
+    """Op by op the host issues for 30 ms and the GPU waits on it; replayed, the host does nothing: the second
+    call is timed op by op, the third captures, the fourth (the second replay) is timed and the graph stays."""
+    fast, cuda = issuing(host_s=0.03, replay_s=0.0)
+    with caplog.at_level(logging.INFO, logger="mindiesd_compile"):
+        run_calls(fast, 6)
+    assert cuda.captures == 1 and next(iter(fast.captured.values())) is not None and not fast.trials
+    assert "kept" in caplog.text
+
+
+def test_auto_frees_a_graph_that_is_not_faster(caplog):
+    fast, cuda = issuing(host_s=0.02, replay_s=0.05)
+    with caplog.at_level(logging.INFO, logger="mindiesd_compile"):
+        run_calls(fast, 6)
+    assert cuda.captures == 1 and next(iter(fast.captured.values())) is None and not fast.trials
+    assert "freed, op by op from now on" in caplog.text
+
+
+def test_auto_never_captures_a_forward_the_gpu_bounds(caplog):
+    """The host issues at once and the GPU works 50 ms after: the GPU never waits for the host, nothing to win."""
+    fast, cuda = wrap(forward, auto=True, gpu_s=0.05)
+    with caplog.at_level(logging.INFO, logger="mindiesd_compile"):
+        run_calls(fast, 4)
+    assert cuda.captures == 0 and "the GPU bounds this forward" in caplog.text
+
+
+def test_auto_logs_a_failed_capture_instead_of_warning(caplog):
+    fast, cuda = wrap(lambda *a: (time.sleep(0.01), forward(*a))[1], fail=True, auto=True)
+    with caplog.at_level(logging.INFO, logger="mindiesd_compile"):
+        run_calls(fast, 4)
+    assert cuda.captures == 0 and "capturing the forward failed" in caplog.text
+
+
+@pytest.mark.parametrize("peer_graph_ms, kept", [(5.0, True), (40.0, False)])
+def test_auto_ranks_follow_the_slowest_rank(peer_graph_ms, kept, monkeypatch):
+    """Under sequence parallelism the times are the slowest rank's (an all-reduce MAX), so every rank makes the
+    same choice. Here this rank alone would not even try (its GPU bounds it); a peer is bound by its host (30 ms
+    op by op), so all try; the peer's replay then decides whether the graph stays."""
+    from mindiesd_compile.ops import peer_gather
+    peer = [[0.0, 0.0], [30.0, 30.0], [0.0, 0.0], [0.0, peer_graph_ms]]  # the peer's (host, wall) per reduction
+
+    def all_reduce(t, op, group):
+        if op == torch.distributed.ReduceOp.MAX:
+            t.copy_(torch.maximum(t, torch.tensor(peer.pop(0))))  # else MIN over capture flags: all captured
+    monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
+    monkeypatch.setattr(peer_gather, "on_copy_engines", lambda group, device: True)
+    fast, cuda = wrap(forward, group="sp-group", auto=True, gpu_s=0.005)
+    run_calls(fast, 5)
+    assert not peer and cuda.captures == 1 and (next(iter(fast.captured.values())) is not None) == kept
+
+
+def test_auto_is_off_where_no_capture_can_be(monkeypatch):
+    """The default: "auto" where a capture is possible, off (no error) where it is not; True still refuses."""
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    graphs = lambda target="cuda", inductor=False, **options: \
+        CompileOptions.from_dict(options).cuda_graphs_for(target, inductor)  # noqa: E731
+    assert graphs() == "auto" and graphs(sequence_parallel=2) == "auto" and graphs(sequence_parallel=4) == "auto"
+    assert graphs(cuda_graphs=True) is True and graphs(cuda_graphs=False) is False
+    assert graphs(target="cpu") is False and graphs(target="npu") is False
+    assert graphs(cache={"policy": "block"}) is False and graphs(sparse_attention={"sparsity": 0.5}) is False
+    assert graphs(sequence_parallel=2, sequence_parallel_mode="ulysses") is False  # NCCL in the graph
+    assert graphs(sequence_parallel=4, sequence_parallel_overlap=False) is False
+    assert graphs(inductor=True) is False  # torch.compile(mode="reduce-overhead"): Inductor's own graphs
+
+
+def test_inductor_graphs_are_seen_in_the_mode_and_the_config():
+    from mindiesd_compile.backend import _inductor_graphs
+    assert _inductor_graphs(CompileOptions(), "reduce-overhead") and _inductor_graphs(CompileOptions(), "max-autotune")
+    assert not _inductor_graphs(CompileOptions(), None) and not _inductor_graphs(CompileOptions(), "default")
+    assert _inductor_graphs(CompileOptions.from_dict({"inductor_config": {"triton.cudagraphs": True}}), None)
