@@ -1,10 +1,11 @@
-"""options["cuda_graphs"]: validation, and the replay wrapper's handling of inputs and outputs.
+"""options["cuda_graphs"]: validation, the replay wrapper's handling of inputs and outputs, and what "auto" keeps.
 
 CI has no GPU, so the wrapper runs against a stand-in with CUDA graphs' documented semantics: a capture
 records the forward on the buffers it was given, a replay reruns it on whatever those buffers hold now and
 writes the same output buffers. What is checked is ours: which inputs are copied, which are read in place,
-that outputs are fresh tensors, recapture when a parameter is replaced, and the op-by-op fallback. The real
-graphs are measured on the GPU (bench/profile_wan.py --variants mindiesd+cudagraphs, bench/RESULTS.md).
+that outputs are fresh tensors, recapture when a parameter is replaced, the op-by-op fallback, and "auto"'s
+choice from timed calls (sleeps stand in for the host issuing and for the GPU running). The real graphs are
+measured on the GPU (bench/bench_sp_qwen.py --graphs auto, bench/check_cuda_graphs.py, bench/RESULTS.md).
 """
 import contextlib
 import logging
