@@ -21,7 +21,8 @@ waited for the host and nothing is captured. Otherwise the third call captures a
 first uploads it) is timed too: the graph stays if it is 3 % faster, else it is freed and the signature runs op by
 op. Under sequence parallelism the slowest rank's times decide, so every rank keeps the same. Why not capture
 everything: a graph holds its own memory pool, and a 14B forward at 832x480x81 gains nothing from it; Qwen-Image
-20B on 4 GPUs is 3.1x faster captured (its ranks wait at every exchange for the host furthest behind).
+20B on 4 GPUs is 3.1x faster captured (op by op its ranks' hosts bound it, and each exchange waits for the
+slowest).
 """
 from __future__ import annotations
 
