@@ -18,8 +18,8 @@ where the exchange falls back to NCCL (no symmetric memory), nothing is captured
 "auto" (``auto=True``, the options' default where a capture is possible) captures only what it measured faster:
 the second call of a signature is timed op by op; if the host issued it in under half its wall time, the GPU never
 waited for the host and nothing is captured. Otherwise the third call captures and the graph's second replay (the
-first uploads it) is timed too: the graph stays if it is 3 % faster, else it is freed and the signature runs op by
-op. Under sequence parallelism the slowest rank's times decide, so every rank keeps the same. Why not capture
+first uploads it) is timed too: the graph stays if it is at least 3 % faster, else it is freed and the signature
+runs op by op. Under sequence parallelism the slowest rank's times decide, so every rank keeps the same. Why not capture
 everything: a graph holds its own memory pool, and a 14B forward at 832x480x81 gains nothing from it; Qwen-Image
 20B on 4 GPUs is 3.1x faster captured (op by op its ranks' hosts bound it, and each exchange waits for the
 slowest).
