@@ -50,6 +50,9 @@ def main():
                                                               "prints where the host waited for the GPU")
     ap.add_argument("--graphs", nargs="?", const="on", default="off", choices=["off", "on", "auto"],
                     help="options['cuda_graphs']: False, True (--graphs alone) or 'auto' (the library's default)")
+    ap.add_argument("--aligned", action="store_true", help="a barrier before each timed call, so every rank starts "
+                                                           "it at once (op by op on 4 GPUs: 177.4 ms without, 117.2 "
+                                                           "in cuda_graphs auto's aligned call; bench/RESULTS.md)")
     ap.add_argument("--tables-on-cpu", action="store_true", help="the RoPE tables on the CPU, where a model loaded on "
                                                                  "the CPU and moved to the GPU keeps them")
     args = ap.parse_args()
@@ -91,7 +94,7 @@ def main():
         for _ in range(3 if args.graphs == "auto" else 1):  # auto: timed op by op, captured, timed replayed
             fn(**inputs)
         host = []  # ms the host takes to issue a call: above the wall ms, the step is bound by launching
-        ms = statistics.median(time_calls(lambda: fn(**inputs), dev, args.iters, host))
+        ms = statistics.median(time_calls(lambda: fn(**inputs), dev, args.iters, host, args.aligned))
         if args.profile:
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
                 fn(**inputs)
