@@ -77,9 +77,8 @@ def main():
                   return_dict=False)
     if args.carveout:
         torch._C._set_sm_carveout_experimental(args.carveout)
-    if "autographs" in args.variants:  # what "auto" chose, in the log
-        logging.basicConfig()
-        logging.getLogger("mindiesd_compile").setLevel(logging.INFO)
+    if "autographs" in args.variants:
+        log_graphs_choice()
     if args.cfg_step:
         return cfg_step(model, inputs, world, rank, dev, args)
     if args.rounds:
@@ -88,7 +87,7 @@ def main():
         with torch.no_grad():
             fn = build_variant(variant, model, world)
             out = fn(**inputs)[0]
-            warm_up(fn, inputs, variant)
+            warm_up(fn, inputs, "autographs" in variant)
             ms = statistics.median(time_calls(lambda: fn(**inputs), dev, args.iters))
             trace = args.trace and f"{args.trace}-{variant}-{world}-rank{rank}.json"
             split = comm_split(lambda: fn(**inputs), dev, trace) if args.profile else None
@@ -101,11 +100,17 @@ def main():
     dist.destroy_process_group()
 
 
-def warm_up(fn, inputs, variant):
+def warm_up(fn, inputs, auto_graphs):
     """The calls after the first before timing: one; under cuda_graphs "auto" three (timed op by op, captured,
     timed replayed: it has chosen after them)."""
-    for _ in range(3 if "autographs" in variant else 1):
+    for _ in range(3 if auto_graphs else 1):
         fn(**inputs)
+
+
+def log_graphs_choice():
+    """What cuda_graphs "auto" chose, in the log (INFO)."""
+    logging.basicConfig()
+    logging.getLogger("mindiesd_compile").setLevel(logging.INFO)
 
 
 def init_ranks(cuda):
@@ -124,7 +129,7 @@ def interleaved(model, inputs, world, rank, dev, args):
         for v in variants:  # each compiled at its first call, with its own backend instance
             fns[v] = build_variant(v, model, world)
             outs[v] = fns[v](**inputs)[0].float()
-            warm_up(fns[v], inputs, v)
+            warm_up(fns[v], inputs, "autographs" in v)
         for _ in range(args.rounds):
             for v in variants:
                 times[v] += time_calls(lambda: fns[v](**inputs), dev, args.iters, host[v], args.aligned)

@@ -11,7 +11,6 @@ saves the output (--out-dir); --compare prints each saved N-GPU output's relativ
 import argparse
 import collections
 import cProfile
-import logging
 import os
 import pstats
 import statistics
@@ -22,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.append(str(Path(__file__).resolve().parent))
-from bench_sp import compare, init_ranks  # noqa: E402
+from bench_sp import compare, init_ranks, log_graphs_choice, warm_up  # noqa: E402
 from bench_wan import time_calls  # noqa: E402
 
 import mindiesd_compile  # noqa: E402
@@ -80,9 +79,8 @@ def main():
                                                     dtype=dtype),
                   encoder_hidden_states_mask=mask, timestep=torch.tensor([0.5], device=dev),
                   img_shapes=[(1, side, side)], return_dict=False)
-    if args.graphs == "auto":  # its choice, in the log
-        logging.basicConfig()
-        logging.getLogger("mindiesd_compile").setLevel(logging.INFO)
+    if args.graphs == "auto":
+        log_graphs_choice()
     options = {"target": "cuda" if cuda else "eager",
                "cuda_graphs": {"off": False, "on": True, "auto": "auto"}[args.graphs]}
     if world > 1:
@@ -91,8 +89,7 @@ def main():
     with torch.no_grad():
         fn = torch.compile(model, backend="mindiesd", options=options, fullgraph=True)
         out = fn(**inputs)[0]
-        for _ in range(3 if args.graphs == "auto" else 1):  # auto: timed op by op, captured, timed replayed
-            fn(**inputs)
+        warm_up(fn, inputs, args.graphs == "auto")
         host = []  # ms the host takes to issue a call: above the wall ms, the step is bound by launching
         ms = statistics.median(time_calls(lambda: fn(**inputs), dev, args.iters, host, args.aligned))
         if args.profile:

@@ -67,7 +67,7 @@ class CudaGraphForward:
         self.dynamic: Tuple[int, ...] = ()
         self.seen: set = set()
         self.captured: Dict[Tuple, Optional[Captured]] = {}  # None: capture failed (or did not pay), run op by op
-        self.trials: Dict[Tuple, list] = {}  # auto: [op-by-op wall ms, replays so far] until the graph is judged
+        self.trials: Dict[Tuple, float] = {}  # auto: the op-by-op wall ms, until the signature's graph is judged
 
     def __call__(self, *args):  # Dynamo calls a backend's result unboxed, whatever its ``_boxed_call`` says
         if self.static is None:
@@ -81,16 +81,14 @@ class CudaGraphForward:
         entry = self.captured.get(key, ...)
         if entry is ... and self.auto and key not in self.trials:
             return self._time_op_by_op(key, args)
-        if entry is ... or (entry is not None and self._static_ptrs(args) != entry.static_ptrs):
+        fresh = entry is ... or (entry is not None and self._static_ptrs(args) != entry.static_ptrs)
+        if fresh:
             entry = self.captured[key] = self._capture(args)
         if entry is None:
             self.trials.pop(key, None)
             return self._run(args)
-        trial = self.trials.get(key)
-        if trial is not None and trial[1] == 1:
-            return self._judge(key, entry, args, trial[0])
-        if trial is not None:
-            trial[1] += 1
+        if key in self.trials and not fresh:  # auto: the second replay (the first, after capturing, uploads it)
+            return self._judge(key, entry, args)
         return self._replay(entry, args)
 
     def _run(self, args):
@@ -111,23 +109,24 @@ class CudaGraphForward:
                      "%.1f ms)", host_ms, wall_ms)
             self.captured[key] = None
         else:
-            self.trials[key] = [wall_ms, 0]
+            self.trials[key] = wall_ms
         return out
 
-    def _judge(self, key, entry: Captured, args, op_ms: float):
+    def _judge(self, key, entry: Captured, args):
+        op_ms = self.trials.pop(key)
         out, _, graph_ms = self._timed(lambda: self._replay(entry, args))
         kept = graph_ms <= KEEP_IF * op_ms
         log.info("mindiesd_compile: cuda_graphs auto: graph %.1f ms, op by op %.1f ms: %s", graph_ms, op_ms,
                  "kept" if kept else "freed, op by op from now on")
         if not kept:
             self.captured[key] = None  # the graph and its memory pool go
-        del self.trials[key]
         return out
 
     def _timed(self, run):
         """``run()``'s output and its host and wall ms (the slowest rank's), from an idle GPU, the ranks starting
         together: host ms is how long issuing the call took, wall ms until the GPU finished it."""
-        self._slowest(0.0, 0.0)  # the ranks meet, the GPU idle
+        self.graphs.synchronize(self.device)
+        self._slowest(0.0, 0.0)  # the GPU idle, the ranks meet
         start = time.perf_counter()
         out = run()
         host = time.perf_counter() - start
@@ -136,7 +135,6 @@ class CudaGraphForward:
 
     def _slowest(self, *ms: float) -> List[float]:
         if self.group is None:
-            self.graphs.synchronize(self.device)
             return list(ms)
         worst = torch.tensor(ms, device=self.device)
         torch.distributed.all_reduce(worst, torch.distributed.ReduceOp.MAX, group=self.group)
