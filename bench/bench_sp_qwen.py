@@ -54,6 +54,8 @@ def main():
                                                            "in cuda_graphs auto's aligned call; bench/RESULTS.md)")
     ap.add_argument("--tables-on-cpu", action="store_true", help="the RoPE tables on the CPU, where a model loaded on "
                                                                  "the CPU and moved to the GPU keeps them")
+    ap.add_argument("--mode", default="auto", help="options['sequence_parallel_mode'] (ulysses, gather_kv, auto); "
+                                                   "gather_kv@ahead or gather_kv@split also sets the overlap")
     args = ap.parse_args()
     if args.compare:
         return compare(args.out_dir)
@@ -86,12 +88,17 @@ def main():
     if world > 1:
         mindiesd_compile.mark_sequence_dynamic(model, inputs)
         options["sequence_parallel"] = world
+        mode, _, overlap = args.mode.partition("@")
+        options["sequence_parallel_mode"] = mode
+        if overlap:
+            options["sequence_parallel_overlap"] = overlap
     with torch.no_grad():
         fn = torch.compile(model, backend="mindiesd", options=options, fullgraph=True)
         out = fn(**inputs)[0]
         warm_up(fn, inputs, args.graphs == "auto")
         host = []  # ms the host takes to issue a call: above the wall ms, the step is bound by launching
-        ms = statistics.median(time_calls(lambda: fn(**inputs), dev, args.iters, host, args.aligned))
+        walls = time_calls(lambda: fn(**inputs), dev, args.iters, host, args.aligned)
+        ms = statistics.median(walls)
         if args.profile:
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
                 fn(**inputs)
@@ -117,7 +124,8 @@ def main():
     if rank == 0:
         os.makedirs(args.out_dir, exist_ok=True)
         torch.save(out.float().cpu(), os.path.join(args.out_dir, f"qwen-mindiesd-{world}.pt"))  # bench_sp's names
-        print(f"RESULT qwen-image gpus={world} median_ms={ms:.1f} host_ms={statistics.median(host):.1f}", flush=True)
+    print(f"RESULT qwen-image gpus={world} rank={rank} mode={args.mode} median_ms={ms:.1f} "
+          f"host_ms={statistics.median(host):.1f} calls_ms={' '.join(f'{w:.0f}' for w in walls)}", flush=True)
     torch.distributed.destroy_process_group()
 
 

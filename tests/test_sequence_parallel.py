@@ -7,6 +7,7 @@ import re
 import pytest
 import torch
 import torch.distributed as dist
+from hypothesis import given, settings, strategies as st
 
 from conftest import spawn_ranks
 from tiny_models import MODELS, chronoedit, flux2, ltx, ltx2
@@ -680,3 +681,43 @@ def test_peer_writes_go_round_the_ring(world):
     orders = [_ring_order(rank, world) for rank in range(world)]
     assert all(sorted(o) == sorted(set(range(world)) - {r}) for r, o in enumerate(orders))
     assert all(sorted(o[step] for o in orders) == list(range(world)) for step in range(world - 1))
+
+
+class _HostSymmetricMemory:
+    """Every rank's symmetric buffer on the host, as ``get_buffer`` hands them out: a byte range of one rank's."""
+
+    def __init__(self, buffers, rank):
+        self.buffers, self.rank = buffers, rank
+
+    def get_buffer(self, rank, sizes, dtype, storage_offset):
+        assert dtype == torch.uint8 and storage_offset % 16 == 0  # each region aligned for any dtype
+        return self.buffers[rank][storage_offset:storage_offset + sizes[0]]
+
+
+@settings(deadline=None, max_examples=30)
+@given(world=st.integers(2, 4), include_self=st.booleans(), dim=st.integers(0, 2), data=st.data())
+def test_peer_gather_routes_assemble_the_gather(world, include_self, dim, data):
+    """all_gather_peers' copy plan (made once per slot and call signature, run by every later call): after every
+    rank's copies, each rank's outputs hold the ranks' tensors joined along ``dim`` in rank order, its own left out
+    unless ``include_self``, for any shapes, dims and dtypes after one another in the slot (keys, then a mask)."""
+    from mindiesd_compile.ops.peer_gather import _Layout, _Slot
+    shape = data.draw(st.lists(st.integers(1, 4), min_size=dim + 1, max_size=dim + 2), label="shape")
+    dtypes = data.draw(st.lists(st.sampled_from([torch.bfloat16, torch.float32, torch.bool]), min_size=1,
+                                max_size=3), label="dtypes")
+    xs = [[(torch.randn(shape) * 4).to(d) for d in dtypes] for _ in range(world)]  # per rank
+    layout = _Layout(xs[0], dim, world - (not include_self))
+    buffers = [torch.zeros(layout.nbytes, dtype=torch.uint8) for _ in range(world)]
+    slots = [_Slot(None, _HostSymmetricMemory(buffers, rank)) for rank in range(world)]
+    routes = [slot.route(layout, world, include_self) for slot in slots]
+    assert all(slot.route(layout, world, include_self) is got for slot, got in zip(slots, routes))  # made once
+    for rank, (sends, mine, own) in enumerate(routes):
+        rows = layout.rows(xs[rank])
+        for i, o, dst in sends:
+            dst.copy_(rows[i][o])
+        for own_rows, x in zip(own, xs[rank]):
+            own_rows.copy_(x.view(own_rows.shape))
+    for rank, (sends, mine, own) in enumerate(routes):
+        assert len(sends) == (world - 1) * sum(r[0] for r in layout.regions)
+        for i, out in enumerate(mine):
+            want = torch.cat([xs[r][i] for r in range(world) if include_self or r != rank], dim=dim)
+            assert torch.equal(out.view(layout.gathered[i]), want)

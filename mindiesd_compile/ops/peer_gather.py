@@ -78,21 +78,53 @@ def _side_stream(device: int) -> torch.cuda.Stream:
     return torch.cuda.Stream(device, priority=-1)
 
 
+class _Layout:
+    """Where one call signature's tensors go in a slot: per tensor a [outer, chunks, inner] region, aligned to 16
+    bytes for any dtype after it (a key mask after the keys). Made once per signature."""
+
+    def __init__(self, xs: Sequence[Tensor], dim: int, chunks: int):
+        self.regions = [(math.prod(x.shape[:dim]), chunks, math.prod(x.shape[dim:])) for x in xs]
+        sizes = [-(-math.prod(r) * x.element_size() // 16) * 16 for r, x in zip(self.regions, xs)]
+        self.offsets = [sum(sizes[:i]) for i in range(len(xs))]
+        self.nbytes = sum(sizes)
+        self.dtypes = [x.dtype for x in xs]
+        self.gathered = [_gathered_shape(x, dim, chunks) for x in xs]
+
+    def rows(self, xs: Sequence[Tensor]) -> List[Sequence[Tensor]]:
+        """Each tensor's outer rows, flat: the runs a call copies (one per tensor where nothing is outside ``dim``)."""
+        return [(x.view(-1),) if r[0] == 1 else x.view(r[0], -1).unbind(0) for x, r in zip(xs, self.regions)]
+
+
 class _Slot:
-    """One symmetric buffer, with the views of its ranks' regions made so far: ``get_buffer`` takes ~0.1-0.4 ms of
-    host time, and a Qwen-Image forward on 2 GPUs asked for 360 regions (bench/RESULTS.md, 2026-11-28). Each view
-    has its own storage, so the outputs of one call never alias each other (custom ops' rule)."""
+    """One symmetric buffer, with each layout's copies and outputs in it made once: op by op on several GPUs the
+    host bounds Qwen-Image's forward, and slicing the views per call cost it ~0.2 ms of host time per exchange
+    (121 a forward on 4 GPUs; bench/RESULTS.md, 2026-11-28). Each region has its own storage (one ``get_buffer``
+    each), so the outputs of one call never alias each other (custom ops' rule)."""
 
     def __init__(self, tensor: Tensor, hdl):
-        self.tensor, self.hdl, self.rank, self.views = tensor, hdl, hdl.rank, {}
+        self.tensor, self.hdl, self.rank, self.routes = tensor, hdl, hdl.rank, {}
 
     def region(self, rank: int, at: int, shape, dtype) -> Tensor:
         """A [outer, chunks, inner] region at byte offset ``at`` of ``rank``'s buffer (a peer's: mapped here)."""
         nbytes = math.prod(shape) * dtype.itemsize
-        view = self.views.get((rank, at, nbytes))
-        if view is None:
-            view = self.views[rank, at, nbytes] = self.hdl.get_buffer(rank, (nbytes,), torch.uint8, at)
-        return view.view(dtype).view(shape)
+        return self.hdl.get_buffer(rank, (nbytes,), torch.uint8, at).view(dtype).view(shape)
+
+    def route(self, layout: _Layout, world: int, include_self: bool):
+        """(tensor index, outer row, destination in a peer's region) for every copy this rank makes, peers in ring
+        order; this rank's regions; and the rows of them that hold its own chunk (``include_self``)."""
+        got = self.routes.get(layout)
+        if got is None:
+            sends = []
+            for peer in _ring_order(self.rank, world):
+                at_peer = self.rank if include_self else self.rank - (self.rank > peer)  # this rank's chunk there
+                for i, (region, at, dtype) in enumerate(zip(layout.regions, layout.offsets, layout.dtypes)):
+                    dst = self.region(peer, at, region, dtype)
+                    sends += [(i, o, dst[o, at_peer]) for o in range(region[0])]
+            mine = [self.region(self.rank, at, region, dtype)
+                    for region, at, dtype in zip(layout.regions, layout.offsets, layout.dtypes)]
+            own = [m[:, self.rank] for m in mine] if include_self else []
+            got = self.routes[layout] = sends, mine, own
+        return got
 
 
 class _Slots:
@@ -101,8 +133,19 @@ class _Slots:
     outputs may still view them). Every rank makes the same calls in the same order, so turns and growth agree."""
 
     def __init__(self, group: str):
-        self.group, self.buffers, self.turn, self.kept = group, [None, None], 0, []
+        self.group, self.buffers, self.turn, self.kept, self.layouts = group, [None, None], 0, [], {}
         _ALL_SLOTS.append(self)
+
+    @functools.cached_property
+    def world(self) -> int:
+        return dist.distributed_c10d._resolve_process_group(self.group).size()
+
+    def layout(self, xs: Sequence[Tensor], dim: int, include_self: bool) -> _Layout:
+        key = (dim, include_self, *((x.shape, x.dtype) for x in xs))
+        got = self.layouts.get(key)
+        if got is None:
+            got = self.layouts[key] = _Layout(xs, dim, self.world - (not include_self))
+        return got
 
     def next(self, nbytes: int, device: torch.device):
         from torch._C._distributed_c10d import _SymmetricMemory
@@ -171,39 +214,36 @@ def _ring_order(rank: int, world: int) -> List[int]:
 
 
 def _all_gather_peers_cuda(xs: Sequence[Tensor], dim: int, group: str, include_self: bool = False) -> List[Tensor]:
-    slots = _slots(group, xs[0].device)
+    device = xs[0].device
+    slots = _slots(group, device)
     if slots is None:
         return _gather_sync(xs, dim, group, include_self)
     xs = [x.contiguous() for x in xs]
-    world = dist.distributed_c10d._resolve_process_group(group).size()
-    chunks = world - (not include_self)
-    regions = [(math.prod(x.shape[:dim]), chunks, x[(0,) * dim].numel()) for x in xs]  # outer, chunks, inner
-    sizes = [-(-math.prod(r) * x.element_size() // 16) * 16 for r, x in zip(regions, xs)]  # each region aligned
-    offsets = [sum(sizes[:i]) for i in range(len(xs))]  # for any dtype after it (a key mask after the keys)
-    slot = slots.next(sum(sizes), xs[0].device)
-    rank = slot.rank
-    side, caller = _side_stream(xs[0].device.index), torch.cuda.current_stream()
+    layout = slots.layout(xs, dim, include_self)
+    slot = slots.next(layout.nbytes, device)
+    sends, mine, own = slot.route(layout, slots.world, include_self)
+    rows = layout.rows(xs)
+    side, caller = _side_stream(device.index), torch.cuda.current_stream(device)
     side.wait_stream(caller)  # the tensors are ready, and this rank's reads of this slot's last contents queued
     ready = torch.cuda.Event()
-    with torch.cuda.stream(side):
-        slot.hdl.barrier(channel=0)  # every rank here: its tensors ready, its slot free
-        for peer in _ring_order(rank, world):
-            at_peer = rank if include_self else rank - (rank > peer)  # this rank's place in the peer's slot
-            for x, region, at in zip(xs, regions, offsets):
-                dst, src = slot.region(peer, at, region, x.dtype), x.view(region[0], -1)
-                for o in range(region[0]):  # contiguous runs: copy-engine writes over NVLink
-                    dst[o, at_peer].copy_(src[o])
-        slot.hdl.barrier(channel=0)  # every peer's writes into this rank's slot have landed
-        ready.record(side)
-    outs = [slot.region(rank, at, region, x.dtype) for region, at, x in zip(regions, offsets, xs)]
-    if include_self:  # after the side stream's start: the pushes need not wait for this copy
-        for out, x in zip(outs, xs):
-            out[:, rank].copy_(x.view(out.shape[0], -1))
-    outs = [out.view(_gathered_shape(x, dim, chunks)) for out, x in zip(outs, xs)]
+    with torch.cuda.device(device.index):  # set_stream, not torch.cuda.stream(): cheaper on the host
+        torch.cuda.set_stream(side)
+        try:
+            slot.hdl.barrier(channel=0)  # every rank here: its tensors ready, its slot free
+            for i, o, dst in sends:  # contiguous runs: copy-engine writes over NVLink
+                dst.copy_(rows[i][o])
+            slot.hdl.barrier(channel=0)  # every peer's writes into this rank's slot have landed
+            ready.record(side)
+        finally:
+            torch.cuda.set_stream(caller)
+    for mine_own, x in zip(own, xs):  # after the side stream's start: the pushes need not wait for this copy
+        mine_own.copy_(x.view(mine_own.shape))
+    outs = [m.view(shape) for m, shape in zip(mine, layout.gathered)]  # fresh tensors over the slot's regions
+    work = _Ready(ready)
     for x in xs:
         x.record_stream(side)
     for out in outs:
-        torch._C._distributed_c10d._register_work(out, _Ready(ready))
+        torch._C._distributed_c10d._register_work(out, work)
     return outs
 
 
