@@ -50,8 +50,8 @@ def main():
     ap.add_argument("--graphs", nargs="?", const="on", default="off", choices=["off", "on", "auto"],
                     help="options['cuda_graphs']: False, True (--graphs alone) or 'auto' (the library's default)")
     ap.add_argument("--aligned", action="store_true", help="a barrier before each timed call, so every rank starts "
-                                                           "it at once (op by op on 4 GPUs: 177.4 ms without, 117.2 "
-                                                           "in cuda_graphs auto's aligned call; bench/RESULTS.md)")
+                                                           "it at once (op by op on 4 GPUs the step varies 110-400 "
+                                                           "ms either way; bench/RESULTS.md 2026-11-28)")
     ap.add_argument("--tables-on-cpu", action="store_true", help="the RoPE tables on the CPU, where a model loaded on "
                                                                  "the CPU and moved to the GPU keeps them")
     ap.add_argument("--mode", default="auto", help="options['sequence_parallel_mode'] (ulysses, gather_kv, auto); "
