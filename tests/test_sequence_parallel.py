@@ -705,11 +705,11 @@ def test_peer_gather_routes_assemble_the_gather(world, include_self, dim, data):
     dtypes = data.draw(st.lists(st.sampled_from([torch.bfloat16, torch.float32, torch.bool]), min_size=1,
                                 max_size=3), label="dtypes")
     xs = [[(torch.randn(shape) * 4).to(d) for d in dtypes] for _ in range(world)]  # per rank
-    layout = _Layout(xs[0], dim, world - (not include_self))
+    layout = _Layout(xs[0], dim, world, include_self)
     buffers = [torch.zeros(layout.nbytes, dtype=torch.uint8) for _ in range(world)]
     slots = [_Slot(None, _HostSymmetricMemory(buffers, rank)) for rank in range(world)]
-    routes = [slot.route(layout, world, include_self) for slot in slots]
-    assert all(slot.route(layout, world, include_self) is got for slot, got in zip(slots, routes))  # made once
+    routes = [slot.route(layout) for slot in slots]
+    assert all(slot.route(layout) is got for slot, got in zip(slots, routes))  # made once
     for rank, (sends, mine, own) in enumerate(routes):
         rows = layout.rows(xs[rank])
         for i, o, dst in sends:

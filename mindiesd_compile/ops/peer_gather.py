@@ -79,10 +79,13 @@ def _side_stream(device: int) -> torch.cuda.Stream:
 
 
 class _Layout:
-    """Where one call signature's tensors go in a slot: per tensor a [outer, chunks, inner] region, aligned to 16
-    bytes for any dtype after it (a key mask after the keys). Made once per signature."""
+    """Where one call signature's tensors go in a slot: per tensor a [outer, chunks, inner] region (chunks: the
+    ``world`` ranks', this rank's left out unless ``include_self``), aligned to 16 bytes for any dtype after it (a
+    key mask after the keys). Made once per signature."""
 
-    def __init__(self, xs: Sequence[Tensor], dim: int, chunks: int):
+    def __init__(self, xs: Sequence[Tensor], dim: int, world: int, include_self: bool):
+        self.world, self.include_self = world, include_self
+        chunks = world - (not include_self)
         self.regions = [(math.prod(x.shape[:dim]), chunks, math.prod(x.shape[dim:])) for x in xs]
         sizes = [-(-math.prod(r) * x.element_size() // 16) * 16 for r, x in zip(self.regions, xs)]
         self.offsets = [sum(sizes[:i]) for i in range(len(xs))]
@@ -109,13 +112,13 @@ class _Slot:
         nbytes = math.prod(shape) * dtype.itemsize
         return self.hdl.get_buffer(rank, (nbytes,), torch.uint8, at).view(dtype).view(shape)
 
-    def route(self, layout: _Layout, world: int, include_self: bool):
+    def route(self, layout: _Layout):
         """(tensor index, outer row, destination in a peer's region) for every copy this rank makes, peers in ring
         order; this rank's regions; and the rows of them that hold its own chunk (``include_self``)."""
         got = self.routes.get(layout)
         if got is None:
-            sends = []
-            for peer in _ring_order(self.rank, world):
+            sends, include_self = [], layout.include_self
+            for peer in _ring_order(self.rank, layout.world):
                 at_peer = self.rank if include_self else self.rank - (self.rank > peer)  # this rank's chunk there
                 for i, (region, at, dtype) in enumerate(zip(layout.regions, layout.offsets, layout.dtypes)):
                     dst = self.region(peer, at, region, dtype)
@@ -144,7 +147,7 @@ class _Slots:
         key = (dim, include_self, *((x.shape, x.dtype) for x in xs))
         got = self.layouts.get(key)
         if got is None:
-            got = self.layouts[key] = _Layout(xs, dim, self.world - (not include_self))
+            got = self.layouts[key] = _Layout(xs, dim, self.world, include_self)
         return got
 
     def next(self, nbytes: int, device: torch.device):
@@ -221,7 +224,7 @@ def _all_gather_peers_cuda(xs: Sequence[Tensor], dim: int, group: str, include_s
     xs = [x.contiguous() for x in xs]
     layout = slots.layout(xs, dim, include_self)
     slot = slots.next(layout.nbytes, device)
-    sends, mine, own = slot.route(layout, slots.world, include_self)
+    sends, mine, own = slot.route(layout)
     rows = layout.rows(xs)
     side, caller = _side_stream(device.index), torch.cuda.current_stream(device)
     side.wait_stream(caller)  # the tensors are ready, and this rank's reads of this slot's last contents queued
