@@ -33,6 +33,31 @@ CONFIGS = {"20b": dict(patch_size=2, in_channels=64, out_channels=16, num_layers
                         num_attention_heads=2, joint_attention_dim=16, axes_dims_rope=(8, 4, 4))}
 
 
+def build_qwen(tiny, dev, tables_on_cpu=False):
+    """The transformer (random weights; bf16 on a GPU, fp32 on the CPU) and one call's inputs at 1024x1024."""
+    from diffusers import QwenImageTransformer2DModel
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    cfg = CONFIGS["tiny" if tiny else "20b"]
+    torch.manual_seed(0)
+    torch.set_default_dtype(dtype)
+    with torch.device(dev):  # initialised on the GPU, in bf16
+        model = QwenImageTransformer2DModel(**cfg).eval()
+    torch.set_default_dtype(torch.float32)
+    if tables_on_cpu:  # plain attributes, not buffers: model.to(device) leaves them where they were made
+        rope = model.pos_embed
+        rope.pos_freqs, rope.neg_freqs = rope.pos_freqs.cpu(), rope.neg_freqs.cpu()
+    side, text, padding = (8, 8, 3) if tiny else (64, 256, 56)  # latent patches per side, text tokens
+    g = torch.Generator(dev).manual_seed(0)
+    mask = torch.ones(1, text, device=dev)
+    mask[:, -padding:] = 0
+    inputs = dict(hidden_states=torch.randn(1, side * side, cfg["in_channels"], generator=g, device=dev, dtype=dtype),
+                  encoder_hidden_states=torch.randn(1, text, cfg["joint_attention_dim"], generator=g, device=dev,
+                                                    dtype=dtype),
+                  encoder_hidden_states_mask=mask, timestep=torch.tensor([0.5], device=dev),
+                  img_shapes=[(1, side, side)], return_dict=False)
+    return model, inputs
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--iters", type=int, default=5)
@@ -59,28 +84,9 @@ def main():
     args = ap.parse_args()
     if args.compare:
         return compare(args.out_dir)
-    from diffusers import QwenImageTransformer2DModel
     cuda = args.device == "cuda"
     rank, world, dev = init_ranks(cuda)
-    dtype = torch.bfloat16 if cuda else torch.float32
-    cfg = CONFIGS["tiny" if args.tiny else "20b"]
-    torch.manual_seed(0)
-    torch.set_default_dtype(dtype)
-    with torch.device(dev):  # initialised on the GPU, in bf16
-        model = QwenImageTransformer2DModel(**cfg).eval()
-    torch.set_default_dtype(torch.float32)
-    if args.tables_on_cpu:  # plain attributes, not buffers: model.to(device) leaves them where they were made
-        rope = model.pos_embed
-        rope.pos_freqs, rope.neg_freqs = rope.pos_freqs.cpu(), rope.neg_freqs.cpu()
-    side, text, padding = (8, 8, 3) if args.tiny else (64, 256, 56)  # latent patches per side, text tokens
-    g = torch.Generator(dev).manual_seed(0)
-    mask = torch.ones(1, text, device=dev)
-    mask[:, -padding:] = 0
-    inputs = dict(hidden_states=torch.randn(1, side * side, cfg["in_channels"], generator=g, device=dev, dtype=dtype),
-                  encoder_hidden_states=torch.randn(1, text, cfg["joint_attention_dim"], generator=g, device=dev,
-                                                    dtype=dtype),
-                  encoder_hidden_states_mask=mask, timestep=torch.tensor([0.5], device=dev),
-                  img_shapes=[(1, side, side)], return_dict=False)
+    model, inputs = build_qwen(args.tiny, dev, args.tables_on_cpu)
     if args.graphs == "auto":
         log_graphs_choice()
     options = {"target": "cuda" if cuda else "eager",

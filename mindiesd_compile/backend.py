@@ -111,7 +111,11 @@ def mindiesd_backend(gm: torch.fx.GraphModule, example_inputs, options=None, mod
     graphs = opts.cuda_graphs_for(target, _inductor_graphs(opts, mode)) if device is not None else False
     if graphs:
         group = (opts.parallel_group or torch.distributed.group.WORLD) if opts.sequence_parallel > 1 else None
-        compiled = CudaGraphForward(compiled, device, group=group, auto=graphs == "auto")
+        if opts.piece_graphs:  # the cache policy picks pieces per step: each is captured, in one memory pool
+            pool = torch.cuda.graph_pool_handle()
+            compiled.piece_graphs = lambda piece: CudaGraphForward(piece, device, group=group, pool=pool)
+        else:
+            compiled = CudaGraphForward(compiled, device, group=group, auto=graphs == "auto")
     return HostCopies(compiled, moved) if moved else compiled
 
 

@@ -114,12 +114,14 @@ class CompileOptions:
                fields (sparse/config.py), e.g. ``{"sparsity": 0.8}``; None: dense.
     npu:       torchair choices for target "npu": a dict of ``NpuConfig`` fields.
     fp8:       opt-in FP8: a dict of ``Fp8Config`` fields, e.g. ``{"attention": True}``.
-    cuda_graphs: replay the compiled forward as one CUDA graph per input signature (target cuda; not with a
-               cache policy or sparse attention; with sequence parallelism only over the copy-engine exchange,
-               gather_kv with an overlap: the default on 2-4 ranks). Pays where launches bound a forward (small
-               resolutions; Qwen-Image on 4 GPUs); runtime/cuda_graph.py says how inputs and outputs are handled.
-               True: capture every signature; "auto" (default): where a capture is possible, try it on forwards
-               the host bounds and keep the graphs measured faster (``cuda_graphs_for``); False: never.
+    cuda_graphs: replay the compiled forward as one CUDA graph per input signature (target cuda; not with
+               sparse attention; with sequence parallelism only over the copy-engine exchange, gather_kv with an
+               overlap: the default on 2-4 ranks). Pays where launches bound a forward (small resolutions;
+               Qwen-Image on 4 GPUs); runtime/cuda_graph.py says how inputs and outputs are handled. True: capture
+               every signature; with a cache policy, each piece (block) is captured instead, and the policy
+               chooses between them on the host; "auto" (default): where a capture is possible and no cache policy
+               is on, try it on forwards the host bounds and keep the graphs measured faster
+               (``cuda_graphs_for``); False: never.
     """
 
     target: Optional[str] = None
@@ -204,10 +206,9 @@ class CompileOptions:
         if not (isinstance(self.cuda_graphs, bool) or self.cuda_graphs == "auto"):
             raise OptionsError(f"options['cuda_graphs'] must be True, False or 'auto', got {self.cuda_graphs!r}")
         self.check_cuda_graphs_target(self.target)
-        varying = self._varying_steps()
-        if self.cuda_graphs is True and varying:
-            raise OptionsError(f"options['cuda_graphs'] captures the whole forward, but with options{varying} what "
-                               "runs changes from step to step (or is not graph-safe yet); drop one of them")
+        if self.cuda_graphs is True and self.sparse_attention is not None:
+            raise OptionsError("options['cuda_graphs'] captures the forward, but with options['sparse_attention'] "
+                               "what runs changes from step to step (or is not graph-safe yet); drop one of them")
 
     def sequence_parallel_exchange(self, target: Optional[str]) -> str:
         """The mode that runs, for ``target``. "auto": gather_kv on 2 ranks, where it moves the same bytes as
@@ -238,6 +239,13 @@ class CompileOptions:
         if overlap is True or overlap == "auto":
             return "ahead" if self.sequence_parallel == 2 else "split"
         return overlap
+
+    @property
+    def piece_graphs(self) -> bool:
+        """Whether the pieces are captured one by one (``cuda_graphs`` True with a cache policy, whose runner
+        picks the pieces each step) instead of the whole forward."""
+        from .runtime.cache import CacheConfig
+        return self.cuda_graphs is True and CacheConfig.from_value(self.cache).enabled
 
     def _varying_steps(self) -> List[str]:
         """The options under which what runs changes from step to step: a captured forward cannot follow."""

@@ -39,6 +39,7 @@ class StandInCuda:
 
     def __init__(self, fail=False, gpu_s=0.0):
         self.fail, self.captures, self.capturing, self.replaying, self.gpu_s = fail, 0, None, False, gpu_s
+        self.pools = set()  # the memory pools captures were given
 
     Stream = staticmethod(lambda device: StandInStream())
     current_stream = staticmethod(lambda device: StandInStream())
@@ -51,10 +52,11 @@ class StandInCuda:
         return StandInGraph(self)
 
     @contextlib.contextmanager
-    def graph(self, g, capture_error_mode="global"):
+    def graph(self, g, pool=None, capture_error_mode="global"):
         if self.fail:
             raise RuntimeError("operation not permitted when stream is capturing")
         self.captures += 1
+        self.pools.add(pool)
         self.capturing = g
         try:
             yield
@@ -69,16 +71,19 @@ class StandInStream:
         pass
 
 
-def wrap(fn, fail=False, group=None, auto=False, gpu_s=0.0):
-    cuda = StandInCuda(fail, gpu_s)
-
+def recording(fn, cuda):
     def recorded(*args):  # what a capture records: the forward over the buffers it was handed
         out = fn(*args)
         if cuda.capturing is not None:
             cuda.capturing.forward = (fn, args, out)
         return out
     recorded._boxed_call = True  # as on Inductor's compiled forward, which Dynamo nevertheless calls unboxed
-    return CudaGraphForward(recorded, torch.device("cpu"), graphs=cuda, group=group, auto=auto), cuda
+    return recorded
+
+
+def wrap(fn, fail=False, group=None, auto=False, gpu_s=0.0):
+    cuda = StandInCuda(fail, gpu_s)
+    return CudaGraphForward(recording(fn, cuda), torch.device("cpu"), graphs=cuda, group=group, auto=auto), cuda
 
 
 def forward(w, b, x, t):
@@ -189,7 +194,7 @@ def test_sequence_parallel_over_nccl_is_never_captured(monkeypatch):
 @pytest.mark.parametrize("options, message", [
     ({"cuda_graphs": "yes"}, "must be True, False or 'auto'"),
     ({"cuda_graphs": True, "target": "cpu"}, "target 'cuda' only"),
-    ({"cuda_graphs": True, "cache": {"policy": "block"}}, "changes from step to step"),
+    ({"cuda_graphs": True, "sparse_attention": {"sparsity": 0.5}}, "changes from step to step"),
     # NCCL kernels in a graph hang the process group's teardown: only the copy-engine exchange is captured
     ({"cuda_graphs": True, "sequence_parallel": 2, "sequence_parallel_mode": "ulysses"}, "pytorch/pytorch#115388"),
     ({"cuda_graphs": True, "sequence_parallel": 4, "sequence_parallel_overlap": False}, "copy-engine exchange"),
@@ -308,3 +313,32 @@ def test_inductor_graphs_are_seen_in_the_mode_and_the_config():
     assert _inductor_graphs(CompileOptions(), "reduce-overhead") and _inductor_graphs(CompileOptions(), "max-autotune")
     assert not _inductor_graphs(CompileOptions(), None) and not _inductor_graphs(CompileOptions(), "default")
     assert _inductor_graphs(CompileOptions.from_dict({"inductor_config": {"triton.cudagraphs": True}}), None)
+
+
+@pytest.mark.parametrize("policy", ["block", "attention", "dynamic", "forecast"])
+def test_cache_policy_replays_each_piece_as_its_own_graph(policy):
+    """cuda_graphs True with a cache policy: the runner picks the pieces on the host each step and each piece
+    replays its own graph, all in one memory pool. Over a CFG denoising loop every output equals the same policy
+    op by op: what a policy keeps across steps and branches (residuals, attention outputs) is never a graph's
+    buffer that the other branch's replay overwrites. The backend installs the wrapper where the inputs are on a
+    GPU; here it is installed by hand, over the stand-in."""
+    from test_partition_cache import compiled, denoise, wan_inputs
+    model, kwargs_for = wan_inputs(layers=4)
+    config = {"policy": policy, "step_interval": 2, "block_start": 1, "threshold": 0.3, "max_skips": 1}
+    op_by_op, _ = compiled(model, config)
+    want = [out[0] for _, _, out, _ in denoise(op_by_op, model, kwargs_for, steps=7)]
+    torch._dynamo.reset()
+    fn, cache = compiled(model, config)
+    with torch.no_grad():
+        fn(**kwargs_for(0, 0))  # builds the runner
+    runner, cuda, pool = cache.runners[0], StandInCuda(), object()
+    runner.compiled.clear()  # the pieces stay compiled (PieceCompiler); from here they are wrapped as on a GPU
+    runner.piece_graphs = lambda piece: CudaGraphForward(recording(piece, cuda), torch.device("cpu"), graphs=cuda,
+                                                         pool=pool)
+    cache.reset()
+    got = [out[0] for _, _, out, _ in denoise(fn, model, kwargs_for, steps=7)]
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6)
+    wrapped = list(runner.compiled.values())
+    assert cache.stats["skipped"] > 0 and all(isinstance(w, CudaGraphForward) for w in wrapped)
+    assert cuda.captures == len(wrapped) and cuda.pools == {pool}  # every piece captured once, in one pool

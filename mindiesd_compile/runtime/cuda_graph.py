@@ -15,6 +15,11 @@ agree: if one rank's capture fails, every rank runs op by op, its exchange slot 
 the warm-up and capture (ops/peer_gather.py), so all ranks keep writing into the slots their peers read; and
 where the exchange falls back to NCCL (no symmetric memory), nothing is captured.
 
+With a cache policy (``options["cuda_graphs"]`` True) the partition runner wraps each piece instead
+(runner.py, ``piece_graphs``): the policy picks the pieces on the host every step, and the graphs share one memory
+pool (``pool``): one graph's buffers may be another's scratch, which is safe because they replay one at a time
+and each replay's outputs are cloned before the next one runs.
+
 "auto" (``auto=True``, the options' default where a capture is possible) captures only what it measured faster:
 the second call of a signature is timed op by op; if the host issued it in under half its wall time, the GPU never
 waited for the host and nothing is captured. Otherwise the third call captures and the graph's second replay (the
@@ -59,10 +64,12 @@ class CudaGraphForward:
     inputs that change (parameters and buffers sit at fixed positions: Dynamo's calling convention), so its own
     cost stays small next to the launches it saves."""
 
-    def __init__(self, fn: Callable, device: torch.device, graphs=torch.cuda, group=None, auto: bool = False):
+    def __init__(self, fn: Callable, device: torch.device, graphs=torch.cuda, group=None, auto: bool = False,
+                 pool=None):
         self.fn, self.device, self.graphs = fn, device, graphs  # ``graphs``: torch.cuda (tests pass a stand-in)
         self.group = group  # the sequence-parallel ranks, which must all capture or none
         self.auto = auto    # capture only where measured faster (module docstring)
+        self.pool = pool    # a memory pool shared with graphs replayed in turn (one per piece: runner.py)
         self.static: Optional[Tuple[int, ...]] = None  # positions of parameters and buffers
         self.dynamic: Tuple[int, ...] = ()
         self.seen: set = set()
@@ -159,7 +166,7 @@ class CudaGraphForward:
             graph = self.graphs.CUDAGraph()
             # thread_local, as Inductor's CUDA graph trees: another thread's CUDA call (NCCL's watchdog polling an
             # earlier collective's event) cannot invalidate this capture; this thread's illegal calls still fail it
-            with self.graphs.graph(graph, capture_error_mode="thread_local"):
+            with self.graphs.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
                 outputs = self._run(inputs)
         except Exception as err:  # noqa: BLE001 - an optional speed-up must never cost a result
             while err.__context__ is not None:  # the first error: ending a failed capture raises one of its own

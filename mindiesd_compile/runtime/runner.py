@@ -62,6 +62,8 @@ class PartitionRunner:
         self.block_index: Dict[Node, int] = {n: i for i, n in enumerate(self.block_nodes)}  # hot path: no list scans
         self.gather_point = next(n for n in self.piece if n.target == gather_point(partition))  # sequence parallel
         self.compiled: Dict[tuple, Callable] = {}  # (node, variant, sizes) -> compiled piece
+        # cuda_graphs with a cache policy: wraps each compiled piece to replay it as a CUDA graph (backend.py)
+        self.piece_graphs: Optional[Callable[[Callable], Callable]] = None
         # a graph Dynamo traced with dynamic sizes takes them as int inputs: its pieces compile once per set
         inputs = [n.meta.get("example_value", n.meta.get("val")) for n in self.nodes if n.op == "placeholder"]
         self.size_inputs = [i for i, v in enumerate(inputs) if isinstance(v, torch.SymInt)]
@@ -189,7 +191,8 @@ class PartitionRunner:
             if self.shard_plan is not None and node in self.block_index:
                 sharded = frozenset(self.shard_plan.sharded[self.block_index[node]])
             first = not any(k[:2] == (node, variant) for k in self.compiled)  # the report counts each site once
-            self.compiled[key] = self.compiler(gm, inputs + list(extra), sharded, count=variant == "plain" and first)
+            fn = self.compiler(gm, inputs + list(extra), sharded, count=variant == "plain" and first)
+            self.compiled[key] = self.piece_graphs(fn) if self.piece_graphs is not None else fn
         label = self.piece[node].label + (":reuse" if variant == "reuse" else "")
         self.executions[label] += 1
         self.last_call.append(label)
