@@ -6,13 +6,14 @@ GPUs, in a CFG denoising loop:
     torchrun --nproc_per_node=2 bench/bench_cache_graphs.py --device cpu --tiny   # checks the script (op by op only)
 
 The same policy is compiled as ``--variants`` says: op by op (``cuda_graphs`` False), op by op again, per piece
-(True), the later ones loading the first's kernels from Inductor's FX graph cache where its key matches (one
-directory per rank). Each runs the schedule twice, ``--steps`` steps of two calls (text, then other text) with a
-new timestep per step: first to compile (and, per piece, to capture) what the policy uses, then timed, replaying.
-Rank 0 prints per variant the median ms of the timed calls that ran every block and of those that skipped some,
-the median host ms, the worst rel L2 of its timed calls against its own first pass (the same kernels: per piece,
-replays against op by op and captures) and against each op-by-op variant's. "CHECK PASSED" if every variant is
-within 1e-3 of its own first pass. Two compiles on 4 GPUs may differ by bf16 rounding (bench/RESULTS.md).
+(True), auto ("auto": each piece timed, captured where its host bounds it), the later ones loading the first's
+kernels from Inductor's FX graph cache where its key matches (one directory per rank). Each runs the schedule
+twice, ``--steps`` steps of two calls (text, then other text) with a new timestep per step: first to compile (and
+to capture) what the policy uses, then timed, replaying. Rank 0 prints per variant the median ms of the timed
+calls that ran every block and of those that skipped some, the median host ms, how many pieces replay a graph,
+the worst rel L2 of its timed calls against its own first pass (the same kernels: replays against op by op and
+captures) and against each op-by-op variant's. "CHECK PASSED" if every variant is within 1e-3 of its own first
+pass. Two compiles on 4 GPUs may differ by bf16 rounding (bench/RESULTS.md).
 """
 import argparse
 import os
@@ -47,13 +48,19 @@ def denoise(fn, inputs, texts, steps, runner_of):
     return calls
 
 
+def graphs_replayed(runner):
+    """How many of the runner's compiled pieces replay a CUDA graph, of all of them."""
+    pieces = list(runner.compiled.values())
+    return f"{sum(any(e is not None for e in getattr(p, 'captured', {}).values()) for p in pieces)}/{len(pieces)}"
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--policy", default="block", choices=["block", "attention", "dynamic", "forecast"])
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tiny", action="store_true")
-    ap.add_argument("--variants", default="op by op,op by op again,per piece")
+    ap.add_argument("--variants", default="op by op,per piece,auto")
     args = ap.parse_args()
     cuda = args.device == "cuda"
     rank, world, dev = init_ranks(cuda)
@@ -68,9 +75,9 @@ def main():
         options["sequence_parallel"] = world
     torch._inductor.config.fx_graph_cache = True  # the second compile loads the first's kernels: same numbers
     results = {}
-    first = {}
+    first, graphs_kept = {}, {}
     for variant in (args.variants.split(",") if cuda else ["op by op"]):
-        graphs = variant == "per piece"
+        graphs = {"per piece": True, "auto": "auto"}.get(variant, False)
         torch._dynamo.reset()
         cache = mindiesd_compile.StepCache(policy)
         with torch.no_grad():
@@ -80,6 +87,7 @@ def main():
             first[variant] = denoise(fn, inputs, texts, args.steps, lambda: cache.runners[0])
             cache.reset()
             results[variant] = denoise(fn, inputs, texts, args.steps, lambda: cache.runners[0])
+            graphs_kept[variant] = graphs_replayed(cache.runners[0])
     if rank != 0:
         return torch.distributed.destroy_process_group()
     median = lambda xs: f"{statistics.median(xs):.1f}" if xs else "-"  # noqa: E731
@@ -93,7 +101,7 @@ def main():
         worst = max(worst, own)
         print(f"RESULT qwen-image gpus={world} policy={args.policy} {variant}: calls={len(calls)} "
               f"every block ms={median(full)} ({len(full)}) skipping ms={median(skipping)} ({len(skipping)}) "
-              f"host ms={median([h for _, _, h, _ in calls])} worst rel L2 vs its first pass {own:.1e}"
+              f"host ms={median([h for _, _, h, _ in calls])} graphs={graphs_kept[variant]} worst rel L2 vs its first pass {own:.1e}"
               + "".join(f", vs {ref} {rel_l2(results[ref]):.1e}" for ref in refs), flush=True)
     print(f"CHECK {'PASSED' if worst <= 1e-3 else 'FAILED'}", flush=True)
     torch.distributed.destroy_process_group()

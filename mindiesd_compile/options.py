@@ -240,13 +240,6 @@ class CompileOptions:
             return "ahead" if self.sequence_parallel == 2 else "split"
         return overlap
 
-    @property
-    def piece_graphs(self) -> bool:
-        """Whether the pieces are captured one by one (``cuda_graphs`` True with a cache policy, whose runner
-        picks the pieces each step) instead of the whole forward."""
-        from .runtime.cache import CacheConfig
-        return self.cuda_graphs is True and CacheConfig.from_value(self.cache).enabled
-
     def _varying_steps(self) -> List[str]:
         """The options under which what runs changes from step to step: a captured forward cannot follow."""
         from .runtime.cache import CacheConfig

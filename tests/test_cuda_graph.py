@@ -51,6 +51,9 @@ class StandInCuda:
     def CUDAGraph(self):  # noqa: N802 - torch.cuda's name
         return StandInGraph(self)
 
+    def graph_pool_handle(self):
+        return object()
+
     @contextlib.contextmanager
     def graph(self, g, pool=None, capture_error_mode="global"):
         if self.fail:
@@ -315,14 +318,12 @@ def test_inductor_graphs_are_seen_in_the_mode_and_the_config():
     assert _inductor_graphs(CompileOptions.from_dict({"inductor_config": {"triton.cudagraphs": True}}), None)
 
 
-@pytest.mark.parametrize("policy", ["block", "attention", "dynamic", "forecast"])
-def test_cache_policy_replays_each_piece_as_its_own_graph(policy):
-    """cuda_graphs True with a cache policy: the runner picks the pieces on the host each step and each piece
-    replays its own graph, all in one memory pool. Over a CFG denoising loop every output equals the same policy
-    op by op: what a policy keeps across steps and branches (residuals, attention outputs) is never a graph's
-    buffer that the other branch's replay overwrites. The backend installs the wrapper where the inputs are on a
-    GPU; here it is installed by hand, over the stand-in."""
+def per_piece_loop(policy):
+    """A CFG denoising loop under ``policy`` op by op, then again with each piece wrapped as the backend does on a
+    GPU (``replay_as_graphs``, over the stand-in): the outputs of both, the runner, the stand-in and the policy's
+    handle."""
     from test_partition_cache import compiled, denoise, wan_inputs
+    from mindiesd_compile.runtime.cuda_graph import replay_as_graphs
     model, kwargs_for = wan_inputs(layers=4)
     config = {"policy": policy, "step_interval": 2, "block_start": 1, "threshold": 0.3, "max_skips": 1}
     op_by_op, _ = compiled(model, config)
@@ -331,14 +332,26 @@ def test_cache_policy_replays_each_piece_as_its_own_graph(policy):
     fn, cache = compiled(model, config)
     with torch.no_grad():
         fn(**kwargs_for(0, 0))  # builds the runner
-    runner, cuda, pool = cache.runners[0], StandInCuda(), object()
+    runner, cuda = cache.runners[0], StandInCuda()
     runner.compiled.clear()  # the pieces stay compiled (PieceCompiler); from here they are wrapped as on a GPU
-    runner.piece_graphs = lambda piece: CudaGraphForward(recording(piece, cuda), torch.device("cpu"), graphs=cuda,
-                                                         pool=pool)
+    assert replay_as_graphs(runner, torch.device("cpu"), None, False, per_piece=True, graphs=cuda) is runner
+    wrap_piece = runner.piece_graphs
+    runner.piece_graphs = lambda piece: wrap_piece(recording(piece, cuda))  # the stand-in records captures
     cache.reset()
     got = [out[0] for _, _, out, _ in denoise(fn, model, kwargs_for, steps=7)]
+    return got, want, runner, cuda, cache
+
+
+@pytest.mark.parametrize("policy", ["block", "attention", "dynamic", "forecast"])
+def test_cache_policy_replays_each_piece_as_its_own_graph(policy):
+    """cuda_graphs True with a cache policy: the runner picks the pieces on the host each step and each piece
+    replays its own graph, all in one memory pool. Over a CFG denoising loop every output equals the same policy
+    op by op: what a policy keeps across steps and branches (residuals, attention outputs) is never a graph's
+    buffer that the other branch's replay overwrites."""
+    got, want, runner, cuda, cache = per_piece_loop(policy)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6)
     wrapped = list(runner.compiled.values())
-    assert cache.stats["skipped"] > 0 and all(isinstance(w, CudaGraphForward) for w in wrapped)
-    assert cuda.captures == len(wrapped) and cuda.pools == {pool}  # every piece captured once, in one pool
+    pools = {w.pool for w in wrapped}
+    assert cache.stats["skipped"] > 0 and all(isinstance(w, CudaGraphForward) and not w.auto for w in wrapped)
+    assert cuda.captures == len(wrapped) and len(pools) == 1  # every piece captured once, in one pool
