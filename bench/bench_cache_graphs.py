@@ -6,14 +6,14 @@ GPUs, in a CFG denoising loop:
     torchrun --nproc_per_node=2 bench/bench_cache_graphs.py --device cpu --tiny   # checks the script (op by op only)
 
 The same policy is compiled as ``--variants`` says: op by op (``cuda_graphs`` False), op by op again, per piece
-(True), auto ("auto": each piece timed, captured where its host bounds it), the later ones loading the first's
-kernels from Inductor's FX graph cache where its key matches (one directory per rank). Each runs the schedule
-twice, ``--steps`` steps of two calls (text, then other text) with a new timestep per step: first to compile (and
-to capture) what the policy uses, then timed, replaying. Rank 0 prints per variant the median ms of the timed
-calls that ran every block and of those that skipped some, the median host ms, how many pieces replay a graph,
-the worst rel L2 of its timed calls against its own first pass (the same kernels: replays against op by op and
-captures) and against each op-by-op variant's. "CHECK PASSED" if every variant is within 1e-3 of its own first
-pass. Two compiles on 4 GPUs may differ by bf16 rounding (bench/RESULTS.md).
+(True), auto ("auto", the default), the later ones loading the first's pieces from Inductor's FX graph cache (one
+directory per rank). Each runs the schedule twice, ``--steps`` steps of two calls (text, then other text) with a
+new timestep per step: first to compile (and to capture) what the policy uses, then timed, replaying. Rank 0
+prints per variant the median ms of the timed calls that ran every block and of those that skipped some, the
+median host ms, how many pieces replay a graph, the worst rel L2 of its timed calls against its own first pass
+(the same kernels: replays against op by op and captures) and against each op-by-op variant's. "CHECK PASSED" if
+every variant is within 1e-3 of its own first pass. (Before the cache served pieces, two compiles on 4 GPUs
+differed by 3.7e-3: bench/RESULTS.md 2026-11-28, twentieth session.)
 """
 import argparse
 import os

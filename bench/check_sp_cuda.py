@@ -5,6 +5,8 @@ every lent multi-GPU device:
     torchrun --nproc_per_node=2|4 bench/check_sp_cuda.py     # one line per model and variant, "FAIL" where one differs
     torchrun --nproc_per_node=2 bench/check_sp_cuda.py --device cpu   # checks the script over gloo (target eager)
 
+Inductor's FX graph cache is off here: every case runs the passes, whose report counts the exchanged attentions.
+
 Tiny diffusers models (tests/tiny_models.py): HunyuanVideo with padded text (a key mask, gathered with the keys),
 LTX-Video (its text split with the video, with its mask), Flux (joint attention), Qwen-Image with padded text (a
 key mask built in the block, its image run gathered with the keys: under cuda_graphs an NCCL kernel in the capture
@@ -21,6 +23,7 @@ import warnings
 from pathlib import Path
 
 import torch
+import torch._inductor.config
 import torch.distributed as dist
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1] / d) for d in ("", "tests", "bench")]
@@ -80,6 +83,7 @@ def main():
     ap.add_argument("--models", default="", help="only these (comma-separated), e.g. qwen,hunyuan")
     args = ap.parse_args()
     cuda = args.device == "cuda"
+    torch._inductor.config.fx_graph_cache = False  # see the module docstring
     rank, world, dev = init_ranks(cuda)
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # fp32 means fp32 here

@@ -7,7 +7,7 @@ from mindiesd_compile.lowering import inductor
 
 def _patches(monkeypatch, **kwargs):
     seen = {}
-    monkeypatch.setattr(inductor, "compile_fx", lambda gm, inputs, config_patches: seen.update(config_patches))
+    monkeypatch.setattr(inductor, "compile_fx", lambda gm, inputs, config_patches, **kw: seen.update(config_patches))
     inductor.compile_inductor(torch.fx.GraphModule({}, torch.fx.Graph()), [], "manager", **kwargs)
     return seen
 

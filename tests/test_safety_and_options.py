@@ -100,6 +100,40 @@ def test_default_target_follows_the_tensors():
     assert infer_target([torch.randn(2, device="meta"), 3]) == "cpu"
 
 
+def test_pieces_come_from_inductors_cache_in_a_new_compile(tmp_path, monkeypatch):
+    """A model split into pieces compiles each at its first run, outside Dynamo's context. Inductor's FX graph
+    cache serves them to the next compile (a new process, or after torch._dynamo.reset()), with the same numbers;
+    not to a compile whose options change the rewrite, nor with the sequence-parallel group changed."""
+    from functools import partial
+    from torch._dynamo.utils import counters
+    import mindiesd_compile
+    from mindiesd_compile.passes.ulysses import UlyssesPass
+    from tiny_models import wan
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))  # cold: no earlier run's entries
+    model, kwargs = wan()
+    model.eval()
+
+    def compile_once(**options):
+        torch._dynamo.reset()
+        counters.clear()
+        rep = mindiesd_compile.Report()
+        backend = partial(mindiesd_compile.mindiesd_backend, options={"target": "cpu", **options}, report=rep)
+        with torch.no_grad():
+            out = torch.compile(model, backend=backend, fullgraph=True)(**kwargs)[0]
+        return out, rep, dict(counters["inductor"])
+
+    first, _, cold = compile_once()
+    again, report, warm = compile_once()
+    _, _, other = compile_once(patterns=[p for p in mindiesd_compile.options.PATTERNS if p != "rms_norm"])
+    pieces = cold["fxgraph_cache_miss"]
+    assert pieces >= 3 and "fxgraph_cache_hit" not in cold and "fxgraph_cache_bypass" not in cold
+    assert warm.get("fxgraph_cache_hit") == pieces and "fxgraph_cache_miss" not in warm
+    assert report.cache_hits == pieces + 1 and torch.equal(first, again)  # the model's two blocks: one piece, two uses
+    assert other["fxgraph_cache_miss"] >= 1 and other.get("fxgraph_cache_hit", 0) < pieces
+    ulysses = lambda group: UlyssesPass(None, 2, group, [0], "gather_kv", "ahead").uuid()  # noqa: E731
+    assert ulysses("0") != ulysses("1")  # the group's name is in the compiled code
+
+
 def test_report_says_when_inductor_served_a_graph_from_its_cache():
     from functools import partial
     import mindiesd_compile

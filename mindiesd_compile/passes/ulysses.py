@@ -260,7 +260,7 @@ class UlyssesPass(GraphPass):
         self.options = {"overlap": overlap} if mode == "gather_kv" else {}
 
     def uuid(self) -> bytes:
-        config = (self.degree, sorted(self.sharded_inputs), self.exchange.__name__, self.options)
+        config = (self.degree, self.group, sorted(self.sharded_inputs), self.exchange.__name__, self.options)
         return hashlib.sha256(super().uuid() + repr(config).encode()).digest()
 
     def __call__(self, graph: torch.fx.Graph) -> None:

@@ -62,7 +62,7 @@ class PartitionRunner:
         self.block_index: Dict[Node, int] = {n: i for i, n in enumerate(self.block_nodes)}  # hot path: no list scans
         self.gather_point = next(n for n in self.piece if n.target == gather_point(partition))  # sequence parallel
         self.compiled: Dict[tuple, Callable] = {}  # (node, variant, sizes) -> compiled piece
-        # cuda_graphs with a cache policy: wraps each compiled piece to replay it as a CUDA graph (backend.py)
+        # cuda_graphs with a cache policy: wraps each compiled piece to replay it as a CUDA graph (cuda_graph.py)
         self.piece_graphs: Optional[Callable[[Callable], Callable]] = None
         # a graph Dynamo traced with dynamic sizes takes them as int inputs: its pieces compile once per set
         inputs = [n.meta.get("example_value", n.meta.get("val")) for n in self.nodes if n.op == "placeholder"]
