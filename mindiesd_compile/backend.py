@@ -16,7 +16,7 @@ from .partition import partition_at_blocks
 from .passes import PASSES, PassManager
 from .passes.sparse_attention import resolve_video_grid, with_sparse_runtime
 from .report import Report
-from .runtime.cache import CacheConfig, StepCache
+from .runtime.cache import StepCache
 from .runtime.cuda_graph import replay_as_graphs
 from .runtime.host_copies import HostCopies, hoist_host_copies, on_devices
 from .runtime.runner import PartitionRunner, PieceCompiler
@@ -111,8 +111,7 @@ def mindiesd_backend(gm: torch.fx.GraphModule, example_inputs, options=None, mod
     graphs = opts.cuda_graphs_for(target, _inductor_graphs(opts, mode)) if device is not None else False
     if graphs:
         group = (opts.parallel_group or torch.distributed.group.WORLD) if opts.sequence_parallel > 1 else None
-        compiled = replay_as_graphs(compiled, device, group, auto=graphs == "auto",
-                                    per_piece=CacheConfig.from_value(opts.cache).enabled)
+        compiled = replay_as_graphs(compiled, device, group, auto=graphs == "auto", per_piece=opts.caching)
     return HostCopies(compiled, moved) if moved else compiled
 
 

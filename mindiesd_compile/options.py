@@ -240,10 +240,16 @@ class CompileOptions:
             return "ahead" if self.sequence_parallel == 2 else "split"
         return overlap
 
+    @property
+    def caching(self) -> bool:
+        """Whether a cache policy may pick the pieces each step: one is set, or a ``StepCache`` handle is given,
+        whose ``configure()`` may set one after the compile."""
+        from .runtime.cache import CacheConfig, StepCache
+        return isinstance(self.cache, StepCache) or CacheConfig.from_value(self.cache).enabled
+
     def _varying_steps(self) -> List[str]:
         """The options under which what runs changes from step to step: a captured forward cannot follow."""
-        from .runtime.cache import CacheConfig
-        return [name for name, on in (("cache", CacheConfig.from_value(self.cache).enabled),
+        return [name for name, on in (("cache", self.caching),
                                       ("sparse_attention", self.sparse_attention is not None)) if on]
 
     def _graph_safe_exchange(self) -> bool:

@@ -15,6 +15,7 @@ import warnings
 import pytest
 import torch
 
+from mindiesd_compile import StepCache
 from mindiesd_compile.options import CompileOptions, OptionsError
 from mindiesd_compile.runtime.cuda_graph import CudaGraphForward
 
@@ -306,6 +307,7 @@ def test_auto_is_off_where_no_capture_can_be(monkeypatch):
     assert graphs(cuda_graphs=True) is True and graphs(cuda_graphs=False) is False
     assert graphs(target="cpu") is False and graphs(target="npu") is False
     assert graphs(cache={"policy": "block"}) is False and graphs(sparse_attention={"sparsity": 0.5}) is False
+    assert graphs(cache=StepCache()) is False  # no policy yet, but a handle may configure() one later
     assert graphs(sequence_parallel=2, sequence_parallel_mode="ulysses") is False  # NCCL in the graph
     assert graphs(sequence_parallel=4, sequence_parallel_overlap=False) is False
     assert graphs(inductor=True) is False  # torch.compile(mode="reduce-overhead"): Inductor's own graphs
@@ -318,10 +320,10 @@ def test_inductor_graphs_are_seen_in_the_mode_and_the_config():
     assert _inductor_graphs(CompileOptions.from_dict({"inductor_config": {"triton.cudagraphs": True}}), None)
 
 
-def per_piece_loop(policy):
+def per_piece_loop(policy, late=False):
     """A CFG denoising loop under ``policy`` op by op, then again with each piece wrapped as the backend does on a
-    GPU (``replay_as_graphs``, over the stand-in): the outputs of both, the runner, the stand-in and the policy's
-    handle."""
+    GPU (``replay_as_graphs``, over the stand-in; ``late``: compiled without a policy, which the handle's
+    ``configure()`` sets after the wrapping): the outputs of both, the runner, the stand-in and the handle."""
     from test_partition_cache import compiled, denoise, wan_inputs
     from mindiesd_compile.runtime.cuda_graph import replay_as_graphs
     model, kwargs_for = wan_inputs(layers=4)
@@ -329,26 +331,29 @@ def per_piece_loop(policy):
     op_by_op, _ = compiled(model, config)
     want = [out[0] for _, _, out, _ in denoise(op_by_op, model, kwargs_for, steps=7)]
     torch._dynamo.reset()
-    fn, cache = compiled(model, config)
+    fn, cache = compiled(model, None if late else config)
     with torch.no_grad():
         fn(**kwargs_for(0, 0))  # builds the runner
     runner, cuda = cache.runners[0], StandInCuda()
     runner.compiled.clear()  # the pieces stay compiled (PieceCompiler); from here they are wrapped as on a GPU
-    assert replay_as_graphs(runner, torch.device("cpu"), None, False, per_piece=True, graphs=cuda) is runner
+    per_piece = CompileOptions.from_dict({"cache": cache}).caching  # what the backend asks
+    assert replay_as_graphs(runner, torch.device("cpu"), None, False, per_piece, graphs=cuda) is runner
     wrap_piece = runner.piece_graphs
     runner.piece_graphs = lambda piece: wrap_piece(recording(piece, cuda))  # the stand-in records captures
-    cache.reset()
+    cache.configure(config)
     got = [out[0] for _, _, out, _ in denoise(fn, model, kwargs_for, steps=7)]
     return got, want, runner, cuda, cache
 
 
-@pytest.mark.parametrize("policy", ["block", "attention", "dynamic", "forecast"])
-def test_cache_policy_replays_each_piece_as_its_own_graph(policy):
+@pytest.mark.parametrize("policy, late", [("block", False), ("attention", False), ("dynamic", False),
+                                          ("forecast", False), ("block", True)])
+def test_cache_policy_replays_each_piece_as_its_own_graph(policy, late):
     """cuda_graphs True with a cache policy: the runner picks the pieces on the host each step and each piece
     replays its own graph, all in one memory pool. Over a CFG denoising loop every output equals the same policy
     op by op: what a policy keeps across steps and branches (residuals, attention outputs) is never a graph's
-    buffer that the other branch's replay overwrites."""
-    got, want, runner, cuda, cache = per_piece_loop(policy)
+    buffer that the other branch's replay overwrites. Also where the policy is configured after the compile (a
+    whole-forward graph would replay every block and ignore it)."""
+    got, want, runner, cuda, cache = per_piece_loop(policy, late)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6)
     wrapped = list(runner.compiled.values())

@@ -21,6 +21,8 @@ def compile_inductor(gm, example_inputs, manager, config_patches=None, mode=None
     if mode is not None:
         patches.update(torch._inductor.list_mode_options(mode))
     patches.update(config_patches or {})
+    if manager.dump_graphs:  # the passes must run to write their graphs: none served from the cache
+        patches["fx_graph_cache"] = False
     if torch._guards.TracingContext.try_get() is not None:  # Dynamo's call: its context and shape env
         return compile_fx(gm, example_inputs, config_patches=patches)
     with _static_shape_env():
