@@ -6,7 +6,8 @@ policies switched with StepCache.configure, so every policy runs the same compil
 
 Per policy: transformer time of the whole loop (100 forwards without caching), speedup over no cache,
 blocks skipped, cache memory, and the deviation of the final latent from the uncached run
-(relative L2). Also checks that no policy recompiles.
+(relative L2). Also checks that no policy recompiles. ``--cuda-graphs``: the option for this compile (with a
+StepCache handle, graphs are per block); the last line says how many compiled pieces replay a CUDA graph.
 """
 import argparse
 import datetime
@@ -19,6 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.append(str(Path(__file__).resolve().parent))
+from bench_cache_graphs import graphs_replayed  # noqa: E402
 from bench_wan import CONFIGS, build_model, sync  # noqa: E402
 
 import mindiesd_compile  # noqa: E402
@@ -55,6 +57,8 @@ def main():
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--guidance", type=float, default=5.0)
     ap.add_argument("--policies", default="all")
+    ap.add_argument("--cuda-graphs", default="auto", choices=["off", "on", "auto"],
+                    help="options['cuda_graphs'] (with the StepCache handle: per block where it captures)")
     args = ap.parse_args()
     from diffusers import UniPCMultistepScheduler
     from torch._dynamo.utils import counters
@@ -69,7 +73,9 @@ def main():
     scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
                                         num_train_timesteps=1000, flow_shift=3.0)
     cache = StepCache()
-    fn = torch.compile(model, backend="mindiesd", options={"target": dev.type, "cache": cache}, fullgraph=True)
+    graphs = {"off": False, "on": True, "auto": "auto"}[args.cuda_graphs] if dev.type == "cuda" else False
+    fn = torch.compile(model, backend="mindiesd", options={"target": dev.type, "cache": cache, "cuda_graphs": graphs},
+                       fullgraph=True)
 
     def denoise(max_steps=None):
         scheduler.set_timesteps(args.steps, device=dev)
@@ -131,6 +137,7 @@ def main():
               f"{r['rel_l2']:.2e} |" for r in rows]
     print("\n".join(lines))
     print(f"graphs compiled after the first call: {recompiled}")
+    print(f"cuda_graphs {args.cuda_graphs}: {graphs_replayed(runner)} compiled pieces replay a CUDA graph")
     if os.environ.get("OUT"):
         Path(os.environ["OUT"], f"cache_{cname}.json").write_text(json.dumps(dict(
             config=cname, steps=args.steps, cold_compile_s=cold, rows=rows, recompiled=recompiled,
