@@ -118,10 +118,10 @@ class CompileOptions:
                sparse attention; with sequence parallelism only over the copy-engine exchange, gather_kv with an
                overlap: the default on 2-4 ranks). Pays where launches bound a forward (small resolutions;
                Qwen-Image on 4 GPUs); runtime/cuda_graph.py says how inputs and outputs are handled. True: capture
-               every signature; with a cache policy, each piece (block) is captured instead, and the policy
-               chooses between them on the host; "auto" (default): where a capture is possible and no cache policy
-               is on, try it on forwards the host bounds and keep the graphs measured faster
-               (``cuda_graphs_for``); False: never.
+               every signature; with ``cache`` (a policy, or a StepCache handle: ``caching``), each piece
+               (block) is captured instead, and the policy chooses between them on the host; "auto" (default):
+               where a capture is possible and no cache policy may run, try it on forwards the host bounds and
+               keep the graphs measured faster (``cuda_graphs_for``); False: never.
     """
 
     target: Optional[str] = None
