@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, List, Mapping, Optional, Tuple
+from typing import Any, Mapping, Optional, Tuple
 
 TARGETS = ("cuda", "cpu", "eager", "npu")
 SEQUENCE_PARALLEL_MODES = ("auto", "ulysses", "gather_kv")
@@ -247,10 +247,10 @@ class CompileOptions:
         from .runtime.cache import CacheConfig, StepCache
         return isinstance(self.cache, StepCache) or CacheConfig.from_value(self.cache).enabled
 
-    def _varying_steps(self) -> List[str]:
-        """The options under which what runs changes from step to step: a captured forward cannot follow."""
-        return [name for name, on in (("cache", self.caching),
-                                      ("sparse_attention", self.sparse_attention is not None)) if on]
+    def _steps_vary(self) -> bool:
+        """Whether what runs may change from step to step (a cache policy, sparse attention): a captured forward
+        cannot follow."""
+        return self.caching or self.sparse_attention is not None
 
     def _graph_safe_exchange(self) -> bool:
         """No NCCL kernel in a captured sequence-parallel forward (pytorch/pytorch#115388): gather_kv with an
@@ -264,7 +264,7 @@ class CompileOptions:
         CUDA graphs (``inductor_graphs``: torch.compile's mode "reduce-overhead", or ``triton.cudagraphs``)."""
         if self.cuda_graphs != "auto":
             return self.cuda_graphs
-        possible = target == "cuda" and not self._varying_steps() and self._graph_safe_exchange() \
+        possible = target == "cuda" and not self._steps_vary() and self._graph_safe_exchange() \
             and not inductor_graphs
         return "auto" if possible else False
 
