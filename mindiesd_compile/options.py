@@ -118,10 +118,10 @@ class CompileOptions:
                sparse attention; with sequence parallelism only over the copy-engine exchange, gather_kv with an
                overlap: the default on 2-4 ranks). Pays where launches bound a forward (small resolutions;
                Qwen-Image on 4 GPUs); runtime/cuda_graph.py says how inputs and outputs are handled. True: capture
-               every signature; with ``cache`` (a policy, or a StepCache handle: ``caching``), each piece
-               (block) is captured instead, and the policy chooses between them on the host; "auto" (default):
-               where a capture is possible and no cache policy may run, try it on forwards the host bounds and
-               keep the graphs measured faster (``cuda_graphs_for``); False: never.
+               every signature; "auto" (default): where a capture is possible, try it on forwards the host
+               bounds and keep the graphs measured faster (``cuda_graphs_for``); False: never. With ``cache`` (a
+               policy, or a StepCache handle: ``caching``) each piece (block) is captured, or tried, on its own
+               instead, and the policy picks the pieces on the host.
     """
 
     target: Optional[str] = None
@@ -247,11 +247,6 @@ class CompileOptions:
         from .runtime.cache import CacheConfig, StepCache
         return isinstance(self.cache, StepCache) or CacheConfig.from_value(self.cache).enabled
 
-    def _steps_vary(self) -> bool:
-        """Whether what runs may change from step to step (a cache policy, sparse attention): a captured forward
-        cannot follow."""
-        return self.caching or self.sparse_attention is not None
-
     def _graph_safe_exchange(self) -> bool:
         """No NCCL kernel in a captured sequence-parallel forward (pytorch/pytorch#115388): gather_kv with an
         overlap exchanges over copy engines only, and so does the output gather then."""
@@ -260,11 +255,12 @@ class CompileOptions:
 
     def cuda_graphs_for(self, target: str, inductor_graphs: bool) -> Any:
         """What runs for ``target``: True, "auto" or False. "auto" is off where a capture cannot be: another target,
-        a cache policy or sparse attention (what runs changes per step), an exchange over NCCL, and Inductor's own
-        CUDA graphs (``inductor_graphs``: torch.compile's mode "reduce-overhead", or ``triton.cudagraphs``)."""
+        sparse attention (what runs changes per step), an exchange over NCCL, and Inductor's own CUDA graphs
+        (``inductor_graphs``: torch.compile's mode "reduce-overhead", or ``triton.cudagraphs``). With a cache
+        policy it applies to each piece (runtime/cuda_graph.py, ``replay_as_graphs``)."""
         if self.cuda_graphs != "auto":
             return self.cuda_graphs
-        possible = target == "cuda" and not self._steps_vary() and self._graph_safe_exchange() \
+        possible = target == "cuda" and self.sparse_attention is None and self._graph_safe_exchange() \
             and not inductor_graphs
         return "auto" if possible else False
 

@@ -306,8 +306,8 @@ def test_auto_is_off_where_no_capture_can_be(monkeypatch):
     assert graphs() == "auto" and graphs(sequence_parallel=2) == "auto" and graphs(sequence_parallel=4) == "auto"
     assert graphs(cuda_graphs=True) is True and graphs(cuda_graphs=False) is False
     assert graphs(target="cpu") is False and graphs(target="npu") is False
-    assert graphs(cache={"policy": "block"}) is False and graphs(sparse_attention={"sparsity": 0.5}) is False
-    assert graphs(cache=StepCache()) is False  # no policy yet, but a handle may configure() one later
+    assert graphs(cache={"policy": "block"}) == "auto" and graphs(cache=StepCache()) == "auto"  # judged per piece
+    assert graphs(sparse_attention={"sparsity": 0.5}) is False
     assert graphs(sequence_parallel=2, sequence_parallel_mode="ulysses") is False  # NCCL in the graph
     assert graphs(sequence_parallel=4, sequence_parallel_overlap=False) is False
     assert graphs(inductor=True) is False  # torch.compile(mode="reduce-overhead"): Inductor's own graphs
@@ -320,10 +320,11 @@ def test_inductor_graphs_are_seen_in_the_mode_and_the_config():
     assert _inductor_graphs(CompileOptions.from_dict({"inductor_config": {"triton.cudagraphs": True}}), None)
 
 
-def per_piece_loop(policy, late=False):
+def per_piece_loop(policy, late=False, auto=False, host_s=0.0, gpu_s=0.0):
     """A CFG denoising loop under ``policy`` op by op, then again with each piece wrapped as the backend does on a
     GPU (``replay_as_graphs``, over the stand-in; ``late``: compiled without a policy, which the handle's
-    ``configure()`` sets after the wrapping): the outputs of both, the runner, the stand-in and the handle."""
+    ``configure()`` sets after the wrapping; ``host_s``: how long issuing a piece takes op by op): the outputs of
+    both, the runner, the stand-in and the handle."""
     from test_partition_cache import compiled, denoise, wan_inputs
     from mindiesd_compile.runtime.cuda_graph import replay_as_graphs
     model, kwargs_for = wan_inputs(layers=4)
@@ -334,12 +335,18 @@ def per_piece_loop(policy, late=False):
     fn, cache = compiled(model, None if late else config)
     with torch.no_grad():
         fn(**kwargs_for(0, 0))  # builds the runner
-    runner, cuda = cache.runners[0], StandInCuda()
+    runner, cuda = cache.runners[0], StandInCuda(gpu_s=gpu_s)
     runner.compiled.clear()  # the pieces stay compiled (PieceCompiler); from here they are wrapped as on a GPU
     per_piece = CompileOptions.from_dict({"cache": cache}).caching  # what the backend asks
-    assert replay_as_graphs(runner, torch.device("cpu"), None, False, per_piece, graphs=cuda) is runner
+    assert replay_as_graphs(runner, torch.device("cpu"), None, auto, per_piece, graphs=cuda) is runner
     wrap_piece = runner.piece_graphs
-    runner.piece_graphs = lambda piece: wrap_piece(recording(piece, cuda))  # the stand-in records captures
+
+    def issued(piece):
+        def fn(*args):
+            time.sleep(0.0 if cuda.replaying else host_s)
+            return piece(*args)
+        return fn
+    runner.piece_graphs = lambda piece: wrap_piece(recording(issued(piece), cuda))
     cache.configure(config)
     got = [out[0] for _, _, out, _ in denoise(fn, model, kwargs_for, steps=7)]
     return got, want, runner, cuda, cache
@@ -360,3 +367,20 @@ def test_cache_policy_replays_each_piece_as_its_own_graph(policy, late):
     pools = {w.pool for w in wrapped}
     assert cache.stats["skipped"] > 0 and all(isinstance(w, CudaGraphForward) and not w.auto for w in wrapped)
     assert cuda.captures == len(wrapped) and len(pools) == 1  # every piece captured once, in one pool
+
+
+@pytest.mark.parametrize("gpu_bound", [False, True])
+def test_auto_judges_each_piece_under_a_cache_policy(gpu_bound):
+    """"auto" with a cache policy: each piece is timed on its own. Pieces whose host bounds them (50 ms to issue,
+    nothing replayed) are captured and kept; where the GPU bounds them (300 ms after the host is done) none is
+    captured. The outputs equal op by op either way. (Times far apart: a shared 2-core CI machine.)"""
+    got, want, runner, cuda, _ = per_piece_loop("block", auto=True, host_s=0.05, gpu_s=0.3 if gpu_bound else 0.0)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6)
+    wrapped = list(runner.compiled.values())
+    kept = [entry for w in wrapped for entry in w.captured.values() if entry is not None]
+    assert all(w.auto for w in wrapped)
+    if gpu_bound:
+        assert cuda.captures == 0 and not kept
+    else:
+        assert cuda.captures == len(wrapped) == len(kept)

@@ -19,8 +19,7 @@ With a cache policy the partition runner wraps each piece instead (``replay_as_g
 ``piece_graphs``): the policy picks the pieces on the host every step, and the graphs share one memory pool
 (``pool``): one graph's buffers may be another's scratch, which is safe because they replay one at a time and each
 replay's outputs are cloned before the next one runs. Qwen-Image 20B on 4 H200s, a call that runs every block:
-60.5-65.6 ms against 99-190 ms op by op (bench/bench_cache_graphs.py). Asked for only (True): "auto" is off with a
-cache policy.
+60.5-65.6 ms against 99-190 ms op by op (bench/bench_cache_graphs.py). "auto" then judges each piece on its own.
 
 "auto" (``auto=True``, the options' default where a capture is possible) captures only what it measured faster:
 the second call of a signature is timed op by op; if the host issued it in under half its wall time, the GPU never
