@@ -137,7 +137,9 @@ def main():
               f"{r['rel_l2']:.2e} |" for r in rows]
     print("\n".join(lines))
     print(f"graphs compiled after the first call: {recompiled}")
-    print(f"cuda_graphs {args.cuda_graphs}: {graphs_replayed(runner)} compiled pieces replay a CUDA graph")
+    print(f"cuda_graphs {args.cuda_graphs}: {graphs_replayed(runner)} compiled pieces replay a CUDA graph"
+          + (f", peak memory {torch.cuda.max_memory_allocated(dev) / 2**30:.2f} GiB, held at the end "
+             f"{torch.cuda.memory_allocated(dev) / 2**30:.2f} GiB" if dev.type == "cuda" else ""))
     if os.environ.get("OUT"):
         Path(os.environ["OUT"], f"cache_{cname}.json").write_text(json.dumps(dict(
             config=cname, steps=args.steps, cold_compile_s=cold, rows=rows, recompiled=recompiled,

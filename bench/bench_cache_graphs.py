@@ -3,26 +3,31 @@ pieces on the host (``options["cuda_graphs"]`` True with ``options["cache"]``). 
 GPUs, in a CFG denoising loop:
 
     torchrun --nproc_per_node=1|2|4 bench/bench_cache_graphs.py [--policy block] [--steps 10]
-    torchrun --nproc_per_node=2 bench/bench_cache_graphs.py --device cpu --tiny   # checks the script (op by op only)
+    torchrun --nproc_per_node=2 bench/bench_cache_graphs.py --device cpu --tiny   # checks the script (op-by-op variants)
 
 The same policy is compiled as ``--variants`` says: op by op (``cuda_graphs`` False), op by op again, per piece
 (True), auto ("auto", the default), the later ones loading the first's pieces from Inductor's FX graph cache (one
 directory per rank). Each runs the schedule twice, ``--steps`` steps of two calls (text, then other text) with a
 new timestep per step: first to compile (and to capture) what the policy uses, then timed, replaying. Rank 0
 prints per variant the median ms of the timed calls that ran every block and of those that skipped some, the
-median host ms, how many pieces replay a graph, the worst rel L2 of its timed calls against its own first pass
+median host ms, how many pieces replay a graph, how many compiles Inductor's FX graph cache served (hit/miss/
+bypass), the memory the variant holds after its calls and its peak (over what it held before), the worst rel L2 of its timed calls against its own first pass
 (the same kernels: replays against op by op and captures) and against each op-by-op variant's. "CHECK PASSED" if
 every variant is within 1e-3 of its own first pass. (Before the cache served pieces, two compiles on 4 GPUs
-differed by 3.7e-3: bench/RESULTS.md 2026-11-28, twentieth session.)
+differed by 3.7e-3: bench/RESULTS.md 2026-11-28, twentieth session.) TORCHINDUCTOR_FX_GRAPH_CACHE=0 in the
+environment would turn the cache off whatever the config says, so the script removes it.
 """
 import argparse
+import gc
 import os
 import statistics
 import sys
 from pathlib import Path
 
-import torch
-import torch._inductor.config
+os.environ.pop("TORCHINDUCTOR_FX_GRAPH_CACHE", None)  # set, it overrides the config below (env_name_force)
+import torch  # noqa: E402
+import torch._inductor.config  # noqa: E402
+from torch._dynamo.utils import counters  # noqa: E402
 
 sys.path.append(str(Path(__file__).resolve().parent))
 from bench_sp import init_ranks  # noqa: E402
@@ -69,16 +74,21 @@ def main():
     texts = [inputs["encoder_hidden_states"], torch.randn_like(inputs["encoder_hidden_states"])]
     policy = {"policy": args.policy, **({"threshold": 0.1} if args.policy == "dynamic" else
                                         {"step_start": 2, "step_interval": 2})}
-    options = {"target": "cuda" if cuda else "eager"}
+    options = {"target": "cuda" if cuda else "cpu"}
     if world > 1:
         mindiesd_compile.mark_sequence_dynamic(model, inputs)
         options["sequence_parallel"] = world
     torch._inductor.config.fx_graph_cache = True  # the second compile loads the first's kernels: same numbers
     results = {}
-    first, graphs_kept = {}, {}
-    for variant in (args.variants.split(",") if cuda else ["op by op"]):
+    first, graphs_kept, memory, cache_use = {}, {}, {}, {}
+    for variant in [v for v in args.variants.split(",") if cuda or v.startswith("op by op")]:  # graphs: cuda only
         graphs = {"per piece": True, "auto": "auto"}.get(variant, False)
         torch._dynamo.reset()
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(dev)
+        held, before = torch.cuda.memory_allocated(dev) if cuda else 0, dict(counters["inductor"])
         cache = mindiesd_compile.StepCache(policy)
         with torch.no_grad():
             fn = torch.compile(model, backend="mindiesd", options={**options, "cache": cache, "cuda_graphs": graphs},
@@ -88,6 +98,12 @@ def main():
             cache.reset()
             results[variant] = denoise(fn, inputs, texts, args.steps, lambda: cache.runners[0])
             graphs_kept[variant] = graphs_replayed(cache.runners[0])
+        cache_use[variant] = "/".join(str(counters["inductor"][k] - before.get(k, 0)) for k in
+                                      ("fxgraph_cache_hit", "fxgraph_cache_miss", "fxgraph_cache_bypass"))
+        if cuda:  # what the variant holds after its calls (its graphs' pool and buffers), and its peak
+            memory[variant] = (f"{(torch.cuda.memory_allocated(dev) - held) / 2**30:.2f} GiB held, "
+                               f"{(torch.cuda.max_memory_allocated(dev) - held) / 2**30:.2f} GiB peak")
+        del fn, cache
     if rank != 0:
         return torch.distributed.destroy_process_group()
     median = lambda xs: f"{statistics.median(xs):.1f}" if xs else "-"  # noqa: E731
@@ -101,7 +117,8 @@ def main():
         worst = max(worst, own)
         print(f"RESULT qwen-image gpus={world} policy={args.policy} {variant}: calls={len(calls)} "
               f"every block ms={median(full)} ({len(full)}) skipping ms={median(skipping)} ({len(skipping)}) "
-              f"host ms={median([h for _, _, h, _ in calls])} graphs={graphs_kept[variant]} worst rel L2 vs its first pass {own:.1e}"
+              f"host ms={median([h for _, _, h, _ in calls])} graphs={graphs_kept[variant]} "
+              f"Inductor's cache hit/miss/bypass={cache_use[variant]} memory={memory.get(variant, '-')} worst rel L2 vs its first pass {own:.1e}"
               + "".join(f", vs {ref} {rel_l2(results[ref]):.1e}" for ref in refs), flush=True)
     print(f"CHECK {'PASSED' if worst <= 1e-3 else 'FAILED'}", flush=True)
     torch.distributed.destroy_process_group()

@@ -1,8 +1,8 @@
 """options["cuda_graphs"]: validation, the replay wrapper's handling of inputs and outputs, and what "auto" keeps.
 
 CI has no GPU, so the wrapper runs against a stand-in with CUDA graphs' documented semantics: a capture
-records the forward on the buffers it was given, a replay reruns it on whatever those buffers hold now and
-writes the same output buffers. What is checked is ours: which inputs are copied, which are read in place,
+records the forward on the buffers it was given (and the wrapper's own ops around it), a replay reruns it on
+whatever those buffers hold now and writes the same output buffers. What is checked is ours: which inputs are copied, which are read in place,
 that outputs are fresh tensors, recapture when a parameter is replaced, the op-by-op fallback, and "auto"'s
 choice from timed calls (sleeps stand in for the host issuing and for the GPU running). The real graphs are
 measured on the GPU (bench/bench_sp_qwen.py --graphs auto, bench/check_cuda_graphs.py, bench/RESULTS.md).
@@ -14,6 +14,7 @@ import warnings
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from mindiesd_compile import StepCache
 from mindiesd_compile.options import CompileOptions, OptionsError
@@ -22,7 +23,7 @@ from mindiesd_compile.runtime.cuda_graph import CudaGraphForward
 
 class StandInGraph:
     def __init__(self, cuda):
-        self.forward, self.cuda = None, cuda
+        self.forward, self.cuda, self.around = None, cuda, []
 
     def replay(self):
         fn, inputs, outputs = self.forward
@@ -30,8 +31,23 @@ class StandInGraph:
         try:
             for out, new in zip(outputs, fn(*inputs)):
                 out.copy_(new)
+            for op, args, kwargs in self.around:  # e.g. the outputs' copies into a piece's shared slots
+                op(*args, **kwargs)
         finally:
             self.cuda.replaying = False
+
+
+class RecordAround(TorchDispatchMode):
+    """During a capture: the ops the wrapper runs outside the recorded forward, which a replay runs again."""
+
+    def __init__(self, graph):
+        super().__init__()
+        self.graph = graph
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not self.graph.cuda.in_forward:
+            self.graph.around.append((func, args, kwargs or {}))
+        return func(*args, **(kwargs or {}))
 
 
 class StandInCuda:
@@ -40,6 +56,7 @@ class StandInCuda:
 
     def __init__(self, fail=False, gpu_s=0.0):
         self.fail, self.captures, self.capturing, self.replaying, self.gpu_s = fail, 0, None, False, gpu_s
+        self.in_forward = False
         self.pools = set()  # the memory pools captures were given
 
     Stream = staticmethod(lambda device: StandInStream())
@@ -63,7 +80,8 @@ class StandInCuda:
         self.pools.add(pool)
         self.capturing = g
         try:
-            yield
+            with RecordAround(g):
+                yield
         except Exception:  # as CUDA: ending a capture an op broke fails with an error of its own
             raise RuntimeError("operation failed due to a previous error during capture")
         finally:
@@ -77,7 +95,11 @@ class StandInStream:
 
 def recording(fn, cuda):
     def recorded(*args):  # what a capture records: the forward over the buffers it was handed
-        out = fn(*args)
+        cuda.in_forward = True
+        try:
+            out = fn(*args)
+        finally:
+            cuda.in_forward = False
         if cuda.capturing is not None:
             cuda.capturing.forward = (fn, args, out)
         return out
@@ -356,17 +378,27 @@ def per_piece_loop(policy, late=False, auto=False, host_s=0.0, gpu_s=0.0):
                                           ("forecast", False), ("block", True)])
 def test_cache_policy_replays_each_piece_as_its_own_graph(policy, late):
     """cuda_graphs True with a cache policy: the runner picks the pieces on the host each step and each piece
-    replays its own graph, all in one memory pool. Over a CFG denoising loop every output equals the same policy
-    op by op: what a policy keeps across steps and branches (residuals, attention outputs) is never a graph's
-    buffer that the other branch's replay overwrites. Also where the policy is configured after the compile (a
+    replays its own graph; the graphs share one memory pool, and pieces with the same inputs (the blocks) read
+    them from the same buffers and write their outputs to the same buffers. Over a CFG denoising loop every output
+    equals the same policy op by op: what a policy keeps across steps and branches (residuals, attention outputs)
+    is never a buffer that another replay overwrites. Also where the policy is configured after the compile (a
     whole-forward graph would replay every block and ignore it)."""
     got, want, runner, cuda, cache = per_piece_loop(policy, late)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6)
     wrapped = list(runner.compiled.values())
-    pools = {w.pool for w in wrapped}
     assert cache.stats["skipped"] > 0 and all(isinstance(w, CudaGraphForward) and not w.auto for w in wrapped)
-    assert cuda.captures == len(wrapped) and len(pools) == 1  # every piece captured once, in one pool
+    assert cuda.captures == len(wrapped) and len({w.shared for w in wrapped}) == len(cuda.pools) == 1
+    read, written = {}, {}  # per signature of the inputs (outputs): the buffers each piece's graph reads (writes)
+    for w in wrapped:
+        for key, entry in w.captured.items():
+            inputs = [entry.inputs[i] for i in w.dynamic if isinstance(entry.inputs[i], torch.Tensor)]
+            outputs = [t for t in entry.outputs if isinstance(t, torch.Tensor)]
+            read.setdefault(key, []).append(tuple(map(id, inputs)))
+            written.setdefault(tuple((t.shape, t.dtype) for t in outputs), []).append(tuple(map(id, outputs)))
+    for buffers in (read, written):
+        assert max(len(pieces) for pieces in buffers.values()) >= 3  # the blocks
+        assert all(len(set(pieces)) == 1 for pieces in buffers.values())
 
 
 @pytest.mark.parametrize("gpu_bound", [False, True])

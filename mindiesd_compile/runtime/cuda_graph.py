@@ -16,10 +16,9 @@ the warm-up and capture (ops/peer_gather.py), so all ranks keep writing into the
 where the exchange falls back to NCCL (no symmetric memory), nothing is captured.
 
 With a cache policy the partition runner wraps each piece instead (``replay_as_graphs``; runner.py,
-``piece_graphs``): the policy picks the pieces on the host every step, and the graphs share one memory pool
-(``pool``): one graph's buffers may be another's scratch, which is safe because they replay one at a time and each
-replay's outputs are cloned before the next one runs. Qwen-Image 20B on 4 H200s, a call that runs every block:
-60.5-65.6 ms against 99-190 ms op by op (bench/bench_cache_graphs.py). "auto" then judges each piece on its own.
+``piece_graphs``): the policy picks the pieces on the host every step, and the graphs share their memory
+(``PieceMemory``). Qwen-Image 20B on 4 H200s, a call that runs every block: 60.5-65.6 ms against 99-190 ms op by
+op (bench/bench_cache_graphs.py). "auto" then judges each piece on its own.
 
 "auto" (``auto=True``, the options' default where a capture is possible) captures only what it measured faster:
 the second call of a signature is timed op by op; if the host issued it in under half its wall time, the GPU never
@@ -36,9 +35,11 @@ import dataclasses
 import logging
 import time
 import warnings
+from collections import Counter
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
+from torch.utils import _pytree as pytree
 
 from ..ops import peer_gather
 
@@ -60,17 +61,48 @@ class Captured:
     outputs: Any
 
 
+class PieceMemory:
+    """What the graphs of one partition's pieces share, because they replay one at a time: one memory pool for
+    their scratch, and one buffer per input and per output slot (a slot: shape, stride, dtype and device, and
+    which of the piece's tensors with those it is). A replay reads inputs copied into the slots just before it and
+    copies its outputs into the slots, which are cloned before the next piece runs; so no graph's own memory has
+    to outlive its replay. Each piece holding its own inputs and outputs, as a whole-forward graph does, cost
+    17.3 GiB on one H200 for Wan2.1-1.3B at 832x480x81 with every block captured (bench/RESULTS.md 2026-11-28,
+    twenty-first session)."""
+
+    def __init__(self, graphs=torch.cuda):
+        self.pool = graphs.graph_pool_handle()
+        self.slots: Dict[Tuple, torch.Tensor] = {}
+
+    def buffers(self, kind: str, tensors: List[Any]) -> List[Any]:
+        """The ``kind`` ("in", "out") slot for each tensor of ``tensors`` (other values as they are). Made outside
+        any capture, so that no graph's pool holds them."""
+        nth: Counter = Counter()
+        out = []
+        for t in tensors:
+            if not isinstance(t, torch.Tensor):
+                out.append(t)
+                continue
+            like = (kind, t.shape, t.stride(), t.dtype, t.device)
+            key = (*like, nth[like])
+            nth[like] += 1
+            if key not in self.slots:
+                self.slots[key] = torch.empty_like(t)  # the strides a clone of ``t`` has
+            out.append(self.slots[key])
+        return out
+
+
 class CudaGraphForward:
     """Wraps a compiled forward ``fn(*args) -> outputs``; see the module docstring. Per call it looks at the few
     inputs that change (parameters and buffers sit at fixed positions: Dynamo's calling convention), so its own
     cost stays small next to the launches it saves."""
 
     def __init__(self, fn: Callable, device: torch.device, graphs=torch.cuda, group=None, auto: bool = False,
-                 pool=None):
+                 shared: Optional[PieceMemory] = None):
         self.fn, self.device, self.graphs = fn, device, graphs  # ``graphs``: torch.cuda (tests pass a stand-in)
         self.group = group  # the sequence-parallel ranks, which must all capture or none
         self.auto = auto    # capture only where measured faster (module docstring)
-        self.pool = pool    # a memory pool shared with graphs replayed in turn (one per piece: runner.py)
+        self.shared = shared  # memory shared with graphs replayed in turn (one per piece: runner.py)
         self.static: Optional[Tuple[int, ...]] = None  # positions of parameters and buffers
         self.dynamic: Tuple[int, ...] = ()
         self.seen: set = set()
@@ -155,20 +187,25 @@ class CudaGraphForward:
                        "whose kernels in a CUDA graph hang the process group's teardown (pytorch/pytorch#115388); "
                        "these inputs run op by op")
             return None
-        inputs = [a.clone() if i in self.dynamic and isinstance(a, torch.Tensor) else a for i, a in enumerate(args)]
+        inputs = self._input_buffers(args)
         turns = peer_gather.slot_turns()  # this rank's exchange slots, to put back if the ranks drop the capture
         why = None
         try:
             side = self.graphs.Stream(self.device)
             side.wait_stream(self.graphs.current_stream(self.device))
             with self.graphs.stream(side):
-                self._run(inputs)  # kernels that initialise lazily do it outside the capture
+                warm = self._run(inputs)  # kernels that initialise lazily do it outside the capture
             self.graphs.current_stream(self.device).wait_stream(side)
-            graph = self.graphs.CUDAGraph()
+            flat, spec = pytree.tree_flatten(warm)
+            slots = None if self.shared is None else self.shared.buffers("out", flat)
+            del warm, flat
+            graph, pool = self.graphs.CUDAGraph(), None if self.shared is None else self.shared.pool
             # thread_local, as Inductor's CUDA graph trees: another thread's CUDA call (NCCL's watchdog polling an
             # earlier collective's event) cannot invalidate this capture; this thread's illegal calls still fail it
-            with self.graphs.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+            with self.graphs.graph(graph, pool=pool, capture_error_mode="thread_local"):
                 outputs = self._run(inputs)
+                if slots is not None:  # the pool's own outputs are then free: scratch for the other pieces
+                    outputs = _copied_into(slots, spec, outputs)
         except Exception as err:  # noqa: BLE001 - an optional speed-up must never cost a result
             while err.__context__ is not None:  # the first error: ending a failed capture raises one of its own
                 err = err.__context__
@@ -180,6 +217,19 @@ class CudaGraphForward:
             self._tell(f"capturing the forward failed ({why}); these inputs run op by op")
             return None
         return Captured(graph, inputs, self._static_ptrs(args), outputs)
+
+    def _input_buffers(self, args) -> List[Any]:
+        """What the graph reads: the static inputs themselves, the others copied into buffers of its own (shared
+        slots, for a piece)."""
+        dynamic = [args[i] if i in self.dynamic else None for i in range(len(args))]
+        if self.shared is None:
+            buffers = [a.clone() if isinstance(a, torch.Tensor) else a for a in dynamic]
+        else:
+            buffers = self.shared.buffers("in", dynamic)
+            for buffer, a in zip(buffers, dynamic):
+                if isinstance(a, torch.Tensor):
+                    buffer.copy_(a)
+        return [buffers[i] if i in self.dynamic else a for i, a in enumerate(args)]
 
     def _tell(self, why: str) -> None:
         """Asked for, a graph not captured is a warning; under "auto", where it is only tried, a log line."""
@@ -196,12 +246,19 @@ def replay_as_graphs(compiled: Callable, device: torch.device, group, auto: bool
                      graphs=torch.cuda) -> Callable:
     """The backend's compiled forward under ``options["cuda_graphs"]``: one graph per signature of the whole
     forward, or (``per_piece``: a cache policy, whose partition runner picks the pieces each step) one per piece,
-    all in one memory pool."""
+    all sharing their memory."""
     if not per_piece:
         return CudaGraphForward(compiled, device, graphs, group, auto)
-    pool = graphs.graph_pool_handle()
-    compiled.piece_graphs = lambda piece: CudaGraphForward(piece, device, graphs, group, auto, pool)
+    shared = PieceMemory(graphs)
+    compiled.piece_graphs = lambda piece: CudaGraphForward(piece, device, graphs, group, auto, shared)
     return compiled
+
+
+def _copied_into(slots: List[Any], spec, outputs):
+    for slot, out in zip(slots, pytree.tree_leaves(outputs)):
+        if isinstance(slot, torch.Tensor):
+            slot.copy_(out)
+    return pytree.tree_unflatten(slots, spec)
 
 
 def _clone(out):
