@@ -24,7 +24,7 @@ import statistics
 import sys
 from pathlib import Path
 
-os.environ.pop("TORCHINDUCTOR_FX_GRAPH_CACHE", None)  # set, it overrides the config below (env_name_force)
+os.environ.pop("TORCHINDUCTOR_FX_GRAPH_CACHE", None)  # read at import: set, it overrides the config (env_name_force)
 import torch  # noqa: E402
 import torch._inductor.config  # noqa: E402
 from torch._dynamo.utils import counters  # noqa: E402
@@ -103,7 +103,7 @@ def main():
         if cuda:  # what the variant holds after its calls (its graphs' pool and buffers), and its peak
             memory[variant] = (f"{(torch.cuda.memory_allocated(dev) - held) / 2**30:.2f} GiB held, "
                                f"{(torch.cuda.max_memory_allocated(dev) - held) / 2**30:.2f} GiB peak")
-        del fn, cache
+        fn = cache = None  # the variant's graphs go before the next one is measured
     if rank != 0:
         return torch.distributed.destroy_process_group()
     median = lambda xs: f"{statistics.median(xs):.1f}" if xs else "-"  # noqa: E731

@@ -10,11 +10,13 @@ same kernels run). Prints each call's rel L2 against op by op and the memory res
 grew); "CHECK PASSED" if every call matches.
 """
 import argparse
+import os
 import sys
 from pathlib import Path
 
-import torch
-import torch._inductor.config
+os.environ.pop("TORCHINDUCTOR_FX_GRAPH_CACHE", None)  # read at import: set, it overrides the config (env_name_force)
+import torch  # noqa: E402
+import torch._inductor.config  # noqa: E402
 
 sys.path.append(str(Path(__file__).resolve().parent))
 from bench_wan import CONFIGS, build_model  # noqa: E402
