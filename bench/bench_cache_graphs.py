@@ -3,7 +3,7 @@ pieces on the host (``options["cuda_graphs"]`` True with ``options["cache"]``). 
 GPUs, in a CFG denoising loop:
 
     torchrun --nproc_per_node=1|2|4 bench/bench_cache_graphs.py [--policy block] [--steps 10]
-    torchrun --nproc_per_node=2 bench/bench_cache_graphs.py --device cpu --tiny   # checks the script (op-by-op variants)
+    torchrun --nproc_per_node=2 bench/bench_cache_graphs.py --device cpu --tiny   # checks the script (op by op)
 
 The same policy is compiled as ``--variants`` says: op by op (``cuda_graphs`` False), op by op again, per piece
 (True), auto ("auto", the default), the later ones loading the first's pieces from Inductor's FX graph cache (one
@@ -11,8 +11,9 @@ directory per rank). Each runs the schedule twice, ``--steps`` steps of two call
 new timestep per step: first to compile (and to capture) what the policy uses, then timed, replaying. Rank 0
 prints per variant the median ms of the timed calls that ran every block and of those that skipped some, the
 median host ms, how many pieces replay a graph, how many compiles Inductor's FX graph cache served (hit/miss/
-bypass), the memory the variant holds after its calls and its peak (over what it held before), the worst rel L2 of its timed calls against its own first pass
-(the same kernels: replays against op by op and captures) and against each op-by-op variant's. "CHECK PASSED" if
+bypass), the memory the variant holds after its calls and its peak (over what it held before), the worst rel L2
+of its timed calls against its own first pass (the same kernels: replays against op by op and captures) and
+against each op-by-op variant's. "CHECK PASSED" if
 every variant is within 1e-3 of its own first pass. (Before the cache served pieces, two compiles on 4 GPUs
 differed by 3.7e-3: bench/RESULTS.md 2026-11-28, twentieth session.) TORCHINDUCTOR_FX_GRAPH_CACHE=0 in the
 environment would turn the cache off whatever the config says, so the script removes it.
@@ -118,7 +119,8 @@ def main():
         print(f"RESULT qwen-image gpus={world} policy={args.policy} {variant}: calls={len(calls)} "
               f"every block ms={median(full)} ({len(full)}) skipping ms={median(skipping)} ({len(skipping)}) "
               f"host ms={median([h for _, _, h, _ in calls])} graphs={graphs_kept[variant]} "
-              f"Inductor's cache hit/miss/bypass={cache_use[variant]} memory={memory.get(variant, '-')} worst rel L2 vs its first pass {own:.1e}"
+              f"Inductor's cache hit/miss/bypass={cache_use[variant]} memory={memory.get(variant, '-')} "
+              f"worst rel L2 vs its first pass {own:.1e}"
               + "".join(f", vs {ref} {rel_l2(results[ref]):.1e}" for ref in refs), flush=True)
     print(f"CHECK {'PASSED' if worst <= 1e-3 else 'FAILED'}", flush=True)
     torch.distributed.destroy_process_group()

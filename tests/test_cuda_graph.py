@@ -2,10 +2,11 @@
 
 CI has no GPU, so the wrapper runs against a stand-in with CUDA graphs' documented semantics: a capture
 records the forward on the buffers it was given (and the wrapper's own ops around it), a replay reruns it on
-whatever those buffers hold now and writes the same output buffers. What is checked is ours: which inputs are copied, which are read in place,
-that outputs are fresh tensors, recapture when a parameter is replaced, the op-by-op fallback, and "auto"'s
-choice from timed calls (sleeps stand in for the host issuing and for the GPU running). The real graphs are
-measured on the GPU (bench/bench_sp_qwen.py --graphs auto, bench/check_cuda_graphs.py, bench/RESULTS.md).
+whatever those buffers hold now and writes the same output buffers. What is checked is ours: which inputs are
+copied, which are read in place, that outputs are fresh tensors, recapture when a parameter is replaced, the
+op-by-op fallback, what pieces share, and "auto"'s choice from timed calls (sleeps stand in for the host issuing
+and for the GPU running). The real graphs are measured on the GPU (bench/bench_sp_qwen.py --graphs auto,
+bench/bench_cache_graphs.py, bench/check_cuda_graphs.py, bench/RESULTS.md).
 """
 import contextlib
 import logging
