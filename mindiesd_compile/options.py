@@ -25,6 +25,29 @@ def from_mapping(cls, mapping: Mapping[str, Any], what: str):
     return cls(**mapping)
 
 
+def _inductor_patches(patches) -> Tuple[Tuple[str, Any], ...]:
+    """``options["inductor_config"]`` as sorted (key, value) pairs. A key Inductor does not have would fail only
+    once the first piece compiles, after Dynamo's trace: refused here instead, with the nearest keys."""
+    import difflib
+    import torch._inductor.config
+    if isinstance(patches, Mapping):
+        patches = patches.items()
+    try:
+        patches = dict(patches)
+    except (TypeError, ValueError):
+        raise OptionsError("options['inductor_config'] must be a dict of torch._inductor.config keys, "
+                           f"got {patches!r}") from None
+    if not patches:
+        return ()
+    known = torch._inductor.config.get_config_copy()
+    for key in patches:
+        if key not in known:
+            near = difflib.get_close_matches(str(key), known, n=3)
+            raise OptionsError(f"options['inductor_config'] key {key!r} is not an Inductor config"
+                               + (f"; did you mean {near}?" if near else " (see torch/_inductor/config.py)"))
+    return tuple(sorted(patches.items()))
+
+
 NPU_MODES = ("max-autotune", "reduce-overhead", "npugraph_ex")
 GRAPH_DUMP_TYPES = ("pbtxt", "txt", "py")
 
@@ -166,8 +189,7 @@ class CompileOptions:
             raise OptionsError(f"options['strict'] must be True or False, got {self.strict!r}")
         if self.dump_graphs is not None and not isinstance(self.dump_graphs, str):
             raise OptionsError(f"options['dump_graphs'] must be a directory path (str) or None, got {self.dump_graphs!r}")
-        cfg = self.inductor_config
-        object.__setattr__(self, "inductor_config", tuple(sorted(dict(cfg).items())))
+        object.__setattr__(self, "inductor_config", _inductor_patches(self.inductor_config))
         if not isinstance(self.partition, bool):
             raise OptionsError(f"options['partition'] must be True or False, got {self.partition!r}")
         from .runtime.cache import CacheConfig, StepCache

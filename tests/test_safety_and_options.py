@@ -49,6 +49,8 @@ def test_failing_pass_raises_under_strict(monkeypatch):
     ({"npu": {"mode": "ge"}}, r"'ge' is not a torchair mode; valid modes: \('max-autotune'"),
     ({"patterns": ["attention", "flash"]}, r"unknown pattern\(s\) \['flash'\]; valid patterns"),
     ({"strict": "yes"}, r"must be True or False"),
+    ({"inductor_config": {"determinstic": True}}, r"key 'determinstic' is not an Inductor config; did you mean "
+                                                   r"\['deterministic'"),
 ])
 def test_bad_options_name_the_valid_ones(options, message):
     with pytest.raises(OptionsError, match=message):
