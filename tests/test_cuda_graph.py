@@ -59,8 +59,12 @@ class StandInCuda:
         self.fail, self.captures, self.capturing, self.replaying, self.gpu_s = fail, 0, None, False, gpu_s
         self.in_forward = False
         self.pools = set()  # the memory pools captures were given
+        self.streams = 0    # side streams made
 
-    Stream = staticmethod(lambda device: StandInStream())
+    def Stream(self, device):  # noqa: N802 - torch.cuda's name
+        self.streams += 1
+        return StandInStream()
+
     current_stream = staticmethod(lambda device: StandInStream())
     stream = staticmethod(lambda s: contextlib.nullcontext())
 
@@ -142,7 +146,7 @@ def test_replaced_parameter_recaptures_and_new_shapes_start_op_by_op():
     x7 = torch.randn(7, 4)  # a new signature: op by op first, captured on its second call
     for _ in range(3):
         torch.testing.assert_close(fast(w2, b, x7, t)[0], forward(w2, b, x7, t)[0])
-    assert cuda.captures == 3 and len(fast.captured) == 2
+    assert cuda.captures == 3 and len(fast.captured) == 2 and cuda.streams == 1  # one warm-up stream for all
 
 
 def test_failed_capture_runs_op_by_op_with_one_warning():
@@ -390,6 +394,7 @@ def test_cache_policy_replays_each_piece_as_its_own_graph(policy, late):
     wrapped = list(runner.compiled.values())
     assert cache.stats["skipped"] > 0 and all(isinstance(w, CudaGraphForward) and not w.auto for w in wrapped)
     assert cuda.captures == len(wrapped) and len({w.shared for w in wrapped}) == len(cuda.pools) == 1
+    assert cuda.streams == 1  # one warm-up stream: cuBLAS keeps a workspace per stream
     read, written = {}, {}  # per signature of the inputs (outputs): the buffers each piece's graph reads (writes)
     for w in wrapped:
         for key, entry in w.captured.items():

@@ -74,6 +74,7 @@ class PieceMemory:
     def __init__(self, graphs=torch.cuda):
         self.pool = graphs.graph_pool_handle()
         self.slots: Dict[Tuple, torch.Tensor] = {}
+        self.stream = None  # the pieces' warm-up stream (CudaGraphForward._warmup_stream)
 
     def buffers(self, kind: str, tensors: List[Any]) -> List[Any]:
         """The ``kind`` ("in", "out") slot for each tensor of ``tensors`` (other values as they are). Made outside
@@ -104,6 +105,7 @@ class CudaGraphForward:
         self.group = group  # the sequence-parallel ranks, which must all capture or none
         self.auto = auto    # capture only where measured faster (module docstring)
         self.shared = shared  # memory shared with graphs replayed in turn (one per piece: runner.py)
+        self.stream = None    # the warm-up stream, without ``shared``
         self.static: Optional[Tuple[int, ...]] = None  # positions of parameters and buffers
         self.dynamic: Tuple[int, ...] = ()
         self.seen: set = set()
@@ -192,7 +194,7 @@ class CudaGraphForward:
         turns = peer_gather.slot_turns()  # this rank's exchange slots, to put back if the ranks drop the capture
         why = None
         try:
-            side = self.graphs.Stream(self.device)
+            side = self._warmup_stream()
             side.wait_stream(self.graphs.current_stream(self.device))
             with self.graphs.stream(side):
                 warm = self._run(inputs)  # kernels that initialise lazily do it outside the capture
@@ -218,6 +220,15 @@ class CudaGraphForward:
             self._tell(f"capturing the forward failed ({why}); these inputs run op by op")
             return None
         return Captured(graph, inputs, self._static_ptrs(args), outputs)
+
+    def _warmup_stream(self):
+        """One side stream for every warm-up (of all the pieces, with ``shared``): cuBLAS keeps a workspace per
+        stream it ran on for the life of the process (32 MiB on Hopper), and a new torch stream per capture cycles
+        through 32 pooled streams: up to 1 GiB after a model's pieces."""
+        holder = self if self.shared is None else self.shared
+        if holder.stream is None:
+            holder.stream = self.graphs.Stream(self.device)
+        return holder.stream
 
     def _input_buffers(self, args) -> List[Any]:
         """What the graph reads: the static inputs themselves, the others copied into buffers of its own (shared
