@@ -30,10 +30,8 @@ def _inductor_patches(patches) -> Tuple[Tuple[str, Any], ...]:
     once the first piece compiles, after Dynamo's trace: refused here instead, with the nearest keys."""
     import difflib
     import torch._inductor.config
-    if isinstance(patches, Mapping):
-        patches = patches.items()
     try:
-        patches = dict(patches)
+        patches = dict(patches)  # a mapping, or (key, value) pairs (a copy of these options)
     except (TypeError, ValueError):
         raise OptionsError("options['inductor_config'] must be a dict of torch._inductor.config keys, "
                            f"got {patches!r}") from None
