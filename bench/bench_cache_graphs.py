@@ -55,9 +55,12 @@ def denoise(fn, inputs, texts, steps, runner_of):
 
 
 def graphs_replayed(runner):
-    """How many of the runner's compiled pieces replay a CUDA graph, of all of them."""
-    pieces = list(runner.compiled.values())
-    return f"{sum(any(e is not None for e in getattr(p, 'captured', {}).values()) for p in pieces)}/{len(pieces)}"
+    """How many of the runner's compiled pieces replay a CUDA graph, of all of them (and which, where a few do)."""
+    captured = [runner.piece[node].label + ("" if variant == "plain" else f":{variant}")
+                for (node, variant, _), piece in runner.compiled.items()
+                if any(e is not None for e in getattr(piece, "captured", {}).values())]
+    few = f" ({', '.join(captured)})" if 0 < len(captured) <= 4 else ""
+    return f"{len(captured)}/{len(runner.compiled)}{few}"
 
 
 def main():
