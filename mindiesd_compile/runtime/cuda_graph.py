@@ -138,9 +138,7 @@ class CudaGraphForward:
         return self.fn(*args)
 
     def _replay(self, entry: Captured, args):
-        for i in self.dynamic:
-            if isinstance(args[i], torch.Tensor):
-                entry.inputs[i].copy_(args[i])
+        self._copy_in(entry.inputs, args)
         entry.graph.replay()
         return _clone(entry.outputs)
 
@@ -233,15 +231,18 @@ class CudaGraphForward:
     def _input_buffers(self, args) -> List[Any]:
         """What the graph reads: the static inputs themselves, the others copied into buffers of its own (shared
         slots, for a piece)."""
-        dynamic = [args[i] if i in self.dynamic else None for i in range(len(args))]
         if self.shared is None:
-            buffers = [a.clone() if isinstance(a, torch.Tensor) else a for a in dynamic]
-        else:
-            buffers = self.shared.buffers("in", dynamic)
-            for buffer, a in zip(buffers, dynamic):
-                if isinstance(a, torch.Tensor):
-                    buffer.copy_(a)
-        return [buffers[i] if i in self.dynamic else a for i, a in enumerate(args)]
+            return [a.clone() if i in self.dynamic and isinstance(a, torch.Tensor) else a for i, a in enumerate(args)]
+        slots = iter(self.shared.buffers("in", [args[i] for i in self.dynamic]))
+        inputs = [next(slots) if i in self.dynamic else a for i, a in enumerate(args)]
+        self._copy_in(inputs, args)
+        return inputs
+
+    def _copy_in(self, buffers: List[Any], args) -> None:
+        """Each changing tensor input into the graph's buffer for it."""
+        for i in self.dynamic:
+            if isinstance(args[i], torch.Tensor):
+                buffers[i].copy_(args[i])
 
     def _tell(self, why: str) -> None:
         """Asked for, a graph not captured is a warning; under "auto", where it is only tried, a log line."""
