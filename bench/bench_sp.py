@@ -11,7 +11,8 @@ mindiesd+overlap: Inductor's comm/compute reordering; mindiesd+sync, +ahead, +sp
 False (gather_kv waits for every key, then one attention), "ahead" or "split" (default "auto"); +graphs:
 options["cuda_graphs"] True, +autographs: "auto" (the library's default; without either: False); +strict:
 options["strict"], which changes no kernel: a second, separate compile of a variant
-(mindiesd+split,mindiesd+split+strict); modifiers combine (mindiesd+split+graphs@gather_kv). diffusers: the
+(mindiesd+split,mindiesd+split+strict); +deterministic: Inductor's deterministic mode (no kernel choice timed on the
+device); modifiers combine (mindiesd+split+graphs@gather_kv). diffusers: the
 model's own context parallelism (enable_parallelism, Ulysses, eager) as the anchor. Rank 0 prints median ms
 (--profile: and one call's kernel time split into compute, NCCL and NCCL not overlapped by compute) and saves the
 output under --out-dir; `python bench/bench_sp.py --compare` prints each saved output's relative L2 against the
@@ -172,7 +173,9 @@ def build_variant(variant, model, world):
     if variant.startswith("mindiesd"):
         modifiers = set(variant.split("@")[0].split("+")[1:])
         overlap = next((OVERLAPS[m] for m in modifiers if m in OVERLAPS), "auto")
-        options = {"target": _target(model), "inductor_config": OVERLAP if "overlap" in modifiers else {},
+        inductor = (OVERLAP if "overlap" in modifiers else {}) | \
+            ({"deterministic": True} if "deterministic" in modifiers else {})
+        options = {"target": _target(model), "inductor_config": inductor,
                    "cuda_graphs": "auto" if "autographs" in modifiers else "graphs" in modifiers,
                    "strict": "strict" in modifiers} | \
             ({"sequence_parallel": world, "sequence_parallel_overlap": overlap} | _mode(variant) if world > 1 else {})

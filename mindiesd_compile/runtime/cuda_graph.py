@@ -222,7 +222,8 @@ class CudaGraphForward:
     def _warmup_stream(self):
         """One side stream for every warm-up (of all the pieces, with ``shared``): cuBLAS keeps a workspace per
         stream it ran on for the life of the process (32 MiB on Hopper), and a new torch stream per capture cycles
-        through 32 pooled streams: up to 1 GiB after a model's pieces."""
+        through 32 pooled streams: up to 1 GiB after a model's pieces (Qwen-Image's per piece on 2 H200s held 1.16
+        GiB before, 0.19 after: bench/RESULTS.md 2026-11-28)."""
         holder = self if self.shared is None else self.shared
         if holder.stream is None:
             holder.stream = self.graphs.Stream(self.device)
