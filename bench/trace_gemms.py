@@ -33,7 +33,8 @@ def main(paths):
             durs = [e["dur"] for e in side]
             print(f"  side kernels us: n {len(durs)} median {statistics.median(durs):.1f} max {max(durs):.1f} "
                   f"sum {sum(durs):.0f}")
-        print("  copies:", collections.Counter((e["name"][:30], e["args"].get("stream")) for e in copies).most_common(4))
+        print("  copies:",
+              collections.Counter((e["name"][:30], e["args"].get("stream")) for e in copies).most_common(4))
         groups = collections.defaultdict(list)
         for e in kernels:
             if e["args"].get("stream") == compute and "nvjet" in e["name"]:
