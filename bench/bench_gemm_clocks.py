@@ -14,25 +14,16 @@ ranks 2.3-2.7 % below one GPU's clock at the same power (bench/RESULTS.md 2026-1
 And does a row count near a shard's (16380), or the other orientation, get a GEMM that does more per cycle?
 """
 import argparse
-import statistics
-import subprocess
-import threading
+import sys
 import time
+from pathlib import Path
 
 import torch
 
+sys.path[:0] = [str(Path(__file__).resolve().parent)]
+from bench_wan import GpuClocks  # noqa: E402
+
 KEYS, HEADS, HEAD_DIM = 32760, 40, 128  # the 14B's self-attention at 832x480x81
-
-
-def sampler(samples):
-    proc = subprocess.Popen(["nvidia-smi", "-i", "0", "--query-gpu=clocks.sm,power.draw",
-                             "--format=csv,noheader,nounits", "-lms", "100"], stdout=subprocess.PIPE, text=True)
-    for line in proc.stdout:
-        try:
-            mhz, watts = (float(v) for v in line.split(","))
-        except ValueError:
-            continue
-        samples.append((time.perf_counter(), mhz, watts))
 
 
 def build(kernel, rows, fan_in, fan_out, dev):
@@ -68,8 +59,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=2)
     args = ap.parse_args()
     dev = torch.device("cuda:0")
-    samples = []
-    threading.Thread(target=sampler, args=(samples,), daemon=True).start()
+    clocks = GpuClocks(dev)
     cases = [(k, s, *map(int, s.split(":"))) for k in args.kernels.split(",") if k != "attention"
              for s in args.shapes.split(",")] + \
         [("attention", f"{HEADS}x{HEAD_DIM}", 0, 0)] * ("attention" in args.kernels.split(","))
@@ -92,13 +82,12 @@ def main():
                 torch.cuda.synchronize(dev)
                 end = time.perf_counter()
                 tflops = flops * calls / (a.elapsed_time(z) / 1e3) / 1e12
-                late = [(m, p) for t, m, p in samples if (start + end) / 2 <= t <= end]
-                mhz = statistics.median(m for m, _ in late) if late else float("nan")
-                watts = statistics.median(p for _, p in late) if late else float("nan")
+                mhz, watts = clocks.between([((start + end) / 2, end)])  # the clock settled
                 print(f"| {kernel} | {shape} | {rows} | {tflops:.0f} | {mhz:.0f} | {watts:.0f} | "
                       f"{tflops / mhz * 1e3:.0f} | {name[:60]} |", flush=True)
                 del call
                 time.sleep(1.0)
+    clocks.close()
 
 
 if __name__ == "__main__":

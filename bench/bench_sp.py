@@ -18,20 +18,22 @@ model's own context parallelism (enable_parallelism, Ulysses, eager) as the anch
 output under --out-dir; `python bench/bench_sp.py --compare` prints each saved output's relative L2 against the
 1-GPU mindiesd one (so runs on different GPUs of one host may run at the same time); --rounds prints each
 variant's against the first variant's and a later call's against its first (under cuda_graphs: replayed against
-op by op), and every rank's median wall and host (time to issue a call) ms, and saves each variant's first output.
+op by op), and every rank's median wall and host (time to issue a call) ms, and saves each variant's first output;
+--clocks adds every rank's median SM clock and power over its timed calls (the cards run at their power cap).
 """
 import argparse
 import logging
 import os
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 sys.path.append(str(Path(__file__).resolve().parent))
-from bench_wan import CONFIGS, build_model, merge_intervals, time_calls  # noqa: E402
+from bench_wan import CONFIGS, GpuClocks, build_model, merge_intervals, time_calls  # noqa: E402
 
 import mindiesd_compile  # noqa: E402,F401
 
@@ -63,6 +65,8 @@ def main():
                     help="SMs cuBLAS and FA3 leave free (torch._C._set_sm_carveout_experimental), e.g. for NCCL")
     ap.add_argument("--device", default="cuda", help="cpu: gloo and the tiny config, to check the script")
     ap.add_argument("--compare", action="store_true", help="only compare the saved outputs")
+    ap.add_argument("--clocks", action="store_true",
+                    help="also print every rank's median SM clock and power over its timed calls (nvidia-smi)")
     args = ap.parse_args()
     if args.compare:
         return compare(args.out_dir)
@@ -82,23 +86,35 @@ def main():
         log_graphs_choice()
     if args.cfg_step:
         return cfg_step(model, inputs, world, rank, dev, args)
+    clocks = GpuClocks(dev) if args.clocks and cuda else None
     if args.rounds:
-        return interleaved(model, inputs, world, rank, dev, args)
+        return interleaved(model, inputs, world, rank, dev, args, clocks)
     for variant in args.variants.split(","):
         with torch.no_grad():
             fn = build_variant(variant, model, world)
             out = fn(**inputs)[0]
             warm_up(fn, inputs, "autographs" in variant)
+            start = time.perf_counter()
             ms = statistics.median(time_calls(lambda: fn(**inputs), dev, args.iters))
+            clock_note = rank_clocks(clocks, [(start, time.perf_counter())], world)
             trace = args.trace and f"{args.trace}-{variant}-{world}-rank{rank}.json"
             split = comm_split(lambda: fn(**inputs), dev, trace) if args.profile else None
         if rank == 0:
             os.makedirs(args.out_dir, exist_ok=True)
             torch.save(out.float().cpu(), os.path.join(args.out_dir, f"{args.config}-{variant}-{world}.pt"))
             note = " | kernels ms: " + " ".join(f"{k}={v:.1f}" for k, v in split.items()) if split else ""
-            print(f"RESULT {variant} gpus={world} median_ms={ms:.1f}{note}", flush=True)
+            print(f"RESULT {variant} gpus={world} median_ms={ms:.1f}{clock_note}{note}", flush=True)
         torch._dynamo.reset()
     dist.destroy_process_group()
+
+
+def rank_clocks(clocks, windows, world) -> str:
+    """Every rank's median SM MHz / W inside its timed ``windows``, as rank 0 prints them ("" without --clocks)."""
+    if clocks is None:
+        return ""
+    ranks = [None] * world
+    dist.all_gather_object(ranks, clocks.between(windows))
+    return " | SM MHz/W per rank: " + " ".join(f"{mhz:.0f}/{watts:.0f}" for mhz, watts in ranks)
 
 
 def warm_up(fn, inputs, auto_graphs):
@@ -123,9 +139,10 @@ def init_ranks(cuda):
     return dist.get_rank(), dist.get_world_size(), dev
 
 
-def interleaved(model, inputs, world, rank, dev, args):
+def interleaved(model, inputs, world, rank, dev, args, clocks=None):
     variants = args.variants.split(",")
     fns, outs, times, host = {}, {}, {v: [] for v in variants}, {v: [] for v in variants}
+    windows = {v: [] for v in variants}
     with torch.no_grad():
         for v in variants:  # each compiled at its first call, with its own backend instance
             fns[v] = build_variant(v, model, world)
@@ -133,11 +150,14 @@ def interleaved(model, inputs, world, rank, dev, args):
             warm_up(fns[v], inputs, "autographs" in v)
         for _ in range(args.rounds):
             for v in variants:
+                start = time.perf_counter()
                 times[v] += time_calls(lambda: fns[v](**inputs), dev, args.iters, host[v], args.aligned)
+                windows[v].append((start, time.perf_counter()))
         # a later call (replayed, under cuda_graphs) against the first (op by op): the same numbers
         again = {v: float((fns[v](**inputs)[0].float() - outs[v]).norm() / outs[v].norm()) for v in variants}
     ranks = [None] * world  # every rank's median wall and host ms: an early starter waits for the others
     dist.all_gather_object(ranks, {v: (statistics.median(times[v]), statistics.median(host[v])) for v in variants})
+    clock_notes = {v: rank_clocks(clocks, windows[v], world) for v in variants}
     if rank == 0:
         first = outs[variants[0]]
         os.makedirs(args.out_dir, exist_ok=True)
@@ -148,7 +168,7 @@ def interleaved(model, inputs, world, rank, dev, args):
                   f"max_ms={ms[-1]:.1f} calls={len(ms)} (interleaved) rel L2 vs {variants[0]} "
                   f"{float((outs[v] - first).norm() / first.norm()):.1e}, last call vs first {again[v]:.1e} | "
                   "per rank wall/host ms: "
-                  + " ".join(f"{r[v][0]:.1f}/{r[v][1]:.1f}" for r in ranks), flush=True)
+                  + " ".join(f"{r[v][0]:.1f}/{r[v][1]:.1f}" for r in ranks) + clock_notes[v], flush=True)
     dist.destroy_process_group()
 
 

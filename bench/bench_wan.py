@@ -23,6 +23,7 @@ os.environ["TORCHINDUCTOR_CACHE_DIR"] = _CACHE
 os.environ["TRITON_CACHE_DIR"] = os.path.join(_CACHE, "triton")
 
 import argparse, atexit, contextlib, datetime, gc, json, logging, re, statistics, time, traceback  # noqa: E402
+import subprocess, threading  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
@@ -108,6 +109,47 @@ def time_calls(fn, dev, n, host=None, aligned=False):
             if host is not None:
                 host.append(out[-1])
     return out
+
+
+class GpuClocks:
+    """One GPU's SM clock and power, sampled by ``nvidia-smi`` every 100 ms in the background. The cards run at
+    their power cap under these models, so the clock each run got belongs beside its time (bench/RESULTS.md
+    2026-11-28: a 2-GPU step ran 2.3-2.7 % below one GPU's clock at the same power). Where nvidia-smi is missing,
+    no samples: every median is nan."""
+
+    def __init__(self, dev):
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+        ids = [v.strip() for v in visible.split(",")] if visible else []
+        index = ids[dev.index] if dev.index is not None and dev.index < len(ids) else str(dev.index or 0)
+        self.samples = []
+        try:
+            self.proc = subprocess.Popen(["nvidia-smi", "-i", index, "--query-gpu=clocks.sm,power.draw",
+                                          "--format=csv,noheader,nounits", "-lms", "100"],
+                                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        except OSError:
+            self.proc = None
+            return
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            try:
+                mhz, watts = (float(v) for v in line.split(","))
+            except ValueError:
+                continue
+            self.samples.append((time.perf_counter(), mhz, watts))
+
+    def between(self, windows):
+        """(median SM MHz, median W) of the samples taken inside ``windows``: (start, end) pairs of
+        ``time.perf_counter()`` readings."""
+        inside = [(m, w) for t, m, w in self.samples if any(a <= t <= b for a, b in windows)]
+        if not inside:
+            return float("nan"), float("nan")
+        return statistics.median(m for m, _ in inside), statistics.median(w for _, w in inside)
+
+    def close(self):
+        if self.proc is not None:
+            self.proc.terminate()
 
 
 def profile_attention(fn, dev):
