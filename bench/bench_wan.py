@@ -130,6 +130,7 @@ class GpuClocks:
             self.proc = None
             return
         threading.Thread(target=self._read, daemon=True).start()
+        atexit.register(self.close)
 
     def _read(self):
         for line in self.proc.stdout:
