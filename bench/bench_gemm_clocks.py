@@ -31,6 +31,8 @@ def build(kernel, rows, fan_in, fan_out, dev):
     bf16 = dict(device=dev, dtype=torch.bfloat16)
     if kernel == "attention":
         from mindiesd_compile.ops.attention_kernels import flash_attn_3
+        if flash_attn_3() is None:
+            raise SystemExit("--kernels attention needs FA3 (pip install the fa3-fwd wheel)")
         q = torch.randn(1, rows, HEADS, HEAD_DIM, **bf16)
         k, v = (torch.randn(1, KEYS, HEADS, HEAD_DIM, **bf16) for _ in range(2))
         call = lambda: flash_attn_3().func(q, k, v, softmax_scale=HEAD_DIM ** -0.5)  # noqa: E731
