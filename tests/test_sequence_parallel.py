@@ -420,6 +420,19 @@ def test_indivisible_image_tokens_are_a_clear_error(tmp_path):
                 "sequence_parallel=2") in result["error"], result
 
 
+@pytest.mark.parametrize("tokens, degree, which", [
+    (4096, 3, "sequence_parallel=2, 4, 8 would divide it"),         # Flux at 1024x1024 on 3 GPUs
+    (6889, 2, "no degree from 2 to 8 would divide it"),             # Qwen-Image at 1328x1328: 83 x 83
+    (17550, 4, "sequence_parallel=2, 3, 5, 6 would divide it")])    # CogVideoX at 720x480x49: 13 x 30 x 45
+def test_an_indivisible_sequence_names_the_degrees_that_fit(tokens, degree, which):
+    from mindiesd_compile import OptionsError
+    from mindiesd_compile.runtime.sequence_parallel import check_divisible
+    with pytest.raises(OptionsError, match=re.escape(f"M: x has {tokens} tokens, not divisible by sequence_parallel="
+                                                     f"{degree} ({which}); choose a resolution")):
+        check_divisible("M", "x", tokens, degree)
+    check_divisible("M", "x", tokens - tokens % degree, degree)  # a divisible count passes
+
+
 @pytest.mark.parametrize("mode", ["ulysses", "gather_kv"])
 def test_qwen_image_with_text_padding_matches_one_process(tmp_path, mode):
     """Qwen-Image's own _cp_plan splits the text too, but with a text mask its forward fixes the text length in

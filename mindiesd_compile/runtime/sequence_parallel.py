@@ -56,8 +56,11 @@ def _local(x, spec, degree: int, rank: int):
 
 def check_divisible(model: str, what: str, tokens: int, degree: int) -> None:
     if tokens % degree:
-        raise OptionsError(f"{model}: {what} has {tokens} tokens, not divisible by sequence_parallel={degree}; "
-                           "choose a resolution (or frame count) whose token count the degree divides")
+        fits = [d for d in range(2, 9) if tokens % d == 0]  # the degrees one host's GPUs could give instead
+        which = f"sequence_parallel={', '.join(map(str, fits))} would" if fits else "no degree from 2 to 8 would"
+        raise OptionsError(f"{model}: {what} has {tokens} tokens, not divisible by sequence_parallel={degree} "
+                           f"({which} divide it); choose a resolution (or frame count) whose token count the "
+                           "degree divides")
 
 
 @dataclasses.dataclass
