@@ -66,10 +66,10 @@ class PieceMemory:
     their scratch, and one buffer per input and per output slot (a slot: shape, stride, dtype and device, and
     which of the piece's tensors with those it is). A replay reads inputs copied into the slots just before it and
     copies its outputs into the slots, which are cloned before the next piece runs; so no graph's own memory has
-    to outlive its replay. Wan2.1-1.3B at 832x480x81 with every block captured, on one H200: 1.4 GiB over op by
-    op, against 17.3 GiB when each piece held its own inputs and outputs, as a whole-forward graph does
-    (bench/RESULTS.md 2026-11-28, twenty-first session). The price: one copy of the outputs per replay (1.2 % of
-    that GPU-bound forward, which "auto" leaves op by op)."""
+    to outlive its replay. Wan2.1-1.3B at 832x480x81 with every block captured, on one H200: 0.43 GiB over op by
+    op (with the one warm-up stream), against 17.3 GiB when each piece held its own inputs and outputs, as a
+    whole-forward graph does (bench/RESULTS.md 2026-11-28, twenty-first and twenty-second sessions). The price:
+    one copy of the outputs per replay (0.6-1.2 % of that GPU-bound forward, which "auto" leaves op by op)."""
 
     def __init__(self, graphs=torch.cuda):
         self.pool = graphs.graph_pool_handle()
@@ -276,6 +276,8 @@ def _copied_into(slots: List[Any], spec, outputs):
 
 
 def _clone(out):
+    # every replay: a compiled forward returns lists and tuples, walked here in ~4 us where pytree takes ~15 (62
+    # pieces a call on a host-bound step)
     if isinstance(out, torch.Tensor):
         return out.clone()
     if isinstance(out, (list, tuple)):
