@@ -12,7 +12,8 @@ False (gather_kv waits for every key, then one attention), "ahead" or "split" (d
 options["cuda_graphs"] True, +autographs: "auto" (the library's default; without either: False); +strict:
 options["strict"], which changes no kernel: a second, separate compile of a variant
 (mindiesd+split,mindiesd+split+strict); +deterministic: Inductor's deterministic mode (no kernel choice timed on the
-device); modifiers combine (mindiesd+split+graphs@gather_kv). diffusers: the
+device); +padmm: Inductor's force_shape_pad (every GEMM's rows padded to a multiple of 8: a shard of 32760 tokens
+has 16380 on 2 GPUs, 8190 on 4); modifiers combine (mindiesd+split+graphs@gather_kv). diffusers: the
 model's own context parallelism (enable_parallelism, Ulysses, eager) as the anchor. Rank 0 prints median ms
 (--profile: and one call's kernel time split into compute, NCCL and NCCL not overlapped by compute) and saves the
 output under --out-dir; `python bench/bench_sp.py --compare` prints each saved output's relative L2 against the
@@ -174,7 +175,7 @@ def interleaved(model, inputs, world, rank, dev, args, clocks=None):
 
 def compare(out_dir):
     for name in sorted(n for n in os.listdir(out_dir) if n.endswith(".pt")):
-        ref_name = f"{name.split('-')[0]}-mindiesd-1.pt"  # <config>[cfg]-<variant>-<gpus>.pt
+        ref_name = f"{name.rsplit('-', 2)[0]}-mindiesd-1.pt"  # <config>[cfg]-<variant>-<gpus>.pt
         if name != ref_name and os.path.exists(os.path.join(out_dir, ref_name)):
             out, ref = (torch.load(os.path.join(out_dir, n)) for n in (name, ref_name))
             print(f"COMPARE {name[:-3]} rel L2 vs 1-GPU mindiesd {float((out - ref).norm() / ref.norm()):.2e}")
@@ -194,7 +195,8 @@ def build_variant(variant, model, world):
         modifiers = set(variant.split("@")[0].split("+")[1:])
         overlap = next((OVERLAPS[m] for m in modifiers if m in OVERLAPS), "auto")
         inductor = (OVERLAP if "overlap" in modifiers else {}) | \
-            ({"deterministic": True} if "deterministic" in modifiers else {})
+            ({"deterministic": True} if "deterministic" in modifiers else {}) | \
+            ({"force_shape_pad": True} if "padmm" in modifiers else {})
         options = {"target": _target(model), "inductor_config": inductor,
                    "cuda_graphs": "auto" if "autographs" in modifiers else "graphs" in modifiers,
                    "strict": "strict" in modifiers} | \

@@ -38,6 +38,11 @@ BASE = dict(in_channels=16, out_channels=16, text_dim=4096, freq_dim=256, patch_
 CONFIGS = {  # name: (model kwargs, latents shape, text shape)
     "1.3b": (dict(BASE, num_layers=30, num_attention_heads=12, ffn_dim=8960), (1, 16, 21, 60, 104), (1, 512, 4096)),
     "14b": (dict(BASE, num_layers=40, num_attention_heads=40, ffn_dim=13824), (1, 16, 21, 60, 104), (1, 512, 4096)),
+    # 848x464x81: 21 x 29 x 53 = 32,277 tokens, which neither 2 nor 4 divides (sequence parallelism pads them)
+    "1.3b-848x464": (dict(BASE, num_layers=30, num_attention_heads=12, ffn_dim=8960), (1, 16, 21, 58, 106),
+                     (1, 512, 4096)),
+    "14b-848x464": (dict(BASE, num_layers=40, num_attention_heads=40, ffn_dim=13824), (1, 16, 21, 58, 106),
+                    (1, 512, 4096)),
     # a preview: 480x272, 17 frames (2,550 tokens), where launches, not FLOPs, may bound a forward
     "1.3b-preview": (dict(BASE, num_layers=30, num_attention_heads=12, ffn_dim=8960), (1, 16, 5, 34, 60), (1, 512, 4096)),
     "tiny": (dict(BASE, num_layers=2, num_attention_heads=2, attention_head_dim=16, ffn_dim=64, text_dim=32,

@@ -13,7 +13,7 @@ key mask built in the block, its image run gathered with the keys: under cuda_gr
 would hang the process group's teardown), Flux.2 (its epilogue on each rank's tokens, the gather after proj_out;
 also under cuda_graphs), ChronoEdit, LTX-2 (its whole audio attending to the split video: keys and values
 gathered, also in Ulysses mode), Wan in fp32 and in bf16 with 64-wide heads (FA3's shape; the split attention's
-partials are FA3's there). Every rank's output is compared with the eager model run whole on that rank; a later
+partials are FA3's there), and at 15 tokens, which no degree divides (padded to a multiple of it). Every rank's output is compared with the eager model run whole on that rank; a later
 call of a `cuda_graphs` variant (replayed) with its first; a `cuda_graphs` variant whose capture failed (and so
 ran op by op) fails.
 """
@@ -31,12 +31,14 @@ import mindiesd_compile  # noqa: E402
 from bench_sp import init_ranks  # noqa: E402
 from tiny_models import MODELS, chronoedit, flux2, ltx, ltx2  # noqa: E402
 
-# model, config overrides, dtype, tolerance (rel. L2 against the eager model), text tokens padded
+# model, config overrides, dtype, tolerance (rel. L2 against the eager model), text tokens padded[, latent shape]
 CASES = [("hunyuan", {}, torch.float32, 1e-4, 3), ("ltx", {}, torch.float32, 1e-4, 3),
          ("flux", {}, torch.float32, 1e-4, 0), ("wan", {}, torch.float32, 1e-4, 0),
          ("wan", {"attention_head_dim": 64}, torch.bfloat16, 3e-2, 0), ("qwen", {}, torch.float32, 1e-4, 3),
          ("flux2", {}, torch.float32, 1e-4, 0), ("chronoedit", {}, torch.float32, 1e-4, 0),
-         ("ltx2", {}, torch.float32, 1e-4, 3)]
+         ("ltx2", {}, torch.float32, 1e-4, 3),
+         ("wan", {}, torch.float32, 1e-4, 0, (1, 4, 1, 6, 10)),  # 15 tokens
+         ("wan", {"attention_head_dim": 64}, torch.bfloat16, 3e-2, 0, (1, 4, 1, 6, 10))]
 VARIANTS = {"ulysses": {"sequence_parallel_mode": "ulysses"},  # (op by op: cuda_graphs "auto" is off with NCCL)
             "ahead": {"sequence_parallel_mode": "gather_kv", "sequence_parallel_overlap": "ahead",
                       "cuda_graphs": False},
@@ -52,12 +54,16 @@ PER_MODEL = {("hunyuan", torch.float32): ["ahead", "ahead+graphs"], ("ltx", torc
              ("flux", torch.float32): ["split"], ("wan", torch.float32): ["split"],
              ("wan", torch.bfloat16): ["ahead", "split", "split+graphs"],
              ("qwen", torch.float32): ["ahead", "ahead+graphs"], ("flux2", torch.float32): ["split", "split+graphs"],
-             ("chronoedit", torch.float32): ["split"], ("ltx2", torch.float32): ["ulysses", "ahead", "split"]}
+             ("chronoedit", torch.float32): ["split"], ("ltx2", torch.float32): ["ulysses", "ahead", "split"],
+             ("wan", torch.float32, (1, 4, 1, 6, 10)): ["ulysses", "ahead", "split"],
+             ("wan", torch.bfloat16, (1, 4, 1, 6, 10)): ["ahead", "split", "split+graphs"]}
 
 
-def build(name, overrides, dtype, padded, dev):
+def build(name, overrides, dtype, padded, latent, dev):
     torch.manual_seed(0)
     model, kwargs = ({**MODELS, "ltx": ltx, "ltx2": ltx2, "flux2": flux2, "chronoedit": chronoedit})[name]()
+    if latent:
+        kwargs["hidden_states"] = torch.randn(latent)
     if overrides:
         model = type(model)(**{**model.config, **overrides})
     mask = "encoder_hidden_states_mask" if name == "qwen" else "encoder_attention_mask"
@@ -88,13 +94,13 @@ def main():
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # fp32 means fp32 here
     failed = 0
-    for name, overrides, dtype, tol, padded in CASES:
+    for name, overrides, dtype, tol, padded, *latent in CASES:
         if args.models and name not in args.models.split(","):
             continue
-        model, kwargs = build(name, overrides, dtype, padded, dev)
+        model, kwargs = build(name, overrides, dtype, padded, latent[0] if latent else None, dev)
         with torch.no_grad():
             ref = model(**kwargs)[0]
-        for variant in PER_MODEL[name, dtype]:
+        for variant in PER_MODEL[(name, dtype, *latent)]:
             if not cuda and "graphs" in variant:
                 continue
             cache = mindiesd_compile.StepCache(None)  # (no caching) its runner's report counts the exchanges
@@ -117,7 +123,7 @@ def main():
             ok = float(errs[0]) <= tol and float(errs[1]) <= tol and sites > 0
             failed += not ok
             if rank == 0:
-                print(f"{'ok  ' if ok else 'FAIL'} {name}{overrides or ''} {str(dtype)[6:]} {world} ranks {variant}: "
+                print(f"{'ok  ' if ok else 'FAIL'} {name}{overrides or ''}{latent or ''} {str(dtype)[6:]} {world} ranks {variant}: "
                       f"{sites} attentions exchanged, rel L2 vs eager {float(errs[0]):.1e} (tol {tol:.0e}), later "
                       f"call vs first {float(errs[1]):.1e}{error[:300]}", flush=True)
             torch._dynamo.reset()

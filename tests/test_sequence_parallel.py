@@ -81,6 +81,8 @@ def _worker(rank, world, name, options, overrides, store, out_dir):
         second_shape = options.pop("second_shape", None)  # another resolution through the same (dynamic) graph
         if "hidden_states_shape" in options:
             kwargs["hidden_states"] = torch.randn(options.pop("hidden_states_shape"))
+        if "img_ids_shape" in options:  # Flux: one position per image token
+            kwargs["img_ids"] = torch.randn(options.pop("img_ids_shape"))
         if "img_shapes" in options:  # Qwen-Image: the image the tokens come from
             kwargs["img_shapes"] = options.pop("img_shapes")
         for key, t in list(kwargs.items()) if options.pop("batch2", False) else ():  # two different samples
@@ -413,11 +415,48 @@ def test_a_second_resolution_matches_one_process(tmp_path):
         assert len(result["rels"]) == 2 and max(result["rels"]) <= 1e-5, result["rels"]
 
 
-def test_indivisible_image_tokens_are_a_clear_error(tmp_path):
-    """1 x 3 x 3 = 9 image tokens on 2 ranks."""
+@pytest.mark.parametrize("mode, overlap, world", [("ulysses", "auto", 2), ("gather_kv", False, 2),
+                                                  ("gather_kv", "ahead", 2), ("gather_kv", "split", 4)])
+def test_an_indivisible_sequence_is_padded_and_matches_one_process(tmp_path, mode, overlap, world):
+    """Wan at 1 x 3 x 5 = 15 tokens: padded to 16, the last rank's chunk ending with the pad token, which no
+    attention attends to and the gather drops ("split" on 4 ranks: the last rank's own keys and the others' peer
+    keys end with it)."""
+    for result in run_ranks(tmp_path, "wan", world=world, hidden_states_shape=(1, 4, 1, 6, 10),
+                            sequence_parallel_mode=mode, sequence_parallel_overlap=overlap):
+        assert "error" not in result, result
+        assert result["shape_ok"] and result["rel"] <= 1e-5, result
+        assert result["sp_sites"] == 2
+
+
+@settings(max_examples=40, deadline=None)
+@given(tokens=st.integers(1, 200), degree=st.integers(2, 8), dim=st.integers(0, 2))
+def test_padded_chunks_gather_back_to_the_sequence(tokens, degree, dim):
+    """Every rank's chunk is as long (the pad ends the last one), and joined in rank order without the pad they are
+    the sequence, for any length and degree."""
+    from mindiesd_compile.runtime.sequence_parallel import _local, padding
+    shape = [2, 3, 4]
+    shape[dim] = tokens
+    x = torch.randn(shape)
+    chunks = [_local(x, dim, degree, r) for r in range(degree)]
+    assert len({c.shape for c in chunks}) == 1
+    assert chunks[0].shape[dim] * degree == tokens + padding(tokens, degree)
+    assert torch.equal(torch.cat(chunks, dim).narrow(dim, 0, tokens), x)
+
+
+def test_indivisible_tokens_that_cannot_be_padded_are_a_clear_error(tmp_path):
+    """HunyuanVideo at 1 x 3 x 3 = 9 image tokens on 2 ranks: its blocks rebuild the token count from the
+    model's sizes, which cannot count a pad."""
     for result in run_ranks(tmp_path, "hunyuan", dynamic=True, hidden_states_shape=(1, 4, 1, 3, 3)):
         assert ("HunyuanVideoTransformer3DModel: the sequence entering the blocks has 9 tokens, not divisible by "
-                "sequence_parallel=2") in result["error"], result
+                "sequence_parallel=2 (sequence_parallel=3 would divide it), and its blocks rebuild the token count "
+                "from the model's sizes, so it cannot be padded") in result["error"], result
+
+
+def test_split_sequences_needing_different_padding_are_a_clear_error(tmp_path):
+    """Flux's plan splits its 8 text tokens and its image tokens; 15 image tokens would need a pad the text
+    does not."""
+    for result in run_ranks(tmp_path, "flux", dynamic=True, hidden_states_shape=(1, 15, 8), img_ids_shape=(15, 3)):
+        assert "split sequences need different padding to a multiple of 2" in result["error"], result
 
 
 @pytest.mark.parametrize("tokens, degree, which", [

@@ -118,29 +118,45 @@ def _join(parts: Sequence[torch.Tensor]) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(list(parts), dim=1)
 
 
-def ulysses_attention(q, k, v, mask, scale, layout, degree, group, segments=None, mask_split=False):
+def _unpadded(t: torch.Tensor, pad: int) -> torch.Tensor:
+    """Keys (values) of a sharded run gathered in rank order without the ``pad`` tokens the runner appended to
+    the sequence to make it divisible (runtime/sequence_parallel.py): they end the last rank's chunk, so the
+    gathered run's last ones. A view."""
+    return t[:, :t.shape[1] - pad] if pad else t
+
+
+def _check_one_padded_run(segments, pad: int) -> None:
+    if pad and sum(sharded for sharded, _ in segments) > 1:
+        raise SequenceParallelError("an attention joins several sharded runs of tokens and the sequence was padded "
+                                    "to a multiple of the degree: not supported; choose a resolution (or frame "
+                                    "count) whose token count the degree divides")
+
+
+def ulysses_attention(q, k, v, mask, scale, layout, degree, group, segments=None, mask_split=False, pad=0):
     """Attention over tokens split across ranks. ``segments``: runs of (sharded, local length) along the
     sequence, default one sharded run; a sharded run is all-to-all'ed (all its tokens, this rank's heads),
     a replicated run keeps this rank's heads, in their order, and after attention the inverse (the
     replicated heads all-gathered). ``mask_split``: the mask covers this rank's keys only (a padded chunk of a
     mask built before the blocks, runtime/sequence_parallel.py MaskSplit, or a key mask built from this rank's
-    tokens) and is all-gathered along the keys, in the order the all-to-all gathers them."""
+    tokens) and is all-gathered along the keys, in the order the all-to-all gathers them. ``pad``: tokens that end
+    the sequence only to make it divisible; attended by no query (their own queries' outputs are dropped later)."""
     if layout == "BHSD":
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     heads = q.shape[2]
     segments = segments or ((True, q.shape[1]),)
+    _check_one_padded_run(segments, pad)
     local = -(-heads // degree)  # any head count: zero heads up to a multiple of the degree, dropped after
     # (a zero head attends uniformly to zero values: its output is zeros, never NaN)
 
-    def gather_tokens(t):
+    def gather_tokens(t, pad=0):
         if local * degree > heads:
             t = torch.nn.functional.pad(t, (0, 0, 0, local * degree - heads))
         # A replicated run goes through the same all-to-all: every rank sends the same head chunks, so the
         # first of the copies a rank gets holds its own heads (no rank in the graph: one cache entry for all).
         gathered = [seq_to_heads(r, degree, group) for r in _split_runs(t, segments)]
-        return _join([g if sharded else g[:, :n] for (sharded, n), g in zip(segments, gathered)])
+        return _join([_unpadded(g, pad) if sharded else g[:, :n] for (sharded, n), g in zip(segments, gathered)])
 
-    q, k, v = (gather_tokens(t) for t in (q, k, v))
+    q, k, v = gather_tokens(q), gather_tokens(k, pad), gather_tokens(v, pad)
     pieces, join_mask = _mask_pieces(mask, mask_split, segments)
     mask = join_mask([_all_keys(m, group, (heads, local, degree)) for m in pieces], k.shape[1])
     out = torch.ops.mindiesd_compile.attention(q, k, v, mask, scale, "BSHD")
@@ -151,7 +167,8 @@ def ulysses_attention(q, k, v, mask, scale, layout, degree, group, segments=None
     return out.transpose(1, 2) if layout == "BHSD" else out
 
 
-def gather_kv_attention(q, k, v, mask, scale, layout, degree, group, segments=None, mask_split=False, overlap=False):
+def gather_kv_attention(q, k, v, mask, scale, layout, degree, group, segments=None, mask_split=False, overlap=False,
+                        pad=0, rank=0):
     """The same attention with keys and values all-gathered instead: each rank keeps its queries and every
     head and attends over all keys (sharded runs gathered in rank order, replicated runs as they are, i.e.
     the key order ``ulysses_attention`` has); its output holds its own tokens, so nothing is exchanged after
@@ -162,12 +179,15 @@ def gather_kv_attention(q, k, v, mask, scale, layout, degree, group, segments=No
     waiting for every key (a key mask split across ranks goes with the keys); "split", also
     attention over this rank's own keys while the other ranks' arrive, then over theirs, the two merged by their
     log-sum-exp (a second attention kernel and the merge for more to hide behind; with a mask: "ahead"); False:
-    NCCL, awaited at once."""
+    NCCL, awaited at once. ``pad``: as in ``ulysses_attention``; ``rank``: this rank's (whose own keys "split"
+    reads apart from the others')."""
     if layout == "BHSD":
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     segments = segments or ((True, k.shape[1]),)
+    _check_one_padded_run(segments, pad)
     if overlap == "split" and mask is None:
-        out = _attend_while_gathering(q, k, v, scale, group, segments)
+        out = _attend_while_gathering(q, k, v, scale, group, segments, pad if rank == degree - 1 else 0,
+                                      pad if rank < degree - 1 else 0)
         return out.transpose(1, 2) if layout == "BHSD" else out
     sharded = [i for i, (s, _) in enumerate(segments) if s]
     k_runs, v_runs = list(_split_runs(k, segments)), list(_split_runs(v, segments))
@@ -181,7 +201,7 @@ def gather_kv_attention(q, k, v, mask, scale, layout, degree, group, segments=No
         _all_gather(ks + masks + vs, 1, group)
     gk, gm, gv = gathered[:len(ks)], gathered[len(ks):len(ks) + len(masks)], gathered[len(ks) + len(masks):]
     for i, k_run, v_run in zip(sharded, gk, gv):
-        k_runs[i], v_runs[i] = k_run, v_run
+        k_runs[i], v_runs[i] = _unpadded(k_run, pad), _unpadded(v_run, pad)
     k, v = _join(k_runs), _join(v_runs)
     mask = join_mask([g.movedim(1, -1).to(m.dtype) for g, m in zip(gm, pieces)], k.shape[1])
     out = torch.ops.mindiesd_compile.attention(q, k, v, mask, scale, "BSHD")
@@ -201,17 +221,21 @@ def _gather_ahead(xs, dim, group):
 SM_MARGIN_BESIDE_EXCHANGE = 2
 
 
-def _attend_while_gathering(q, k, v, scale, group, segments):
+def _attend_while_gathering(q, k, v, scale, group, segments, own_pad=0, peers_pad=0):
     """[B, S, H, D] attention over this rank's keys (its sharded runs and the replicated ones) while the other
     ranks' sharded runs arrive (``all_gather_peers``, awaited only after it), then over those; the two partial
     results merge by their log-sum-exp. Softmax does not depend on key order, so the peers' keys may come in
-    any order."""
+    any order. ``own_pad``/``peers_pad``: padding tokens ending this rank's sharded run (the last rank's) or the
+    peers' gathered one (the others')."""
     ops = torch.ops.mindiesd_compile
     sharded = [i for i, (s, _) in enumerate(segments) if s]
     k_runs, v_runs = _split_runs(k, segments), _split_runs(v, segments)
     peers = ops.all_gather_peers([t for i in sharded for t in (k_runs[i], v_runs[i])], 1, group)
+    if own_pad:
+        k, v = (_join([_unpadded(r, own_pad) if s else r for (s, _), r in zip(segments, runs)])
+                for runs in (k_runs, v_runs))
     local, local_lse = ops.attention_partial(q, k, v, None, scale, "BSHD", SM_MARGIN_BESIDE_EXCHANGE)
-    peers = [torch.ops._c10d_functional.wait_tensor(t) for t in peers]  # traced after the local attention
+    peers = [_unpadded(torch.ops._c10d_functional.wait_tensor(t), peers_pad) for t in peers]  # after the local
     remote, remote_lse = ops.attention_partial(q, _join(peers[0::2]), _join(peers[1::2]), None, scale, "BSHD", 0)
     return merge_partials(local, local_lse, remote, remote_lse, "BSHD")
 
@@ -253,11 +277,17 @@ class UlyssesPass(GraphPass):
     required = True  # a failure must stop the compile: the unrewritten graph would compute garbage
 
     def __init__(self, report, degree: int, group: str, sharded_inputs: Sequence[int], mode: str = "ulysses",
-                 overlap: Union[bool, str] = False):
+                 overlap: Union[bool, str] = False, pad: int = 0):
+        """``pad``: tokens the runner appended to this call's sequence to make it divisible by the degree (they end
+        the last rank's chunk; every attention leaves them out of its keys)."""
         super().__init__(report)
         self.degree, self.group, self.sharded_inputs = degree, group, frozenset(sharded_inputs)
         self.exchange = EXCHANGES[mode]
         self.options = {"overlap": overlap} if mode == "gather_kv" else {}
+        if pad:
+            self.options["pad"] = pad
+            if mode == "gather_kv":  # "split" reads this rank's keys apart: the last rank's end with the pad
+                self.options["rank"] = torch.distributed.distributed_c10d._resolve_process_group(group).rank()
 
     def uuid(self) -> bytes:
         config = (self.degree, self.group, sorted(self.sharded_inputs), self.exchange.__name__, self.options)
@@ -387,6 +417,7 @@ class UlyssesPass(GraphPass):
             raise SequenceParallelError(f"attention {node.name}: its mask {tuple(mask.shape)} is built from the "
                                         "joint tokens inside the block or differs per head; only a key mask "
                                         "built before the blocks can follow the split")
+        self._check_no_mask_with_pad(node, mask is not None)
         local_keys = _val(node.args[1]).shape[seq_dim]
         if mask is not None and mask_state is False and mask.shape[-1] == local_keys and mask.shape[-2] == 1:
             # as long as this rank's joint keys: built in the block over them (one entry per key, the same for
@@ -398,6 +429,13 @@ class UlyssesPass(GraphPass):
             q, k, v, mask, scale, layout, degree, group, segments, mask_state, **options))
         self.report.rewritten(self.name)
         return result
+
+    def _check_no_mask_with_pad(self, node, masked: bool) -> None:
+        if masked and self.options.get("pad"):
+            raise SequenceParallelError(
+                f"attention {node.name} has a mask and the sequence was padded to a multiple of the degree "
+                f"({self.options['pad']} tokens): not supported together; choose a resolution (or frame count) whose "
+                "token count the degree divides")
 
     def _rewrite(self, graph, node, mask_state, queries_sharded: bool = True) -> torch.fx.Node:
         self.report.found(self.name)
@@ -416,9 +454,11 @@ class UlyssesPass(GraphPass):
                 "mask built from the split tokens (one entry per key on this rank and head, the same for every query) "
                 "follows the all-to-all: keep the masked (text) tokens whole, splitting only the image tokens as the "
                 "built-in plans do")
+        self._check_no_mask_with_pad(node, gather_mask)
         degree, group, exchange, options = self.degree, self.group, self.exchange, self.options
         if not queries_sharded:  # whole queries: no heads to scatter, so keys and values gathered in any mode
-            exchange, options = gather_kv_attention, {"overlap": options.get("overlap", False)}
+            exchange, options = gather_kv_attention, {"overlap": options.get("overlap", False),
+                                                      **{k: v for k, v in options.items() if k in ("pad", "rank")}}
         result = inline_decomposition(graph, node, lambda q, k, v, mask, scale, layout: exchange(
             q, k, v, mask, scale, layout, degree, group, mask_split=gather_mask, **options))
         self.report.rewritten(self.name)

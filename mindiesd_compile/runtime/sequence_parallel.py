@@ -12,6 +12,10 @@ diffusers ships on Wan, Flux, Qwen-Image, LTX, ...) is mapped onto the partition
 - a token count (or a size it is a multiple of) that the prologue hands to the blocks as a number (a
   graph traced with dynamic sequence dims reshapes and slices by it) is divided like the tokens.
 
+A sequence the degree does not divide is padded at its end (zeros) to the next multiple: the last rank's
+chunk ends with the pad, every attention leaves those keys out (passes/ulysses.py), and the gather drops their
+rows. Not where the blocks rebuild the token count from a number (above), nor with attention masks.
+
 Models without a ``_cp_plan`` may have a built-in one (``parallel_plans.py``: HunyuanVideo, SD3).
 
 Which block inputs end up sharded, and along which dim, is found by running the partition on fake
@@ -44,22 +48,35 @@ class MaskSplit:
 
 
 def _local(x, spec, degree: int, rank: int):
-    """Rank ``rank``'s part of ``x``: a chunk along dim ``spec``, a token count (None), or a MaskSplit."""
+    """Rank ``rank``'s part of ``x``: a chunk along dim ``spec`` (the dim padded to a multiple of the degree
+    first), a token count (None), or a MaskSplit."""
     if spec is None:
         return x // degree
     if isinstance(spec, MaskSplit):
-        pad = [0, 0] * (x.dim() - 1 - spec.dim) + [0, spec.pad]
-        x = torch.nn.functional.pad(x.to(torch.uint8) if x.dtype == torch.bool else x, pad).to(x.dtype)
-        spec = spec.dim
+        x, spec = _padded(x, spec.dim, spec.pad), spec.dim
+    else:
+        x = _padded(x, spec, padding(x.shape[spec], degree))
     return x.chunk(degree, spec)[rank].contiguous()
 
 
-def check_divisible(model: str, what: str, tokens: int, degree: int) -> None:
+def padding(tokens: int, degree: int) -> int:
+    """Tokens to append to make ``tokens`` a multiple of ``degree``."""
+    return -tokens % degree
+
+
+def _padded(x: torch.Tensor, dim: int, pad: int) -> torch.Tensor:
+    if not pad:
+        return x
+    return torch.cat([x, x.new_zeros(x.shape[:dim] + (pad,) + x.shape[dim + 1:])], dim)
+
+
+def check_divisible(model: str, what: str, tokens: int, degree: int, why: str = "") -> None:
+    """``why``: why the tokens cannot be padded instead, said after the count."""
     if tokens % degree:
         fits = [d for d in range(2, 9) if tokens % d == 0]  # the degrees one host's GPUs could give instead
         which = f"sequence_parallel={', '.join(map(str, fits))} would" if fits else "no degree from 2 to 8 would"
         raise OptionsError(f"{model}: {what} has {tokens} tokens, not divisible by sequence_parallel={degree} "
-                           f"({which} divide it); choose a resolution (or frame count) whose token count the "
+                           f"({which} divide it){why}; choose a resolution (or frame count) whose token count the "
                            "degree divides")
 
 
@@ -77,19 +94,31 @@ class ShardPlan:
     # the model's own size inputs that the blocks take as token counts (Qwen-Image's image token count and
     # height): divided where they enter a block, whole in the prologue
     block_counts: FrozenSet[torch.fx.Node] = frozenset()
+    pad: int = 0  # tokens appended to this call's sequence (see the module's docstring)
 
     def block_inputs(self, block: torch.fx.Node, inputs: list) -> list:
         return [self.split(t, None, a.name) if a in self.block_counts else t for a, t in zip(block.args, inputs)]
 
     def split_model_inputs(self, args) -> tuple:
+        self.pad = None  # this call's: set by the first tensor split
         args = [self.split(a, self.model_inputs[i], f"model input {i}") if i in self.model_inputs else a
                 for i, a in enumerate(args)]
         return local_sizes(args, self.sizes)
 
     def split(self, x, dim, what: str):
         """This rank's part of ``x`` (``dim``: see ``_local``)."""
-        if not isinstance(dim, MaskSplit):
-            check_divisible(self.model, what, int(x) if dim is None else x.shape[dim], self.degree)
+        if dim is None:
+            check_divisible(self.model, what, int(x), self.degree)
+        elif not isinstance(dim, MaskSplit):
+            pad = padding(x.shape[dim], self.degree)
+            if self.pad not in (None, pad):
+                raise OptionsError(f"sequence_parallel: {self.model}'s split sequences need different padding to a "
+                                   f"multiple of {self.degree} ({what}: {x.shape[dim]} tokens); choose a resolution "
+                                   "(or frame count) whose token counts the degree divides")
+            if pad and x.shape[dim] + pad <= pad * self.degree:
+                raise OptionsError(f"sequence_parallel: {what} has {x.shape[dim]} tokens, too few for "
+                                   f"sequence_parallel={self.degree} (the last rank would hold only padding)")
+            self.pad = pad
         return _local(x, dim, self.degree, self.rank)
 
     def whole(self, arg: torch.fx.Node, value):
@@ -104,8 +133,9 @@ class ShardPlan:
         runtime/cuda_graph.py then captures nothing); the result is copied out of the exchange's buffer, which
         later calls reuse. Elsewhere: the collective all-gather."""
         group = (self.group or dist.group.WORLD).group_name
-        out = torch.ops.mindiesd_compile.all_gather_peers([x], dim % x.dim(), group, True)[0]
-        return torch.ops._c10d_functional.wait_tensor(out).clone()
+        dim %= x.dim()
+        out = torch.ops._c10d_functional.wait_tensor(torch.ops.mindiesd_compile.all_gather_peers([x], dim, group, True)[0])
+        return out.narrow(dim, 0, out.shape[dim] - (self.pad or 0)).clone()
 
 
 def size_inputs(partition: Partition) -> Dict[int, Tuple[int, int]]:
@@ -312,7 +342,6 @@ def plan_sequence_parallel(partition: Partition, args, degree: int, group, cp_pl
         if spec.expected_dims is not None and args[index].dim() != spec.expected_dims:
             continue
         model_inputs[index] = spec.split_dim % args[index].dim()
-        check_divisible(model, f"input {name!r}", args[index].shape[model_inputs[index]], degree)
 
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     with mode:
@@ -320,16 +349,17 @@ def plan_sequence_parallel(partition: Partition, args, degree: int, group, cp_pl
         full_in, full_out, full_gathered = _run_shapes(partition, fake)
         first = next(n for n in partition.graph_module.graph.nodes if n.target == partition.blocks[0].name)
         entries = _block_entries(partition, cp_plan, full_in[0], full_out)
-        for p, dim in entries.items():  # before the shape run below would fail on an uneven chunk
-            check_divisible(model, "the sequence entering the blocks", full_in[0][p][dim], degree)
         sizes = size_inputs(partition)
         counts = _token_counts(partition, entries, degree)
+        for p, dim in entries.items() if counts else ():  # a count is divided exactly: no padding
+            check_divisible(model, "the sequence entering the blocks", full_in[0][p][dim], degree,
+                            ", and its blocks rebuild the token count from the model's sizes, so it cannot be padded")
         entries.update({p: None for p in counts if first.args[p].op != "placeholder"})
         # a size input of the model's own: whole in the prologue (unless its tensor is split there already)
         local_already = {placeholders[i] for i, (t, d) in sizes.items() if model_inputs.get(t) == d}
         block_counts = frozenset(first.args[p] for p in counts if first.args[p].op == "placeholder") - local_already
         split_values = {first.args[p]: dim for p, dim in entries.items()}
-        local_args = local_sizes([a.chunk(degree, model_inputs[i])[0] if i in model_inputs else a
+        local_args = local_sizes([_local(a, model_inputs[i], degree, 0) if i in model_inputs else a
                                   for i, a in enumerate(fake)], sizes)
         try:
             masks = {}
