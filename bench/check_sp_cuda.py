@@ -13,7 +13,8 @@ key mask built in the block, its image run gathered with the keys: under cuda_gr
 would hang the process group's teardown), Flux.2 (its epilogue on each rank's tokens, the gather after proj_out;
 also under cuda_graphs), ChronoEdit, LTX-2 (its whole audio attending to the split video: keys and values
 gathered, also in Ulysses mode), Wan in fp32 and in bf16 with 64-wide heads (FA3's shape; the split attention's
-partials are FA3's there), and at 15 tokens, which no degree divides (padded to a multiple of it). Every rank's output is compared with the eager model run whole on that rank; a later
+partials are FA3's there), Wan and Flux at 15 (image) tokens, which no degree divides (padded to a multiple of it;
+Flux's 8 text tokens split unpadded). Every rank's output is compared with the eager model run whole on that rank; a later
 call of a `cuda_graphs` variant (replayed) with its first; a `cuda_graphs` variant whose capture failed (and so
 ran op by op) fails.
 """
@@ -38,6 +39,7 @@ CASES = [("hunyuan", {}, torch.float32, 1e-4, 3), ("ltx", {}, torch.float32, 1e-
          ("flux2", {}, torch.float32, 1e-4, 0), ("chronoedit", {}, torch.float32, 1e-4, 0),
          ("ltx2", {}, torch.float32, 1e-4, 3),
          ("wan", {}, torch.float32, 1e-4, 0, (1, 4, 1, 6, 10)),  # 15 tokens
+         ("flux", {}, torch.float32, 1e-4, 0, (1, 15, 8)),  # 15 image tokens, 8 text tokens
          ("wan", {"attention_head_dim": 64}, torch.bfloat16, 3e-2, 0, (1, 4, 1, 6, 10))]
 VARIANTS = {"ulysses": {"sequence_parallel_mode": "ulysses"},  # (op by op: cuda_graphs "auto" is off with NCCL)
             "ahead": {"sequence_parallel_mode": "gather_kv", "sequence_parallel_overlap": "ahead",
@@ -56,6 +58,7 @@ PER_MODEL = {("hunyuan", torch.float32): ["ahead", "ahead+graphs"], ("ltx", torc
              ("qwen", torch.float32): ["ahead", "ahead+graphs"], ("flux2", torch.float32): ["split", "split+graphs"],
              ("chronoedit", torch.float32): ["split"], ("ltx2", torch.float32): ["ulysses", "ahead", "split"],
              ("wan", torch.float32, (1, 4, 1, 6, 10)): ["ulysses", "ahead", "split"],
+             ("flux", torch.float32, (1, 15, 8)): ["ulysses", "ahead", "split"],
              ("wan", torch.bfloat16, (1, 4, 1, 6, 10)): ["ahead", "split", "split+graphs"]}
 
 
@@ -64,6 +67,8 @@ def build(name, overrides, dtype, padded, latent, dev):
     model, kwargs = ({**MODELS, "ltx": ltx, "ltx2": ltx2, "flux2": flux2, "chronoedit": chronoedit})[name]()
     if latent:
         kwargs["hidden_states"] = torch.randn(latent)
+        if "img_ids" in kwargs:  # Flux: one position per image token
+            kwargs["img_ids"] = torch.randn(latent[1], 3)
     if overrides:
         model = type(model)(**{**model.config, **overrides})
     mask = "encoder_hidden_states_mask" if name == "qwen" else "encoder_attention_mask"

@@ -37,9 +37,9 @@ def _exchanges_start_early(options: CompileOptions, target: str, sharded: frozen
 
 
 def build_manager(options: CompileOptions, target: str, report: Report, sharded: frozenset = frozenset(),
-                  offline: bool = False, pad: int = 0) -> PassManager:
-    """``sharded``: the piece's inputs that carry this rank's tokens; ``pad``: tokens appended to the sequence to
-    make it divisible by the degree (runtime/sequence_parallel.py)."""
+                  offline: bool = False, pads: tuple = ()) -> PassManager:
+    """``sharded``: the piece's inputs that carry this rank's tokens; ``pads``: (tokens per rank, pad) of the
+    sequences padded to a multiple of the degree (runtime/sequence_parallel.py)."""
     passes = [PASSES[name](report) for name in options.patterns if name in PASSES]
     if sharded:  # this piece sees a slice of the sequence: all-to-all around its attention
         from .passes.ulysses import UlyssesPass
@@ -47,7 +47,7 @@ def build_manager(options: CompileOptions, target: str, report: Report, sharded:
         passes.insert(passes.index(next(p for p in passes if p.name == "attention")) + 1,
                       UlyssesPass(report, options.sequence_parallel, group.group_name, sorted(sharded),
                                   options.sequence_parallel_exchange(target),
-                                  options.sequence_parallel_overlap_for(target), pad))
+                                  options.sequence_parallel_overlap_for(target), pads))
     if target == "cuda" and "norm_rope" in options.patterns and not offline:  # a Triton kernel: CUDA only
         from .lowering.norm_rope import NormRopeIntoOne
         passes.append(NormRopeIntoOne(report))
@@ -78,9 +78,9 @@ def build_manager(options: CompileOptions, target: str, report: Report, sharded:
 
 
 def lower(gm: torch.fx.GraphModule, example_inputs, options: CompileOptions, target: str, report: Report,
-          mode: Optional[str] = None, sharded: frozenset = frozenset(), pad: int = 0):
+          mode: Optional[str] = None, sharded: frozenset = frozenset(), pads: tuple = ()):
     """One graph through the passes and the target's lowering."""
-    manager = build_manager(options, target, report, sharded, pad=pad)
+    manager = build_manager(options, target, report, sharded, pads=pads)
     if target == "eager":
         from .lowering.eager import compile_eager
         return compile_eager(gm, example_inputs, manager)
@@ -141,8 +141,8 @@ def _compile(gm, example_inputs, opts: CompileOptions, target: str, mode, report
             raise OptionsError("options['cache'] needs repeated transformer blocks (an nn.ModuleList of blocks "
                                "on the model), and this graph has none")
         return with_sparse_runtime(lower(gm, example_inputs, opts, target, report, mode), gm, opts)
-    compiler = PieceCompiler(lambda piece, inputs, piece_report, sharded, pad: lower(
-        piece, inputs, opts, target, piece_report, mode, sharded, pad), report)
+    compiler = PieceCompiler(lambda piece, inputs, piece_report, sharded, pads: lower(
+        piece, inputs, opts, target, piece_report, mode, sharded, pads), report)
     sequence_parallel = None
     if opts.sequence_parallel > 1:
         from .runtime.sequence_parallel import find_cp_plan, gather_modules

@@ -452,11 +452,23 @@ def test_indivisible_tokens_that_cannot_be_padded_are_a_clear_error(tmp_path):
                 "from the model's sizes, so it cannot be padded") in result["error"], result
 
 
-def test_split_sequences_needing_different_padding_are_a_clear_error(tmp_path):
-    """Flux's plan splits its 8 text tokens and its image tokens; 15 image tokens would need a pad the text
-    does not."""
-    for result in run_ranks(tmp_path, "flux", dynamic=True, hidden_states_shape=(1, 15, 8), img_ids_shape=(15, 3)):
-        assert "split sequences need different padding to a multiple of 2" in result["error"], result
+@pytest.mark.parametrize("overlap", ["split", "ahead"])
+def test_joint_attention_over_a_padded_and_an_unpadded_sequence_matches_one_process(tmp_path, overlap):
+    """Flux's plan splits its 8 text tokens (4 per rank, no pad) and 15 image tokens (8 per rank, one pad token):
+    the joint attention leaves out the image run's pad only."""
+    for result in run_ranks(tmp_path, "flux", dynamic=True, hidden_states_shape=(1, 15, 8), img_ids_shape=(15, 3),
+                            sequence_parallel_overlap=overlap):
+        assert "error" not in result, result
+        assert result["shape_ok"] and result["rel"] <= 1e-5, result
+        assert result["sp_sites"] == 2
+
+
+def test_split_sequences_as_long_per_rank_with_different_padding_are_a_clear_error(tmp_path):
+    """8 text tokens and 7 image tokens are 4 per rank each, one without a pad, one with: an attention could not
+    tell them apart."""
+    for result in run_ranks(tmp_path, "flux", dynamic=True, hidden_states_shape=(1, 7, 8), img_ids_shape=(7, 3)):
+        assert "split sequences of 4 tokens per rank need different padding to a multiple of 2" in result["error"], \
+            result
 
 
 @pytest.mark.parametrize("tokens, degree, which", [

@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
+import operator
 from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
@@ -38,6 +39,9 @@ import torch.distributed._functional_collectives as funcol
 from ..lowering.decompose import inline_decomposition
 from ..ops import merge_partials, op_name
 from .base import RESHAPES, GraphPass
+
+
+SPLITS = (torch.ops.aten.split_with_sizes.default, torch.ops.aten.split.Tensor)
 
 
 class SequenceParallelError(ValueError):
@@ -120,43 +124,38 @@ def _join(parts: Sequence[torch.Tensor]) -> torch.Tensor:
 
 def _unpadded(t: torch.Tensor, pad: int) -> torch.Tensor:
     """Keys (values) of a sharded run gathered in rank order without the ``pad`` tokens the runner appended to
-    the sequence to make it divisible (runtime/sequence_parallel.py): they end the last rank's chunk, so the
+    its sequence to make it divisible (runtime/sequence_parallel.py): they end the last rank's chunk, so the
     gathered run's last ones. A view."""
     return t[:, :t.shape[1] - pad] if pad else t
 
 
-def _check_one_padded_run(segments, pad: int) -> None:
-    if pad and sum(sharded for sharded, _ in segments) > 1:
-        raise SequenceParallelError("an attention joins several sharded runs of tokens and the sequence was padded "
-                                    "to a multiple of the degree: not supported; choose a resolution (or frame "
-                                    "count) whose token count the degree divides")
-
-
-def ulysses_attention(q, k, v, mask, scale, layout, degree, group, segments=None, mask_split=False, pad=0):
+def ulysses_attention(q, k, v, mask, scale, layout, degree, group, segments=None, mask_split=False, pads=None):
     """Attention over tokens split across ranks. ``segments``: runs of (sharded, local length) along the
     sequence, default one sharded run; a sharded run is all-to-all'ed (all its tokens, this rank's heads),
     a replicated run keeps this rank's heads, in their order, and after attention the inverse (the
     replicated heads all-gathered). ``mask_split``: the mask covers this rank's keys only (a padded chunk of a
     mask built before the blocks, runtime/sequence_parallel.py MaskSplit, or a key mask built from this rank's
-    tokens) and is all-gathered along the keys, in the order the all-to-all gathers them. ``pad``: tokens that end
-    the sequence only to make it divisible; attended by no query (their own queries' outputs are dropped later)."""
+    tokens) and is all-gathered along the keys, in the order the all-to-all gathers them. ``pads``: per segment,
+    tokens that end its sequence only to make it divisible; attended by no query (their own queries' outputs are
+    dropped later)."""
     if layout == "BHSD":
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     heads = q.shape[2]
     segments = segments or ((True, q.shape[1]),)
-    _check_one_padded_run(segments, pad)
+    pads = pads or (0,) * len(segments)
     local = -(-heads // degree)  # any head count: zero heads up to a multiple of the degree, dropped after
     # (a zero head attends uniformly to zero values: its output is zeros, never NaN)
 
-    def gather_tokens(t, pad=0):
+    def gather_tokens(t, keys):
         if local * degree > heads:
             t = torch.nn.functional.pad(t, (0, 0, 0, local * degree - heads))
         # A replicated run goes through the same all-to-all: every rank sends the same head chunks, so the
         # first of the copies a rank gets holds its own heads (no rank in the graph: one cache entry for all).
         gathered = [seq_to_heads(r, degree, group) for r in _split_runs(t, segments)]
-        return _join([_unpadded(g, pad) if sharded else g[:, :n] for (sharded, n), g in zip(segments, gathered)])
+        return _join([(_unpadded(g, pad) if keys else g) if sharded else g[:, :n]
+                      for (sharded, n), g, pad in zip(segments, gathered, pads)])
 
-    q, k, v = gather_tokens(q), gather_tokens(k, pad), gather_tokens(v, pad)
+    q, k, v = gather_tokens(q, False), gather_tokens(k, True), gather_tokens(v, True)
     pieces, join_mask = _mask_pieces(mask, mask_split, segments)
     mask = join_mask([_all_keys(m, group, (heads, local, degree)) for m in pieces], k.shape[1])
     out = torch.ops.mindiesd_compile.attention(q, k, v, mask, scale, "BSHD")
@@ -168,7 +167,7 @@ def ulysses_attention(q, k, v, mask, scale, layout, degree, group, segments=None
 
 
 def gather_kv_attention(q, k, v, mask, scale, layout, degree, group, segments=None, mask_split=False, overlap=False,
-                        pad=0, rank=0):
+                        pads=None, last_rank=False):
     """The same attention with keys and values all-gathered instead: each rank keeps its queries and every
     head and attends over all keys (sharded runs gathered in rank order, replicated runs as they are, i.e.
     the key order ``ulysses_attention`` has); its output holds its own tokens, so nothing is exchanged after
@@ -179,15 +178,14 @@ def gather_kv_attention(q, k, v, mask, scale, layout, degree, group, segments=No
     waiting for every key (a key mask split across ranks goes with the keys); "split", also
     attention over this rank's own keys while the other ranks' arrive, then over theirs, the two merged by their
     log-sum-exp (a second attention kernel and the merge for more to hide behind; with a mask: "ahead"); False:
-    NCCL, awaited at once. ``pad``: as in ``ulysses_attention``; ``rank``: this rank's (whose own keys "split"
-    reads apart from the others')."""
+    NCCL, awaited at once. ``pads``: as in ``ulysses_attention``; ``last_rank``: whether this rank's own keys
+    (which "split" reads apart from the others') end with the pads."""
     if layout == "BHSD":
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     segments = segments or ((True, k.shape[1]),)
-    _check_one_padded_run(segments, pad)
+    pads = pads or (0,) * len(segments)
     if overlap == "split" and mask is None:
-        out = _attend_while_gathering(q, k, v, scale, group, segments, pad if rank == degree - 1 else 0,
-                                      pad if rank < degree - 1 else 0)
+        out = _attend_while_gathering(q, k, v, scale, group, segments, pads, last_rank)
         return out.transpose(1, 2) if layout == "BHSD" else out
     sharded = [i for i, (s, _) in enumerate(segments) if s]
     k_runs, v_runs = list(_split_runs(k, segments)), list(_split_runs(v, segments))
@@ -201,7 +199,7 @@ def gather_kv_attention(q, k, v, mask, scale, layout, degree, group, segments=No
         _all_gather(ks + masks + vs, 1, group)
     gk, gm, gv = gathered[:len(ks)], gathered[len(ks):len(ks) + len(masks)], gathered[len(ks) + len(masks):]
     for i, k_run, v_run in zip(sharded, gk, gv):
-        k_runs[i], v_runs[i] = _unpadded(k_run, pad), _unpadded(v_run, pad)
+        k_runs[i], v_runs[i] = _unpadded(k_run, pads[i]), _unpadded(v_run, pads[i])
     k, v = _join(k_runs), _join(v_runs)
     mask = join_mask([g.movedim(1, -1).to(m.dtype) for g, m in zip(gm, pieces)], k.shape[1])
     out = torch.ops.mindiesd_compile.attention(q, k, v, mask, scale, "BSHD")
@@ -221,21 +219,22 @@ def _gather_ahead(xs, dim, group):
 SM_MARGIN_BESIDE_EXCHANGE = 2
 
 
-def _attend_while_gathering(q, k, v, scale, group, segments, own_pad=0, peers_pad=0):
+def _attend_while_gathering(q, k, v, scale, group, segments, pads, last_rank):
     """[B, S, H, D] attention over this rank's keys (its sharded runs and the replicated ones) while the other
     ranks' sharded runs arrive (``all_gather_peers``, awaited only after it), then over those; the two partial
     results merge by their log-sum-exp. Softmax does not depend on key order, so the peers' keys may come in
-    any order. ``own_pad``/``peers_pad``: padding tokens ending this rank's sharded run (the last rank's) or the
-    peers' gathered one (the others')."""
+    any order. ``pads`` (per segment) end the last rank's chunk of each run: its own keys there, the peers'
+    gathered ones on the other ranks."""
     ops = torch.ops.mindiesd_compile
     sharded = [i for i, (s, _) in enumerate(segments) if s]
     k_runs, v_runs = _split_runs(k, segments), _split_runs(v, segments)
     peers = ops.all_gather_peers([t for i in sharded for t in (k_runs[i], v_runs[i])], 1, group)
-    if own_pad:
-        k, v = (_join([_unpadded(r, own_pad) if s else r for (s, _), r in zip(segments, runs)])
-                for runs in (k_runs, v_runs))
+    if last_rank and any(pads):
+        k, v = (_join([_unpadded(r, pad) for r, pad in zip(runs, pads)]) for runs in (k_runs, v_runs))
     local, local_lse = ops.attention_partial(q, k, v, None, scale, "BSHD", SM_MARGIN_BESIDE_EXCHANGE)
-    peers = [_unpadded(torch.ops._c10d_functional.wait_tensor(t), peers_pad) for t in peers]  # after the local
+    peer_pads = [0 if last_rank else pads[i] for i in sharded for _ in "kv"]
+    peers = [_unpadded(torch.ops._c10d_functional.wait_tensor(t), pad)  # traced after the local attention
+             for t, pad in zip(peers, peer_pads)]
     remote, remote_lse = ops.attention_partial(q, _join(peers[0::2]), _join(peers[1::2]), None, scale, "BSHD", 0)
     return merge_partials(local, local_lse, remote, remote_lse, "BSHD")
 
@@ -277,20 +276,21 @@ class UlyssesPass(GraphPass):
     required = True  # a failure must stop the compile: the unrewritten graph would compute garbage
 
     def __init__(self, report, degree: int, group: str, sharded_inputs: Sequence[int], mode: str = "ulysses",
-                 overlap: Union[bool, str] = False, pad: int = 0):
-        """``pad``: tokens the runner appended to this call's sequence to make it divisible by the degree (they end
-        the last rank's chunk; every attention leaves them out of its keys)."""
+                 overlap: Union[bool, str] = False, pads: Tuple[Tuple[int, int], ...] = ()):
+        """``pads``: (tokens per rank, pad) of every sequence the runner split this call, where it padded one to a
+        multiple of the degree (the pad ends the last rank's chunk; every attention leaves it out of its keys)."""
         super().__init__(report)
         self.degree, self.group, self.sharded_inputs = degree, group, frozenset(sharded_inputs)
         self.exchange = EXCHANGES[mode]
         self.options = {"overlap": overlap} if mode == "gather_kv" else {}
-        if pad:
-            self.options["pad"] = pad
-            if mode == "gather_kv":  # "split" reads this rank's keys apart: the last rank's end with the pad
-                self.options["rank"] = torch.distributed.distributed_c10d._resolve_process_group(group).rank()
+        self.pads = dict(pads)
+        if pads and mode == "gather_kv":  # "split" reads this rank's keys apart: the last rank's end with the pads
+            self.options["last_rank"] = \
+                torch.distributed.distributed_c10d._resolve_process_group(group).rank() == degree - 1
 
     def uuid(self) -> bytes:
-        config = (self.degree, self.group, sorted(self.sharded_inputs), self.exchange.__name__, self.options)
+        config = (self.degree, self.group, sorted(self.sharded_inputs), self.exchange.__name__, self.options,
+                  sorted(self.pads.items()))
         return hashlib.sha256(super().uuid() + repr(config).encode()).digest()
 
     def __call__(self, graph: torch.fx.Graph) -> None:
@@ -334,6 +334,8 @@ class UlyssesPass(GraphPass):
             return any(s is True for s in states)
         if node.target is torch.ops.aten.slice.Tensor and sharded.get(node.args[0]) is joint:
             return self._slice(node, joint)
+        if node.target is operator.getitem and node.args[0].target in SPLITS and sharded.get(node.args[0]) is joint:
+            return self._split_piece(node, joint)
         return self._follow(joint, node)
 
     def _follow(self, joint: Joint, node) -> Joint:
@@ -368,7 +370,8 @@ class UlyssesPass(GraphPass):
         tensors, dim = node.args[0], node.args[1] if len(node.args) > 1 else 0
         states = [sharded.get(t, False) for t in tensors]
         dim %= _val(node).dim()
-        if not any(isinstance(s, Joint) for s in states) and len(set(states)) < 2:
+        if not any(isinstance(s, Joint) for s in states) and len(set(states)) < 2 and \
+                not (states[0] is True and self._joins_padded_sequences(tensors, dim)):
             return bool(states and states[0])
         joints = [s for s in states if isinstance(s, Joint)]
         if joints and joints[0].dim != dim:  # joined along features: same runs
@@ -386,8 +389,24 @@ class UlyssesPass(GraphPass):
         runs = _runs(segments)
         return Joint(runs, dim) if isinstance(runs, tuple) else runs
 
-    def _slice(self, node, joint: Joint) -> State:
-        _, dim, start, end, step = (list(node.args) + [0, None, None, 1][len(node.args) - 1:])[:5]
+    def _joins_padded_sequences(self, tensors, dim: int) -> bool:
+        """Whether a cat of sharded tensors joins split sequences (each as long as one of this call's, along
+        ``dim``), one of them padded: only the last one's pad would end the last rank's chunk, so they stay apart
+        as the runs of a Joint (Flux's split text and image)."""
+        lengths = [_val(t).shape[dim] for t in tensors]
+        return all(n in self.pads for n in lengths) and any(self.pads[n] for n in lengths)
+
+    def _split_piece(self, node, joint: Joint) -> State:
+        """Piece ``node.args[1]`` of a split: along the joint dim, the tokens it covers, as ``_slice`` takes them."""
+        split, index = node.args
+        sizes, dim = (list(split.args) + [0])[1:3]
+        if isinstance(sizes, int):  # aten.split: pieces of that size
+            sizes = [min(sizes, joint.length - at) for at in range(0, joint.length, sizes)]
+        return self._slice(node, joint, (dim, sum(sizes[:index]), sum(sizes[:index + 1]), 1))
+
+    def _slice(self, node, joint: Joint, cut=None) -> State:
+        """``cut``: (dim, start, end, step), else the slice node's."""
+        dim, start, end, step = cut or (list(node.args) + [0, None, None, 1][len(node.args) - 1:])[1:5]
         if dim % _val(node).dim() != joint.dim or joint.outer != 1:
             return self._follow(joint, node)
         total = joint.length
@@ -418,6 +437,7 @@ class UlyssesPass(GraphPass):
                                         "joint tokens inside the block or differs per head; only a key mask "
                                         "built before the blocks can follow the split")
         self._check_no_mask_with_pad(node, mask is not None)
+        pads = tuple(self.pads.get(n, 0) if sharded else 0 for sharded, n in q.segments)
         local_keys = _val(node.args[1]).shape[seq_dim]
         if mask is not None and mask_state is False and mask.shape[-1] == local_keys and mask.shape[-2] == 1:
             # as long as this rank's joint keys: built in the block over them (one entry per key, the same for
@@ -426,16 +446,15 @@ class UlyssesPass(GraphPass):
         self.report.found(self.name)
         degree, group, segments, exchange, options = self.degree, self.group, q.segments, self.exchange, self.options
         result = inline_decomposition(graph, node, lambda q, k, v, mask, scale, layout: exchange(
-            q, k, v, mask, scale, layout, degree, group, segments, mask_state, **options))
+            q, k, v, mask, scale, layout, degree, group, segments, mask_state, pads=pads, **options))
         self.report.rewritten(self.name)
         return result
 
     def _check_no_mask_with_pad(self, node, masked: bool) -> None:
-        if masked and self.options.get("pad"):
+        if masked and any(self.pads.values()):
             raise SequenceParallelError(
-                f"attention {node.name} has a mask and the sequence was padded to a multiple of the degree "
-                f"({self.options['pad']} tokens): not supported together; choose a resolution (or frame count) whose "
-                "token count the degree divides")
+                f"attention {node.name} has a mask and its sequence was padded to a multiple of the degree: not "
+                "supported together; choose a resolution (or frame count) whose token count the degree divides")
 
     def _rewrite(self, graph, node, mask_state, queries_sharded: bool = True) -> torch.fx.Node:
         self.report.found(self.name)
@@ -458,8 +477,9 @@ class UlyssesPass(GraphPass):
         degree, group, exchange, options = self.degree, self.group, self.exchange, self.options
         if not queries_sharded:  # whole queries: no heads to scatter, so keys and values gathered in any mode
             exchange, options = gather_kv_attention, {"overlap": options.get("overlap", False),
-                                                      **{k: v for k, v in options.items() if k in ("pad", "rank")}}
+                                                      "last_rank": options.get("last_rank", False)}
+        pads = (self.pads.get(keys, 0),)
         result = inline_decomposition(graph, node, lambda q, k, v, mask, scale, layout: exchange(
-            q, k, v, mask, scale, layout, degree, group, mask_split=gather_mask, **options))
+            q, k, v, mask, scale, layout, degree, group, mask_split=gather_mask, pads=pads, **options))
         self.report.rewritten(self.name)
         return result

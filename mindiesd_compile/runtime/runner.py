@@ -21,8 +21,8 @@ from .cache import BranchState, StepCache, call_key, timestep_position
 from .sequence_parallel import ShardPlan, gather_point, plan_sequence_parallel
 
 log = logging.getLogger("mindiesd_compile")
-# frozenset: inputs sharded over ranks; int: tokens padding the sequence to a multiple of the degree
-Lower = Callable[[GraphModule, list, Report, frozenset, int], Callable]
+# frozenset: inputs sharded over ranks; tuple: (tokens per rank, pad) of sequences padded to a multiple of the degree
+Lower = Callable[[GraphModule, list, Report, frozenset, tuple], Callable]
 
 
 class PieceCompiler:
@@ -35,12 +35,12 @@ class PieceCompiler:
         self.compiles = 0
 
     def __call__(self, gm: GraphModule, inputs: list, sharded: frozenset = frozenset(), count: bool = True,
-                 pad: int = 0) -> Callable:
+                 pads: tuple = ()) -> Callable:
         """The compiled ``gm``; ``count``: add its rewrites to the model's report (not for cache variants)."""
-        key = (structural_key(gm, inputs), sharded, pad)
+        key = (structural_key(gm, inputs), sharded, pads)
         if key not in self.artifacts:
             piece_report = Report(self.report.patterns)
-            self.artifacts[key] = (self.lower(gm, inputs, piece_report, sharded, pad), piece_report)
+            self.artifacts[key] = (self.lower(gm, inputs, piece_report, sharded, pads), piece_report)
             self.compiles += 1
         fn, piece_report = self.artifacts[key]
         if count:
@@ -183,8 +183,8 @@ class PartitionRunner:
 
     def _run_piece(self, node: Node, inputs: list, variant: str = "plain", extra: list = ()):
         """Run one piece, compiling it on first use; variants "record"/"reuse" serve the attention cache."""
-        pad = (self.shard_plan.pad or 0) if self.shard_plan is not None else 0
-        key = (node, variant, self.sizes, pad)
+        pads = self.shard_plan.padded() if self.shard_plan is not None else ()
+        key = (node, variant, self.sizes, pads)
         if key not in self.compiled:
             gm = getattr(self.partition.graph_module, node.target)
             if variant != "plain":
@@ -195,7 +195,7 @@ class PartitionRunner:
                 sharded = frozenset(self.shard_plan.sharded[self.block_index[node]])
             first = not any(k[:2] == (node, variant) for k in self.compiled)  # the report counts each site once
             fn = self.compiler(gm, inputs + list(extra), sharded, count=variant == "plain" and first,
-                               pad=pad if sharded else 0)
+                               pads=pads if sharded else ())
             self.compiled[key] = self.piece_graphs(fn) if self.piece_graphs is not None else fn
         label = self.piece[node].label + (":reuse" if variant == "reuse" else "")
         self.executions[label] += 1

@@ -13,8 +13,10 @@ diffusers ships on Wan, Flux, Qwen-Image, LTX, ...) is mapped onto the partition
   graph traced with dynamic sequence dims reshapes and slices by it) is divided like the tokens.
 
 A sequence the degree does not divide is padded at its end (zeros) to the next multiple: the last rank's
-chunk ends with the pad, every attention leaves those keys out (passes/ulysses.py), and the gather drops their
-rows. Not where the blocks rebuild the token count from a number (above), nor with attention masks.
+chunk ends with the pad, every attention leaves those keys out (passes/ulysses.py, which tells the split
+sequences apart by their tokens per rank: two that have as many but different pads are an error), and the
+gather drops their rows. Not where the blocks rebuild the token count from a number (above), nor with attention
+masks. A cache policy's change metric (each rank's, the largest taken) counts the last rank's pad rows.
 
 Models without a ``_cp_plan`` may have a built-in one (``parallel_plans.py``: HunyuanVideo, SD3).
 
@@ -94,13 +96,13 @@ class ShardPlan:
     # the model's own size inputs that the blocks take as token counts (Qwen-Image's image token count and
     # height): divided where they enter a block, whole in the prologue
     block_counts: FrozenSet[torch.fx.Node] = frozenset()
-    pad: int = 0  # tokens appended to this call's sequence (see the module's docstring)
+    pads: Dict[int, int] = dataclasses.field(default_factory=dict)  # this call's: tokens per rank -> pad
 
     def block_inputs(self, block: torch.fx.Node, inputs: list) -> list:
         return [self.split(t, None, a.name) if a in self.block_counts else t for a, t in zip(block.args, inputs)]
 
     def split_model_inputs(self, args) -> tuple:
-        self.pad = None  # this call's: set by the first tensor split
+        self.pads = {}
         args = [self.split(a, self.model_inputs[i], f"model input {i}") if i in self.model_inputs else a
                 for i, a in enumerate(args)]
         return local_sizes(args, self.sizes)
@@ -111,15 +113,19 @@ class ShardPlan:
             check_divisible(self.model, what, int(x), self.degree)
         elif not isinstance(dim, MaskSplit):
             pad = padding(x.shape[dim], self.degree)
-            if self.pad not in (None, pad):
-                raise OptionsError(f"sequence_parallel: {self.model}'s split sequences need different padding to a "
-                                   f"multiple of {self.degree} ({what}: {x.shape[dim]} tokens); choose a resolution "
-                                   "(or frame count) whose token counts the degree divides")
-            if pad and x.shape[dim] + pad <= pad * self.degree:
+            local = (x.shape[dim] + pad) // self.degree
+            if self.pads.setdefault(local, pad) != pad:
+                raise OptionsError(f"sequence_parallel: {self.model}'s split sequences of {local} tokens per rank need "
+                                   f"different padding to a multiple of {self.degree} ({what}: {x.shape[dim]} tokens); "
+                                   "choose a resolution (or frame count) whose token counts the degree divides")
+            if local <= pad:
                 raise OptionsError(f"sequence_parallel: {what} has {x.shape[dim]} tokens, too few for "
                                    f"sequence_parallel={self.degree} (the last rank would hold only padding)")
-            self.pad = pad
         return _local(x, dim, self.degree, self.rank)
+
+    def padded(self) -> Tuple[Tuple[int, int], ...]:
+        """(tokens per rank, pad) of this call's split sequences where one was padded, else ()."""
+        return tuple(sorted(self.pads.items())) if any(self.pads.values()) else ()
 
     def whole(self, arg: torch.fx.Node, value):
         """A value as the pieces outside the blocks see it: a token count split for the blocks, whole again."""
@@ -134,8 +140,9 @@ class ShardPlan:
         later calls reuse. Elsewhere: the collective all-gather."""
         group = (self.group or dist.group.WORLD).group_name
         dim %= x.dim()
-        out = torch.ops._c10d_functional.wait_tensor(torch.ops.mindiesd_compile.all_gather_peers([x], dim, group, True)[0])
-        return out.narrow(dim, 0, out.shape[dim] - (self.pad or 0)).clone()
+        out = torch.ops.mindiesd_compile.all_gather_peers([x], dim, group, True)[0]
+        out = torch.ops._c10d_functional.wait_tensor(out)
+        return out.narrow(dim, 0, out.shape[dim] - self.pads.get(x.shape[dim], 0)).clone()  # without the pad
 
 
 def size_inputs(partition: Partition) -> Dict[int, Tuple[int, int]]:
