@@ -422,3 +422,15 @@ def test_auto_judges_each_piece_under_a_cache_policy(gpu_bound):
         assert cuda.captures == 0 and not kept
     else:
         assert cuda.captures == len(wrapped) == len(kept)
+
+
+def test_replayed_outputs_are_copies_in_any_container():
+    """What a replay returns must outlive the next replay, which rewrites the graph's static outputs: tensors are
+    copied inside lists, tuples and dicts alike, other values passed through."""
+    from mindiesd_compile.runtime.cuda_graph import _clone
+    static = torch.randn(3)
+    out = _clone(({"sample": static, "steps": 2}, [static]))
+    static.add_(1)
+    for copy in (out[0]["sample"], out[1][0]):
+        assert copy is not static and torch.equal(copy, static - 1)
+    assert out[0]["steps"] == 2

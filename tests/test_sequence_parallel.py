@@ -232,9 +232,10 @@ def test_overlapped_gather_kv_through_inductor_matches_one_process(tmp_path, ove
         assert result["products_before_exchange"] == [products], result["products_before_exchange"]
 
 
-def test_sequence_parallel_composes_with_caching(tmp_path):
+@pytest.mark.parametrize("latent", [None, (1, 4, 1, 6, 10)])  # 32 tokens; 15, padded to 16
+def test_sequence_parallel_composes_with_caching(tmp_path, latent):
     cache = {"policy": "block", "step_start": 1, "step_interval": 2, "block_start": 0, "block_end": 2}
-    results = run_ranks(tmp_path, "wan", cache=cache, steps=4)
+    results = run_ranks(tmp_path, "wan", cache=cache, steps=4, **({"hidden_states_shape": latent} if latent else {}))
     for result in results:
         assert "error" not in result, result
         assert result["skipped"] == 1  # step 2 reuses the (sharded) residual on both ranks

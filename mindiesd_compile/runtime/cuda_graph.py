@@ -282,4 +282,6 @@ def _clone(out):
         return out.clone()
     if isinstance(out, (list, tuple)):
         return type(out)(_clone(o) for o in out)
+    if isinstance(out, dict):  # a model's own output dict (a piece returns a tuple)
+        return {k: _clone(v) for k, v in out.items()}
     return out
