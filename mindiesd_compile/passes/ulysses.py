@@ -22,6 +22,8 @@ heads are all-gathered (gather_kv gathers the sharded runs of keys and values, g
 order). Text work is repeated on every rank (a few hundred tokens against tens of thousands of image
 tokens).
 
+A sequence the runner padded to a multiple of the degree (``pads``) ends the last rank's chunk with its pad: each
+attention leaves those keys out of the gathered ones (a view), whatever the exchange.
 Anything else is an error, never a silent fallback: a skipped rewrite here would be a wrong result,
 so this pass is ``required``.
 """
@@ -371,7 +373,7 @@ class UlyssesPass(GraphPass):
         states = [sharded.get(t, False) for t in tensors]
         dim %= _val(node).dim()
         if not any(isinstance(s, Joint) for s in states) and len(set(states)) < 2 and \
-                not (states[0] is True and self._joins_padded_sequences(tensors, dim)):
+                not (states and states[0] is True and self._joins_padded_sequences(tensors, dim)):
             return bool(states and states[0])
         joints = [s for s in states if isinstance(s, Joint)]
         if joints and joints[0].dim != dim:  # joined along features: same runs
