@@ -83,6 +83,7 @@ def _worker(rank, world, name, options, overrides, store, out_dir):
             kwargs["hidden_states"] = torch.randn(options.pop("hidden_states_shape"))
         if "img_ids_shape" in options:  # Flux: one position per image token
             kwargs["img_ids"] = torch.randn(options.pop("img_ids_shape"))
+        kwargs.update(options.pop("inputs", {}))  # e.g. LTX-Video's frame count, height and width
         if "img_shapes" in options:  # Qwen-Image: the image the tokens come from
             kwargs["img_shapes"] = options.pop("img_shapes")
         for key, t in list(kwargs.items()) if options.pop("batch2", False) else ():  # two different samples
@@ -470,6 +471,14 @@ def test_split_sequences_as_long_per_rank_with_different_padding_are_a_clear_err
     for result in run_ranks(tmp_path, "flux", dynamic=True, hidden_states_shape=(1, 7, 8), img_ids_shape=(7, 3)):
         assert "split sequences of 4 tokens per rank need different padding to a multiple of 2" in result["error"], \
             result
+
+
+def test_a_masked_attention_over_a_padded_sequence_is_a_clear_error(tmp_path):
+    """LTX-Video at 1 x 3 x 5 = 15 video tokens (padded to 16) with its text split and masked: its cross-attention
+    gathers the text keys with their mask, which padding does not serve yet."""
+    for result in run_ranks(tmp_path, "ltx", dynamic=True, hidden_states_shape=(1, 15, 8),
+                            inputs={"num_frames": 1, "height": 3, "width": 5}):
+        assert "has a mask and its sequence was padded to a multiple of the degree" in result["error"], result
 
 
 @pytest.mark.parametrize("tokens, degree, which", [
